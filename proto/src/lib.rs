@@ -1,0 +1,12 @@
+//! Generated code for onehead's .proto contracts. Domain types are converted by hand at the edges;
+//! nothing here leaks into the engine.
+
+/// `onehead.worker.v1`: the router-to-worker API.
+pub mod worker {
+    pub mod v1 {
+        tonic::include_proto!("onehead.worker.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every onehead proto, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("onehead_descriptor");

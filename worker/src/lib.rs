@@ -1,0 +1,18 @@
+//! onehead's worker engine: loading Hugging Face checkpoints with LibTorch, the models, the KV
+//! pool, sampling and generation.
+//!
+//! Architecture invariant: this library knows nothing about gRPC, tokio or Kubernetes; the
+//! serving layers wrap it.
+
+pub mod builtin;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod kv_cache;
+pub mod loader;
+pub mod models;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,64 @@
+//! Turns a model reference (a Hugging Face folder, or `builtin:tiny`) into a loaded model with
+//! its tokenizer and end-of-sequence ids.
+
+use std::path::PathBuf;
+
+use crate::builtin::{BUILTIN_TINY, tiny_model_dir};
+use crate::config::{Dtype, GenerationConfig, ModelConfig};
+use crate::error::{Error, Result};
+use crate::models::{self, CausalLm};
+use crate::tokenizer::Tokenizer;
+use crate::weights::Checkpoint;
+
+/// How to load.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// None: the dtype the checkpoint is stored in.
+    pub dtype: Option<Dtype>,
+    pub device: tch::Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dtype: None, device: tch::Device::Cpu }
+    }
+}
+
+/// A model ready to run.
+pub struct LoadedModel {
+    /// The folder's name, or `builtin:tiny`.
+    pub id: String,
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub model: Box<dyn CausalLm>,
+    /// Present when the folder has `tokenizer.json`.
+    pub tokenizer: Option<Tokenizer>,
+    /// From `generation_config.json` when it names them, else from `config.json`.
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Loads `spec`: a model folder, or `builtin:tiny`.
+pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
+    let (id, dir) = if spec == BUILTIN_TINY {
+        (BUILTIN_TINY.to_owned(), tiny_model_dir()?)
+    } else {
+        let dir = PathBuf::from(spec);
+        if !dir.is_dir() {
+            return Err(Error::Checkpoint { path: dir, message: "not a model folder".into() });
+        }
+        let id = dir.canonicalize().ok().and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
+        (id.unwrap_or_else(|| spec.to_owned()), dir)
+    };
+    let config = ModelConfig::from_dir(&dir)?;
+    let checkpoint = Checkpoint::open(&dir)?;
+    let dtype = options.dtype.or_else(|| checkpoint.stored_dtype()).unwrap_or(Dtype::F32);
+    let _guard = tch::no_grad_guard();
+    let model = models::load(&config, &checkpoint, dtype, options.device)?;
+    let tokenizer_path = dir.join("tokenizer.json");
+    let tokenizer = if tokenizer_path.exists() { Some(Tokenizer::from_file(&tokenizer_path)?) } else { None };
+    let eos_token_ids = match GenerationConfig::from_dir(&dir)?.map(|g| g.eos_token_id.to_vec()) {
+        Some(ids) if !ids.is_empty() => ids,
+        _ => config.eos_token_ids().to_vec(),
+    };
+    Ok(LoadedModel { id, dir, config, model, tokenizer, eos_token_ids })
+}

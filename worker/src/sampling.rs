@@ -1,0 +1,257 @@
+//! Choosing the next token from one sequence's logits: Hugging Face's processors in its order
+//! (repetition penalty, temperature, top-k, top-p), then argmax or a draw from the request's
+//! own seeded random stream, so a seed gives the same tokens whatever else shares the batch.
+
+use crate::error::{Error, Result};
+
+/// How one request picks its tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// 0 keeps every token.
+    pub top_k: usize,
+    /// In (0, 1]; 1 keeps every token.
+    pub top_p: f32,
+    /// 1 is none.
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
+    }
+}
+
+impl SamplingParams {
+    /// Rejects values outside their ranges, naming the parameter.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
+            return Err(Error::invalid("temperature", format!("must be finite and >= 0, got {}", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::invalid("top_p", format!("must be in (0, 1], got {}", self.top_p)));
+        }
+        if !(self.repetition_penalty > 0.0) || !self.repetition_penalty.is_finite() {
+            return Err(Error::invalid(
+                "repetition_penalty",
+                format!("must be finite and > 0, got {}", self.repetition_penalty),
+            ));
+        }
+        Ok(())
+    }
+
+    fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+}
+
+/// A chosen token with the logprob of the raw logits there.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Choice {
+    pub token: u32,
+    /// Log-softmax of the raw logits (before any transform) at `token`.
+    pub logprob: f32,
+}
+
+/// One sequence's sampler: its parameters and its random stream.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: SplitMix64,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = SplitMix64(params.seed);
+        Sampler { params, rng }
+    }
+
+    /// Picks the next token from raw `logits`; `history` (prompt and generated tokens) feeds
+    /// the repetition penalty.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Choice {
+        let p = &self.params;
+        let mut scores: Vec<f32> = logits.to_vec();
+        if p.repetition_penalty != 1.0 {
+            // transformers' RepetitionPenaltyLogitsProcessor: each seen token once.
+            let mut seen = vec![false; scores.len()];
+            for &t in history {
+                let t = t as usize;
+                if t < scores.len() && !seen[t] {
+                    seen[t] = true;
+                    let s = scores[t];
+                    scores[t] = if s < 0.0 { s * p.repetition_penalty } else { s / p.repetition_penalty };
+                }
+            }
+        }
+        let token = if p.is_greedy() { argmax(&scores) } else { self.draw(&scores) };
+        Choice { token: token as u32, logprob: log_softmax_at(logits, token) }
+    }
+
+    fn draw(&mut self, scores: &[f32]) -> usize {
+        let p = &self.params;
+        // Candidates by descending score; ties keep the lower id first.
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        if p.top_k > 0 {
+            order.truncate(p.top_k);
+        }
+        let t = f64::from(p.temperature);
+        let max = f64::from(scores[order[0]]) / t;
+        let mut probs: Vec<f64> = order.iter().map(|&i| (f64::from(scores[i]) / t - max).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        if p.top_p < 1.0 {
+            // Keep the smallest prefix whose mass reaches top_p (at least one token).
+            let mut mass = 0.0;
+            let keep = probs.iter().position(|q| {
+                mass += q;
+                mass >= f64::from(p.top_p)
+            });
+            let keep = keep.map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let mut u = self.rng.next_f64() * total;
+        for (i, q) in probs.iter().enumerate() {
+            u -= q;
+            if u < 0.0 {
+                return order[i];
+            }
+        }
+        order[probs.len() - 1]
+    }
+}
+
+/// Index of the largest value; the first one on ties, as `torch.argmax`.
+pub fn argmax(xs: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// `log_softmax(logits)[idx]`, accumulated in f64.
+pub fn log_softmax_at(logits: &[f32], idx: usize) -> f32 {
+    (f64::from(logits[idx]) - log_sum_exp(logits)) as f32
+}
+
+/// The `n` most likely tokens with their logprobs, most likely first.
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<Choice> {
+    let lse = log_sum_exp(logits);
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let n = n.min(logits.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    order.select_nth_unstable_by(n - 1, |&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    order.truncate(n);
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    order.into_iter().map(|i| Choice { token: i as u32, logprob: (f64::from(logits[i]) - lse) as f32 }).collect()
+}
+
+fn log_sum_exp(xs: &[f32]) -> f64 {
+    let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    max + xs.iter().map(|&x| (f64::from(x) - max).exp()).sum::<f64>().ln()
+}
+
+/// SplitMix64: small, fast, and the same stream for the same seed on every platform.
+#[derive(Clone, Debug)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOGITS: [f32; 6] = [1.0, 3.0, -2.0, 2.5, 0.0, 3.0];
+
+    fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams { temperature, top_k, top_p, repetition_penalty: 1.0, seed }
+    }
+
+    fn draws(p: SamplingParams, n: usize) -> Vec<u32> {
+        let mut s = Sampler::new(p);
+        (0..n).map(|_| s.sample(&LOGITS, &[]).token).collect()
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        assert_eq!(draws(params(0.0, 0, 1.0, 0), 3), vec![1, 1, 1]);
+        assert_eq!(draws(params(5.0, 1, 1.0, 9), 3), vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn logprob_is_of_the_raw_logits() {
+        let mut s = Sampler::new(SamplingParams { temperature: 0.1, repetition_penalty: 3.0, ..Default::default() });
+        let c = s.sample(&LOGITS, &[1, 5]);
+        let expected =
+            (LOGITS[c.token as usize] as f64 - LOGITS.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln()) as f32;
+        assert!((c.logprob - expected).abs() < 1e-6);
+        // The penalty pushed 1 and 5 (3.0 -> 1.0) below 3 (2.5).
+        assert_eq!(c.token, 3);
+    }
+
+    #[test]
+    fn repetition_penalty_multiplies_negative_scores() {
+        let logits = [-1.0f32, -1.5];
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..Default::default() });
+        // -1.0 * 2 = -2.0 < -1.5, so the unseen token wins.
+        assert_eq!(s.sample(&logits, &[0]).token, 1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_other_seed_other_tokens() {
+        let a = draws(params(1.0, 0, 1.0, 42), 64);
+        assert_eq!(a, draws(params(1.0, 0, 1.0, 42), 64));
+        assert_ne!(a, draws(params(1.0, 0, 1.0, 43), 64));
+        // Every token with non-zero probability shows up in 64 draws at temperature 1.
+        assert!(a.contains(&0) && a.contains(&3) && a.contains(&5));
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_candidates() {
+        // top_k 3: ids 1, 5 (3.0) and 3 (2.5).
+        let k = draws(params(10.0, 3, 1.0, 1), 200);
+        assert!(k.iter().all(|t| [1, 3, 5].contains(t)), "{k:?}");
+        assert!([1, 3, 5].iter().all(|t| k.contains(t)));
+        // At temperature 1 ids 1 and 5 hold about 0.70 of the mass; top_p 0.6 keeps just them.
+        let p = draws(params(1.0, 0, 0.6, 2), 200);
+        assert!(p.iter().all(|t| [1, 5].contains(t)) && p.contains(&1) && p.contains(&5), "{p:?}");
+    }
+
+    #[test]
+    fn top_logprobs_are_sorted() {
+        let top = top_logprobs(&LOGITS, 3);
+        assert_eq!(top.iter().map(|c| c.token).collect::<Vec<_>>(), vec![1, 5, 3]);
+        assert!(top[0].logprob >= top[2].logprob);
+    }
+
+    #[test]
+    fn validation_names_the_parameter() {
+        let err = |p: SamplingParams| p.validate().unwrap_err().to_string();
+        assert!(err(SamplingParams { temperature: -1.0, ..Default::default() }).contains("`temperature`"));
+        assert!(err(SamplingParams { top_p: 0.0, ..Default::default() }).contains("`top_p`"));
+        assert!(err(SamplingParams { top_p: 1.5, ..Default::default() }).contains("`top_p`"));
+        assert!(err(SamplingParams { repetition_penalty: 0.0, ..Default::default() }).contains("`repetition_penalty`"));
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}
