@@ -20,6 +20,8 @@ pub enum Error {
     Tokenizer(String),
     #[error("invalid argument `{field}`: {message}")]
     InvalidArgument { field: &'static str, message: String },
+    #[error("the engine has stopped")]
+    EngineStopped,
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
 }

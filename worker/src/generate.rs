@@ -5,7 +5,7 @@ use tch::Tensor;
 
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvPool, KvSlot};
-use crate::models::{Batch, CausalLm, ChunkInput};
+use crate::models::{Batch, CausalLm, ChunkInput, Logits, ModelShape};
 use crate::sampling::{Choice, Sampler, SamplingParams, log_softmax_at};
 
 /// When generation ends.
@@ -25,6 +25,10 @@ pub enum FinishReason {
     Length,
     /// A stop or end-of-sequence token was generated.
     Stop,
+    /// The client went away, or cancelled.
+    Cancelled,
+    /// The engine failed while running the request.
+    Error,
 }
 
 /// The result of `generate`.
@@ -37,10 +41,9 @@ pub struct Generation {
 }
 
 /// Checks a prompt and a token budget against the model, naming the offending field.
-pub fn validate_request(model: &dyn CausalLm, prompt_ids: &[u32], max_new_tokens: usize) -> Result<()> {
-    let shape = model.shape();
+pub fn validate_request(shape: &ModelShape, prompt_ids: &[u32], max_new_tokens: usize) -> Result<()> {
     if prompt_ids.is_empty() {
-        return Err(Error::invalid("prompt", "is empty"));
+        return Err(Error::invalid("prompt_ids", "is empty"));
     }
     if let Some(&bad) = prompt_ids.iter().find(|&&t| i64::from(t) >= shape.vocab_size) {
         return Err(Error::invalid(
@@ -74,7 +77,7 @@ pub fn generate(
     stopping: &StoppingCriteria,
     mut on_token: impl FnMut(Choice),
 ) -> Result<Generation> {
-    validate_request(model, prompt_ids, stopping.max_new_tokens)?;
+    validate_request(model.shape(), prompt_ids, stopping.max_new_tokens)?;
     sampling.validate()?;
     let _guard = tch::no_grad_guard();
     let capacity = (prompt_ids.len() + stopping.max_new_tokens) as i64;
@@ -87,7 +90,8 @@ pub fn generate(
     let mut chunk: &[u32] = prompt_ids;
     let mut n_cached = 0;
     while generation.new_ids.len() < stopping.max_new_tokens {
-        let batch = Batch::new(&[ChunkInput { token_ids: chunk, slot, n_cached, all_logits: false }], model.device());
+        let batch =
+            Batch::new(&[ChunkInput { token_ids: chunk, slot, n_cached, logits: Logits::Last }], model.device());
         let logits = Vec::<f32>::try_from(model.forward(&batch, &kv)?.view([-1]))?;
         n_cached += chunk.len() as i64;
         let choice = sampler.sample(&logits, &history);
@@ -107,13 +111,13 @@ pub fn generate(
 
 /// One forward pass over `ids`: the logprob of `ids[i + 1]` after `ids[..=i]`, for every i.
 pub fn sequence_logprobs(model: &dyn CausalLm, ids: &[u32]) -> Result<Vec<f32>> {
-    validate_request(model, ids, 1)
+    validate_request(model.shape(), ids, 1)
         .or_else(|e| if ids.len() as i64 <= model.shape().max_context { Ok(()) } else { Err(e) })?;
     let _guard = tch::no_grad_guard();
     let n = ids.len() as i64;
     let kv = KvPool::new(model.shape().kv(), n, model.dtype().kind(), model.device())?;
     let batch = Batch::new(
-        &[ChunkInput { token_ids: ids, slot: KvSlot { start: 0, capacity: n }, n_cached: 0, all_logits: true }],
+        &[ChunkInput { token_ids: ids, slot: KvSlot { start: 0, capacity: n }, n_cached: 0, logits: Logits::All }],
         model.device(),
     );
     let logits: Tensor = model.forward(&batch, &kv)?;

@@ -67,3 +67,100 @@ impl KvPool {
         (self.k[layer].narrow(1, slot.start, len), self.v[layer].narrow(1, slot.start, len))
     }
 }
+
+/// Hands out contiguous token ranges of the pool, first fit, with exact accounting: a range is
+/// reserved whole when a sequence is admitted and returned whole when it leaves, so the pool is
+/// never over-committed.
+#[derive(Debug)]
+pub struct SlotAllocator {
+    capacity: i64,
+    /// Free ranges as (start, len), sorted by start, never adjacent (merged on free).
+    free: Vec<(i64, i64)>,
+}
+
+impl SlotAllocator {
+    pub fn new(capacity: i64) -> Self {
+        SlotAllocator { capacity, free: if capacity > 0 { vec![(0, capacity)] } else { Vec::new() } }
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+
+    /// Tokens not reserved by any sequence.
+    pub fn free_tokens(&self) -> i64 {
+        self.free.iter().map(|&(_, len)| len).sum()
+    }
+
+    /// Reserves `n_tokens` contiguous tokens, or None if no free range is that long.
+    pub fn allocate(&mut self, n_tokens: i64) -> Option<KvSlot> {
+        let i = self.free.iter().position(|&(_, len)| len >= n_tokens)?;
+        let (start, len) = self.free[i];
+        if len == n_tokens {
+            self.free.remove(i);
+        } else {
+            self.free[i] = (start + n_tokens, len - n_tokens);
+        }
+        Some(KvSlot { start, capacity: n_tokens })
+    }
+
+    /// Returns `slot`'s range, merging it with free neighbours.
+    pub fn release(&mut self, slot: KvSlot) {
+        let i = self.free.partition_point(|&(start, _)| start < slot.start);
+        debug_assert!(i == self.free.len() || slot.start + slot.capacity <= self.free[i].0, "double free");
+        self.free.insert(i, (slot.start, slot.capacity));
+        if i + 1 < self.free.len() && self.free[i].0 + self.free[i].1 == self.free[i + 1].0 {
+            self.free[i].1 += self.free[i + 1].1;
+            self.free.remove(i + 1);
+        }
+        if i > 0 && self.free[i - 1].0 + self.free[i - 1].1 == self.free[i].0 {
+            self.free[i - 1].1 += self.free[i].1;
+            self.free.remove(i);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_is_exact_and_ranges_merge_back() {
+        let mut a = SlotAllocator::new(100);
+        let x = a.allocate(30).unwrap();
+        let y = a.allocate(50).unwrap();
+        assert_eq!((x.start, y.start, a.free_tokens()), (0, 30, 20));
+        assert_eq!(a.allocate(21), None, "never over-commits");
+        let z = a.allocate(20).unwrap();
+        assert_eq!(a.free_tokens(), 0);
+        a.release(y);
+        assert_eq!(a.allocate(51), None);
+        a.release(x);
+        // x and y merge into one range of 80.
+        assert_eq!(a.allocate(80), Some(KvSlot { start: 0, capacity: 80 }));
+        a.release(KvSlot { start: 0, capacity: 80 });
+        a.release(z);
+        assert_eq!(a.free, vec![(0, 100)]);
+    }
+
+    #[test]
+    fn random_churn_keeps_the_books() {
+        let mut a = SlotAllocator::new(1000);
+        let mut live: Vec<KvSlot> = Vec::new();
+        let mut state = 12345u64;
+        for _ in 0..10_000 {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let r = (state >> 33) as i64;
+            if r % 3 == 0 && !live.is_empty() {
+                a.release(live.swap_remove((r as usize / 3) % live.len()));
+            } else if let Some(slot) = a.allocate(1 + r % 90) {
+                live.push(slot);
+            }
+            let reserved: i64 = live.iter().map(|s| s.capacity).sum();
+            assert_eq!(reserved + a.free_tokens(), 1000);
+            let mut spans: Vec<_> = live.iter().map(|s| (s.start, s.start + s.capacity)).collect();
+            spans.sort();
+            assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "overlapping slots");
+        }
+    }
+}

@@ -6,12 +6,15 @@
 
 pub mod builtin;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod kv_cache;
 pub mod loader;
 pub mod models;
 pub mod sampling;
+pub mod scheduler;
+pub mod server;
 pub mod tokenizer;
 pub mod weights;
 

@@ -5,9 +5,12 @@ use std::io::Write;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use onehead_worker::config::Dtype;
+use onehead_worker::engine;
 use onehead_worker::generate::{StoppingCriteria, generate};
-use onehead_worker::loader::{LoadOptions, load_model};
+use onehead_worker::loader::{LoadOptions, LoadedModel, load_model};
 use onehead_worker::sampling::SamplingParams;
+use onehead_worker::scheduler::SchedulerConfig;
+use onehead_worker::server::{self, WorkerInfo};
 
 #[derive(Parser)]
 #[command(name = "onehead-worker", version, about = "onehead's worker: runs a multi-query-attention language model")]
@@ -20,6 +23,34 @@ struct Cli {
 enum Command {
     /// Generates a continuation of one prompt and prints it.
     Generate(GenerateArgs),
+    /// Serves the model over gRPC with continuous batching.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to serve `onehead.worker.v1.Worker`, health and reflection on (port 0: any free
+    /// port; the bound address is printed on stdout as `listening on ADDR`).
+    #[arg(long, env = "ONEHEAD_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// Most sequences decoded together in one step.
+    #[arg(long, env = "ONEHEAD_MAX_BATCH_SIZE", default_value_t = 32)]
+    max_batch_size: usize,
+    /// KV pool size in tokens (default: enough for max-batch-size full contexts, capped at half
+    /// the free memory).
+    #[arg(long, env = "ONEHEAD_KV_CACHE_TOKENS", conflicts_with = "kv_cache_bytes")]
+    kv_cache_tokens: Option<i64>,
+    /// KV pool size in bytes, instead of tokens.
+    #[arg(long, env = "ONEHEAD_KV_CACHE_BYTES")]
+    kv_cache_bytes: Option<i64>,
+    /// Most prompt tokens of one sequence prefilled in one step.
+    #[arg(long, env = "ONEHEAD_PREFILL_CHUNK", default_value_t = 256)]
+    prefill_chunk: usize,
+    /// Most tokens (decode and prefill together) in one step.
+    #[arg(long, env = "ONEHEAD_MAX_STEP_TOKENS", default_value_t = 512)]
+    max_step_tokens: usize,
 }
 
 #[derive(Args)]
@@ -81,6 +112,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
+        Command::Serve(args) => run_serve(args),
     }
 }
 
@@ -95,18 +127,97 @@ fn parse_device(device: &str) -> anyhow::Result<tch::Device> {
     })
 }
 
+impl ModelArgs {
+    fn load(&self) -> anyhow::Result<LoadedModel> {
+        let device = parse_device(&self.device)?;
+        if device.is_cuda() && !tch::Cuda::is_available() {
+            bail!("--device {}: LibTorch reports no CUDA device", self.device);
+        }
+        if let Some(n) = self.threads {
+            tch::set_num_threads(n);
+        }
+        let started = std::time::Instant::now();
+        let lm = load_model(&self.model, &LoadOptions { dtype: self.dtype, device })
+            .with_context(|| format!("loading model {}", self.model))?;
+        tracing::info!(model = %lm.id, dtype = %lm.model.dtype(), secs = started.elapsed().as_secs_f64(), "model loaded");
+        Ok(lm)
+    }
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.max_batch_size == 0 || args.prefill_chunk == 0 {
+        bail!("--max-batch-size and --prefill-chunk must be at least 1");
+    }
+    if args.max_step_tokens < args.max_batch_size {
+        bail!(
+            "--max-step-tokens ({}) must be at least --max-batch-size ({})",
+            args.max_step_tokens,
+            args.max_batch_size
+        );
+    }
+    let lm = args.model.load()?;
+    let shape = lm.model.shape().clone();
+    let bytes_per_token = shape.kv().bytes_per_token(lm.model.dtype().kind());
+    let kv_cache_tokens = match (args.kv_cache_tokens, args.kv_cache_bytes) {
+        (Some(tokens), _) => tokens,
+        (None, Some(bytes)) => bytes / bytes_per_token,
+        (None, None) => {
+            let needed = args.max_batch_size as i64 * shape.max_context;
+            let available = available_memory_bytes().map_or(needed, |b| b / 2 / bytes_per_token);
+            needed.min(available)
+        }
+    };
+    if kv_cache_tokens < 1 {
+        bail!(
+            "--kv-cache-tokens / --kv-cache-bytes: the KV pool must hold at least one token ({bytes_per_token} bytes)"
+        );
+    }
+    println!(
+        "KV pool: {kv_cache_tokens} tokens, {:.1} MiB ({bytes_per_token} bytes a token: {} layers x K,V x {} KV head(s) x {})",
+        (kv_cache_tokens * bytes_per_token) as f64 / (1 << 20) as f64,
+        shape.n_layers,
+        shape.n_kv_heads,
+        shape.head_dim,
+    );
+    let info = WorkerInfo {
+        model_id: lm.id.clone(),
+        architecture: lm.config.model_type().into(),
+        dtype: lm.model.dtype().name().into(),
+        shape,
+        tp_degree: 1,
+        device: args.model.device.clone(),
+        kv_cache_tokens,
+        eos_token_ids: lm.eos_token_ids.clone(),
+    };
+    let config = SchedulerConfig {
+        max_batch_size: args.max_batch_size,
+        max_step_tokens: args.max_step_tokens,
+        prefill_chunk: args.prefill_chunk,
+    };
+    let (engine, ready) = engine::spawn(lm.model, lm.eos_token_ids, config, kv_cache_tokens)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
+        println!("listening on {}", listener.local_addr()?);
+        let ready = async move { ready.await.unwrap_or(Err(onehead_worker::Error::EngineStopped)) };
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        server::serve(listener, engine, info, ready, shutdown).await
+    })
+}
+
+/// `MemAvailable` from /proc/meminfo.
+fn available_memory_bytes() -> Option<i64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let device = parse_device(&args.model.device)?;
-    if device.is_cuda() && !tch::Cuda::is_available() {
-        bail!("--device {}: LibTorch reports no CUDA device", args.model.device);
-    }
-    if let Some(n) = args.model.threads {
-        tch::set_num_threads(n);
-    }
-    let started = std::time::Instant::now();
-    let lm = load_model(&args.model.model, &LoadOptions { dtype: args.model.dtype, device })
-        .with_context(|| format!("loading model {}", args.model.model))?;
-    tracing::info!(model = %lm.id, dtype = %lm.model.dtype(), secs = started.elapsed().as_secs_f64(), "model loaded");
+    let lm = args.model.load()?;
     let prompt_ids = match (&args.prompt, args.prompt_ids) {
         (_, Some(ids)) => ids,
         (Some(text), None) => lm

@@ -9,7 +9,7 @@ use onehead_worker::config::Dtype;
 use onehead_worker::generate::{FinishReason, StoppingCriteria, generate, sequence_logprobs};
 use onehead_worker::kv_cache::{KvPool, KvSlot};
 use onehead_worker::loader::{LoadOptions, LoadedModel, load_model};
-use onehead_worker::models::{Batch, ChunkInput};
+use onehead_worker::models::{Batch, ChunkInput, Logits};
 use onehead_worker::sampling::{SamplingParams, log_softmax_at};
 use serde::Deserialize;
 
@@ -82,7 +82,8 @@ fn check_chunked_prefill(name: &str) {
     let mut logprobs = Vec::new();
     for (i, chunk) in seq[..seq.len() - 1].chunks(3).enumerate() {
         let n_cached = 3 * i as i64;
-        let batch = Batch::new(&[ChunkInput { token_ids: chunk, slot, n_cached, all_logits: true }], tch::Device::Cpu);
+        let batch =
+            Batch::new(&[ChunkInput { token_ids: chunk, slot, n_cached, logits: Logits::All }], tch::Device::Cpu);
         let logits = Vec::<f32>::try_from(model.forward(&batch, &kv).unwrap().view([-1])).unwrap();
         for j in 0..chunk.len() {
             let next = seq[n_cached as usize + j + 1] as usize;
@@ -171,7 +172,7 @@ fn bad_requests_name_the_field() {
         generate(model, &[], prompt, &sampling, &stopping, |_| {}).unwrap_err().to_string()
     };
     let greedy = SamplingParams::default;
-    assert!(err(&[], 4, greedy()).contains("`prompt`: is empty"));
+    assert!(err(&[], 4, greedy()).contains("`prompt_ids`: is empty"));
     assert!(err(&[1, 97], 4, greedy()).contains("`prompt_ids`: token id 97 is outside the vocabulary (size 97)"));
     assert!(err(&[1, 2], 0, greedy()).contains("`max_new_tokens`: must be at least 1"));
     assert!(err(&[1, 2], 63, greedy()).contains("exceeds the model's context of 64 tokens"));

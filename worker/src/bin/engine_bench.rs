@@ -14,7 +14,7 @@ use clap::Parser;
 use onehead_worker::config::Dtype;
 use onehead_worker::kv_cache::{KvPool, KvSlot};
 use onehead_worker::loader::{LoadOptions, load_model};
-use onehead_worker::models::{Batch, ChunkInput};
+use onehead_worker::models::{Batch, ChunkInput, Logits};
 use onehead_worker::weights::Checkpoint;
 use tch::{Kind, Tensor};
 
@@ -123,7 +123,7 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64) -> anyhow::Result<Model
     let slot = KvSlot { start: 0, capacity };
     let prompt: Vec<u32> = (0..args.context).map(|i| (i * 7 % 1000) as u32).collect();
     let batch =
-        Batch::new(&[ChunkInput { token_ids: &prompt, slot, n_cached: 0, all_logits: false }], tch::Device::Cpu);
+        Batch::new(&[ChunkInput { token_ids: &prompt, slot, n_cached: 0, logits: Logits::Last }], tch::Device::Cpu);
     let mut logits = model.forward(&batch, &kv)?;
     // Engine steps and kernel-only passes alternate, so that drift in the machine's speed
     // (other tenants, frequency) hits both alike.
@@ -135,7 +135,7 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64) -> anyhow::Result<Model
         let token = [Vec::<f32>::try_from(logits.argmax(-1, false).to_kind(Kind::Float))?[0] as u32];
         let started = Instant::now();
         let batch =
-            Batch::new(&[ChunkInput { token_ids: &token, slot, n_cached, all_logits: false }], tch::Device::Cpu);
+            Batch::new(&[ChunkInput { token_ids: &token, slot, n_cached, logits: Logits::Last }], tch::Device::Cpu);
         logits = model.forward(&batch, &kv)?;
         let _ = Vec::<f32>::try_from(logits.view([-1]))?;
         let step_ms = started.elapsed().as_secs_f64() * 1e3;

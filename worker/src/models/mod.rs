@@ -42,8 +42,19 @@ pub struct ChunkInput<'a> {
     pub token_ids: &'a [u32],
     pub slot: KvSlot,
     pub n_cached: i64,
-    /// Logits for every token of the chunk (scoring), or only for its last one (generation).
-    pub all_logits: bool,
+    /// Which of the chunk's tokens need logits.
+    pub logits: Logits,
+}
+
+/// Which tokens of a chunk need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// None: a prompt chunk that does not end the prompt.
+    None,
+    /// The last token's: the next token is sampled from it.
+    Last,
+    /// Every token's: scoring a sequence.
+    All,
 }
 
 impl Batch {
@@ -57,10 +68,10 @@ impl Batch {
             let first_row = ids.len() as i64;
             ids.extend(input.token_ids.iter().map(|&t| t as i64));
             positions.extend(input.n_cached..input.n_cached + n_new);
-            if input.all_logits {
-                rows.extend(first_row..first_row + n_new);
-            } else {
-                rows.push(first_row + n_new - 1);
+            match input.logits {
+                Logits::None => {}
+                Logits::Last => rows.push(first_row + n_new - 1),
+                Logits::All => rows.extend(first_row..first_row + n_new),
             }
             chunks.push(SeqChunk { slot: input.slot, n_cached: input.n_cached, n_new });
         }

@@ -1,0 +1,223 @@
+//! The engine thread: the one owner of the model, the KV pool and the scheduler. Others talk
+//! to it through `EngineHandle` (a closed set of commands, with replies on oneshot channels);
+//! each request's events go out on its own channel, and a request whose receiver is gone (the
+//! client dropped the stream) is cancelled before the next step.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc as tokio_mpsc, oneshot};
+
+use crate::error::{Error, Result};
+use crate::kv_cache::KvPool;
+use crate::models::{Batch, CausalLm};
+use crate::scheduler::{Event, LoadSnapshot, Request, Scheduler, SchedulerConfig};
+
+/// A request's event stream, as the engine holds it.
+pub type EventSender = tokio_mpsc::UnboundedSender<Event>;
+
+/// The load, as `GetLoad` reports it.
+#[derive(Clone, Copy, Debug)]
+pub struct Load {
+    pub scheduler: LoadSnapshot,
+    pub steps_per_sec: f64,
+}
+
+enum Command {
+    Submit { request: Request, events: EventSender, accepted: oneshot::Sender<Result<()>> },
+    Load { reply: oneshot::Sender<Load> },
+}
+
+/// A cheap, cloneable way to reach the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    /// Queues `request`; its events arrive on the returned receiver. Refused at once (with the
+    /// field named) for a duplicate id or a request the KV pool could never hold.
+    pub async fn submit(&self, request: Request) -> Result<tokio_mpsc::UnboundedReceiver<Event>> {
+        let (events, receiver) = tokio_mpsc::unbounded_channel();
+        let (accepted, reply) = oneshot::channel();
+        self.send(Command::Submit { request, events, accepted })?;
+        reply.await.map_err(|_| stopped())??;
+        Ok(receiver)
+    }
+
+    pub async fn load(&self) -> Result<Load> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Load { reply })?;
+        answer.await.map_err(|_| stopped())
+    }
+
+    fn send(&self, command: Command) -> Result<()> {
+        self.commands.send(command).map_err(|_| stopped())
+    }
+}
+
+fn stopped() -> Error {
+    Error::EngineStopped
+}
+
+/// Starts the engine thread over `model` with a KV pool of `kv_tokens`. It first runs one
+/// warm-up step; `ready` fires after it (health turns SERVING then).
+pub fn spawn(
+    model: Box<dyn CausalLm>,
+    eos_token_ids: Vec<u32>,
+    config: SchedulerConfig,
+    kv_tokens: i64,
+) -> Result<(EngineHandle, oneshot::Receiver<Result<()>>)> {
+    let (commands, inbox) = mpsc::channel();
+    let (ready_tx, ready) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("onehead-engine".into())
+        .spawn(move || {
+            let _guard = tch::no_grad_guard();
+            let kv = match KvPool::new(model.shape().kv(), kv_tokens, model.dtype().kind(), model.device()) {
+                Ok(kv) => kv,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut engine = Engine {
+                scheduler: Scheduler::new(config, kv_tokens, eos_token_ids),
+                model,
+                kv,
+                senders: HashMap::new(),
+                recent_steps: VecDeque::new(),
+            };
+            let warm = engine.warm_up();
+            let ok = warm.is_ok();
+            let _ = ready_tx.send(warm);
+            if ok {
+                engine.run(inbox);
+            }
+        })
+        .map_err(|source| Error::Io { path: "onehead-engine thread".into(), source })?;
+    Ok((EngineHandle { commands }, ready))
+}
+
+struct Engine {
+    model: Box<dyn CausalLm>,
+    kv: KvPool,
+    scheduler: Scheduler,
+    senders: HashMap<String, EventSender>,
+    /// When the last steps ended, for steps per second.
+    recent_steps: VecDeque<Instant>,
+}
+
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+impl Engine {
+    fn run(&mut self, inbox: mpsc::Receiver<Command>) {
+        loop {
+            // Idle: sleep until a command comes. Busy: take what has come, then step.
+            if self.scheduler.is_idle() {
+                match inbox.recv() {
+                    Ok(command) => self.handle(command),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match inbox.try_recv() {
+                    Ok(command) => self.handle(command),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+            self.cancel_abandoned();
+            self.step();
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Submit { request, events, accepted } => {
+                let id = request.id.clone();
+                let result = self.scheduler.submit(request);
+                if result.is_ok() {
+                    self.senders.insert(id, events);
+                }
+                let _ = accepted.send(result);
+            }
+            Command::Load { reply } => {
+                let now = Instant::now();
+                while self.recent_steps.front().is_some_and(|t| now.duration_since(*t) > RATE_WINDOW) {
+                    self.recent_steps.pop_front();
+                }
+                let steps_per_sec = self.recent_steps.len() as f64 / RATE_WINDOW.as_secs_f64();
+                let _ = reply.send(Load { scheduler: self.scheduler.load(), steps_per_sec });
+            }
+        }
+    }
+
+    /// Cancels every request whose client has gone.
+    fn cancel_abandoned(&mut self) {
+        let gone: Vec<String> =
+            self.senders.iter().filter(|(_, tx)| tx.is_closed()).map(|(id, _)| id.clone()).collect();
+        for id in gone {
+            self.senders.remove(&id);
+            self.scheduler.cancel(&id, Instant::now());
+        }
+    }
+
+    fn step(&mut self) {
+        let plan = self.scheduler.plan(Instant::now());
+        if plan.chunks.is_empty() {
+            return;
+        }
+        let vocab_size = self.model.shape().vocab_size as usize;
+        let device = self.model.device();
+        // A panic inside LibTorch fails this step's requests, not the process.
+        let logits = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Vec<f32>> {
+            let batch = Batch::new(&plan.inputs(), device);
+            let logits = self.model.forward(&batch, &self.kv)?;
+            Ok(Vec::<f32>::try_from(logits.view([-1]))?)
+        }));
+        let now = Instant::now();
+        let events = match logits {
+            Ok(Ok(logits)) => self.scheduler.complete(plan, &logits, vocab_size, now),
+            Ok(Err(e)) => self.fail(plan, e.to_string(), now),
+            Err(panic) => {
+                let message = panic.downcast_ref::<String>().cloned().unwrap_or_else(|| "engine step panicked".into());
+                self.fail(plan, message, now)
+            }
+        };
+        self.recent_steps.push_back(now);
+        if self.recent_steps.len() > 10_000 {
+            self.recent_steps.pop_front();
+        }
+        for (id, event) in events {
+            let finished = matches!(event, Event::Finished(_));
+            if let Some(tx) = self.senders.get(&id) {
+                let _ = tx.send(event);
+            }
+            if finished {
+                self.senders.remove(&id);
+            }
+        }
+    }
+
+    fn fail(&mut self, plan: crate::scheduler::StepPlan, message: String, now: Instant) -> Vec<(String, Event)> {
+        tracing::error!(%message, "engine step failed; its requests are failed");
+        self.scheduler.fail(plan, &message, now)
+    }
+
+    /// One forward pass of one token through a scratch slot, so that LibTorch has set up its
+    /// kernels before the first request.
+    fn warm_up(&mut self) -> Result<()> {
+        use crate::kv_cache::KvSlot;
+        use crate::models::{ChunkInput, Logits};
+        if self.kv.capacity_tokens() < 1 {
+            return Err(Error::invalid("kv_cache_tokens", "the KV pool holds no token"));
+        }
+        let slot = KvSlot { start: 0, capacity: 1 };
+        let batch =
+            Batch::new(&[ChunkInput { token_ids: &[0], slot, n_cached: 0, logits: Logits::Last }], self.model.device());
+        self.model.forward(&batch, &self.kv).map(drop)
+    }
+}

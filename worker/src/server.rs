@@ -1,0 +1,200 @@
+//! The worker's gRPC edge (`onehead.worker.v1.Worker`, health, reflection): converts proto
+//! messages to engine requests and engine events back, and is the one place where errors
+//! become `tonic::Status`.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use onehead_proto::worker::v1 as pb;
+use pb::worker_server::{Worker, WorkerServer};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+
+use crate::engine::EngineHandle;
+use crate::error::Error;
+use crate::generate::{FinishReason, StoppingCriteria, validate_request};
+use crate::models::ModelShape;
+use crate::sampling::{Choice, SamplingParams};
+use crate::scheduler::{self, Event};
+
+/// What `Info` reports; fixed at startup.
+#[derive(Clone, Debug)]
+pub struct WorkerInfo {
+    pub model_id: String,
+    pub architecture: String,
+    pub dtype: String,
+    pub shape: ModelShape,
+    pub tp_degree: u32,
+    pub device: String,
+    pub kv_cache_tokens: i64,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// The `Worker` service.
+pub struct WorkerService {
+    engine: EngineHandle,
+    info: WorkerInfo,
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        match e {
+            Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+            Error::EngineStopped => Status::unavailable(e.to_string()),
+            _ => Status::internal(e.to_string()),
+        }
+    }
+}
+
+impl WorkerService {
+    /// Checks a proto request against the model and turns it into an engine request.
+    fn request(&self, r: pb::GenerateRequest) -> Result<scheduler::Request, Error> {
+        let arrived = Instant::now();
+        if r.request_id.is_empty() {
+            return Err(Error::invalid("request_id", "is empty"));
+        }
+        let sampling = r.sampling.unwrap_or_default();
+        let stopping = r.stopping.unwrap_or_default();
+        if sampling.top_k < 0 {
+            return Err(Error::invalid("top_k", format!("must be >= 0, got {}", sampling.top_k)));
+        }
+        let max_new_tokens = stopping.max_new_tokens as usize;
+        validate_request(&self.info.shape, &r.prompt_ids, max_new_tokens)?;
+        let sampling = SamplingParams {
+            temperature: sampling.temperature,
+            top_k: sampling.top_k as usize,
+            top_p: sampling.top_p.unwrap_or(1.0),
+            repetition_penalty: sampling.repetition_penalty.unwrap_or(1.0),
+            seed: sampling.seed.unwrap_or_else(clock_seed),
+        };
+        sampling.validate()?;
+        Ok(scheduler::Request {
+            id: r.request_id,
+            prompt_ids: r.prompt_ids,
+            sampling,
+            stopping: StoppingCriteria {
+                max_new_tokens,
+                stop_token_ids: stopping.stop_token_ids,
+                ignore_eos: stopping.ignore_eos,
+            },
+            top_n_logprobs: r.top_n_logprobs as usize,
+            arrived,
+        })
+    }
+}
+
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn to_proto(event: Event) -> pb::GenerateResponse {
+    use pb::generate_response::Event as E;
+    let token = |c: Choice| pb::TopToken { id: c.token, logprob: c.logprob };
+    let event = match event {
+        Event::Token { choice, top } => {
+            E::Token(pb::Token { id: choice.token, logprob: choice.logprob, top: top.into_iter().map(token).collect() })
+        }
+        Event::Finished(f) => E::Finished(pb::Finished {
+            reason: match f.reason {
+                FinishReason::Length => pb::FinishReason::Length,
+                FinishReason::Stop => pb::FinishReason::Stop,
+                FinishReason::Cancelled => pb::FinishReason::Cancelled,
+                FinishReason::Error => pb::FinishReason::Error,
+            } as i32,
+            error: f.error.unwrap_or_default(),
+            usage: Some(pb::Usage {
+                prompt_tokens: f.usage.prompt_tokens as u32,
+                generated_tokens: f.usage.generated_tokens as u32,
+                queue_secs: f.usage.queue_secs,
+                time_to_first_token_secs: f.usage.time_to_first_token_secs,
+            }),
+        }),
+    };
+    pb::GenerateResponse { event: Some(event) }
+}
+
+type GenerateStream = std::pin::Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let request = self.request(request.into_inner())?;
+        let events = self.engine.submit(request).await?;
+        let stream = UnboundedReceiverStream::new(events).map(|e| Ok(to_proto(e)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_load(&self, _: Request<pb::GetLoadRequest>) -> Result<Response<pb::Load>, Status> {
+        let load = self.engine.load().await?;
+        Ok(Response::new(pb::Load {
+            waiting: load.scheduler.waiting as u32,
+            running: load.scheduler.running as u32,
+            kv_tokens_free: load.scheduler.kv_tokens_free as u64,
+            kv_tokens_total: load.scheduler.kv_tokens_total as u64,
+            steps_per_sec: load.steps_per_sec,
+        }))
+    }
+
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
+        let i = &self.info;
+        Ok(Response::new(pb::WorkerInfo {
+            model_id: i.model_id.clone(),
+            architecture: i.architecture.clone(),
+            dtype: i.dtype.clone(),
+            n_layers: i.shape.n_layers as u32,
+            n_heads: i.shape.n_heads as u32,
+            n_kv_heads: i.shape.n_kv_heads as u32,
+            head_dim: i.shape.head_dim as u32,
+            vocab_size: i.shape.vocab_size as u32,
+            max_context: i.shape.max_context as u32,
+            tp_degree: i.tp_degree,
+            device: i.device.clone(),
+            kv_cache_tokens: i.kv_cache_tokens as u64,
+            eos_token_ids: i.eos_token_ids.clone(),
+        }))
+    }
+}
+
+/// Serves the worker API, health and reflection on `listener` until `shutdown` resolves.
+/// Health is NOT_SERVING until `ready` resolves (the model is loaded and warmed up).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: EngineHandle,
+    info: WorkerInfo,
+    ready: impl std::future::Future<Output = crate::Result<()>> + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_not_serving::<WorkerServer<WorkerService>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(onehead_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let addr: SocketAddr = listener.local_addr()?;
+    tokio::spawn(async move {
+        match ready.await {
+            Ok(()) => {
+                health.set_service_status("", ServingStatus::Serving).await;
+                health.set_serving::<WorkerServer<WorkerService>>().await;
+                tracing::info!(%addr, "warmed up; serving");
+            }
+            Err(e) => tracing::error!(error = %e, "engine failed to start; health stays NOT_SERVING"),
+        }
+    });
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(WorkerServer::new(WorkerService { engine, info }))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! The worker's gRPC API with continuous batching, tested through a real `onehead-worker serve`
+//! process on 127.0.0.1 and a real gRPC client.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use onehead_proto::worker::v1 as pb;
+use onehead_worker::generate::{StoppingCriteria, generate};
+use onehead_worker::loader::{LoadOptions, load_model};
+use onehead_worker::sampling::SamplingParams;
+use pb::worker_client::WorkerClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic::transport::Channel;
+
+fn fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name).to_string_lossy().into_owned()
+}
+
+/// A running `onehead-worker serve`, killed on drop.
+struct Server {
+    child: tokio::process::Child,
+    client: WorkerClient<Channel>,
+}
+
+impl Server {
+    async fn start(model: &str, flags: &[&str]) -> Server {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_onehead-worker"))
+            .args(["serve", "--model", model, "--listen", "127.0.0.1:0", "--threads", "1"])
+            .args(flags)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    return addr.to_owned();
+                }
+            }
+            panic!("the server exited before listening")
+        })
+        .await
+        .expect("server start");
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+            if status.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never became SERVING");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Server { child, client: WorkerClient::new(channel) }
+    }
+
+    async fn load(&self) -> pb::Load {
+        self.client.clone().get_load(pb::GetLoadRequest {}).await.unwrap().into_inner()
+    }
+
+    /// Polls GetLoad until `done` holds (or fails after 20 s).
+    async fn wait_for_load(&self, what: &str, done: impl Fn(&pb::Load) -> bool) -> pb::Load {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let load = self.load().await;
+            if done(&load) {
+                return load;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {load:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+fn request(id: &str, prompt_ids: Vec<u32>, max_new_tokens: u32, sampling: pb::SamplingParams) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        request_id: id.into(),
+        prompt_ids,
+        sampling: Some(sampling),
+        stopping: Some(pb::StoppingCriteria { max_new_tokens, stop_token_ids: vec![], ignore_eos: true }),
+        top_n_logprobs: 0,
+    }
+}
+
+fn greedy() -> pb::SamplingParams {
+    pb::SamplingParams::default()
+}
+
+/// Ids and logprobs of a whole stream, and its final message.
+async fn collect(client: &mut WorkerClient<Channel>, req: pb::GenerateRequest) -> (Vec<u32>, Vec<f32>, pb::Finished) {
+    let mut stream = client.generate(req).await.unwrap().into_inner();
+    let (mut ids, mut logprobs) = (Vec::new(), Vec::new());
+    while let Some(msg) = stream.message().await.unwrap() {
+        match msg.event.unwrap() {
+            pb::generate_response::Event::Token(t) => {
+                ids.push(t.id);
+                logprobs.push(t.logprob);
+            }
+            pb::generate_response::Event::Finished(f) => {
+                assert!(stream.message().await.unwrap().is_none(), "Finished is the last message");
+                return (ids, logprobs, f);
+            }
+        }
+    }
+    panic!("stream ended without Finished");
+}
+
+/// A prompt of `len` ids below `vocab`, different for each `seed`.
+fn prompt(len: usize, seed: u32, vocab: u32) -> Vec<u32> {
+    (0..len as u32).map(|i| (i * 31 + seed * 17 + 3) % vocab).collect()
+}
+
+/// 12 concurrent requests of different prompt lengths, started at staggered times, greedy and
+/// seeded-sampled side by side: each gets exactly what it gets alone.
+async fn check_batched_equals_alone(model: &str) {
+    let server = Server::start(
+        &fixture(model),
+        &["--dtype", "f32", "--max-batch-size", "8", "--prefill-chunk", "4", "--max-step-tokens", "16"],
+    )
+    .await;
+    let alone = load_model(
+        &fixture(model),
+        &LoadOptions { dtype: Some(onehead_worker::config::Dtype::F32), ..Default::default() },
+    )
+    .unwrap();
+    let vocab = alone.model.shape().vocab_size as u32;
+    // Watch the batch while the requests run: they must really have shared steps.
+    let watcher = {
+        let mut client = server.client.clone();
+        tokio::spawn(async move {
+            let mut max_running = 0;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                let load = client.get_load(pb::GetLoadRequest {}).await.unwrap().into_inner();
+                max_running = max_running.max(load.running);
+                if max_running >= 3 {
+                    break;
+                }
+            }
+            max_running
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..12u32 {
+        let mut client = server.client.clone();
+        let ids = prompt(1 + i as usize, i, vocab);
+        let max_new = 16 + i;
+        // Every third request samples, with its own seed.
+        let sampling = if i % 3 == 2 {
+            pb::SamplingParams {
+                temperature: 0.9,
+                top_k: 20,
+                top_p: Some(0.9),
+                repetition_penalty: Some(1.2),
+                seed: Some(i as u64),
+            }
+        } else {
+            greedy()
+        };
+        let req = request(&format!("r{i}"), ids.clone(), max_new, sampling);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(3 * i as u64)).await;
+            (ids, max_new, sampling, collect(&mut client, req).await)
+        }));
+    }
+    for task in tasks {
+        let (ids, max_new, sampling, (got_ids, got_logprobs, finished)) = task.await.unwrap();
+        let params = SamplingParams {
+            temperature: sampling.temperature,
+            top_k: sampling.top_k as usize,
+            top_p: sampling.top_p.unwrap_or(1.0),
+            repetition_penalty: sampling.repetition_penalty.unwrap_or(1.0),
+            seed: sampling.seed.unwrap_or(0),
+        };
+        let stopping = StoppingCriteria { max_new_tokens: max_new as usize, ignore_eos: true, ..Default::default() };
+        let expected = generate(alone.model.as_ref(), &[], &ids, &params, &stopping, |_| {}).unwrap();
+        assert_eq!(got_ids, expected.new_ids, "{model}: prompt of {} tokens", ids.len());
+        for (a, e) in got_logprobs.iter().zip(&expected.logprobs) {
+            assert!((a - e).abs() <= 1e-4, "{model}: logprob {a} vs alone {e}");
+        }
+        assert_eq!(finished.reason, pb::FinishReason::Length as i32);
+        let usage = finished.usage.unwrap();
+        assert_eq!((usage.prompt_tokens as usize, usage.generated_tokens), (ids.len(), max_new));
+    }
+    assert!(watcher.await.unwrap() >= 3, "the requests never shared a step");
+    let load = server.load().await;
+    assert_eq!((load.running, load.waiting, load.kv_tokens_free), (0, 0, load.kv_tokens_total));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_equals_alone_mqa() {
+    check_batched_equals_alone("mqa_f32").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_equals_alone_mha() {
+    check_batched_equals_alone("mha_f32").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_frees_the_kv_of_running_and_queued_requests() {
+    let server = Server::start("builtin:tiny", &["--max-batch-size", "1", "--kv-cache-tokens", "3000"]).await;
+    let mut client = server.client.clone();
+    let mut a = client.generate(request("a", vec![1, 2, 3, 4, 5], 2000, greedy())).await.unwrap().into_inner();
+    let b = client.generate(request("b", vec![1, 2, 3], 500, greedy())).await.unwrap().into_inner();
+    for _ in 0..2 {
+        a.message().await.unwrap().unwrap();
+    }
+    let load = server.load().await;
+    assert_eq!((load.running, load.waiting, load.kv_tokens_free, load.kv_tokens_total), (1, 1, 3000 - 2005, 3000));
+    // A duplicate of a live id is refused, naming the field; a is not disturbed.
+    let dup = client.generate(request("a", vec![1], 1, greedy())).await.unwrap_err();
+    assert_eq!(dup.code(), tonic::Code::InvalidArgument);
+    assert!(dup.message().contains("`request_id`"), "{}", dup.message());
+    drop(b);
+    server.wait_for_load("queued b to leave", |l| l.waiting == 0).await;
+    assert!(a.message().await.unwrap().is_some(), "a still streams");
+    drop(a);
+    let load = server.wait_for_load("a to leave", |l| l.running == 0).await;
+    assert_eq!(load.kv_tokens_free, 3000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_by_name_and_disturbs_nothing() {
+    let server = Server::start(&fixture("mqa_f32"), &["--kv-cache-tokens", "50"]).await;
+    let mut client = server.client.clone();
+    // A good request runs throughout.
+    let mut good_client = client.clone();
+    let good =
+        tokio::spawn(async move { collect(&mut good_client, request("good", vec![5, 6, 7], 30, greedy())).await });
+    let bad: Vec<(pb::GenerateRequest, &str)> = vec![
+        (request("e", vec![], 4, greedy()), "`prompt_ids`: is empty"),
+        (request("v", vec![1, 97], 4, greedy()), "`prompt_ids`: token id 97 is outside the vocabulary"),
+        (request("c", vec![1; 40], 30, greedy()), "`max_new_tokens`"),
+        (request("z", vec![1], 0, greedy()), "`max_new_tokens`: must be at least 1"),
+        (request("t", vec![1], 4, pb::SamplingParams { temperature: -1.0, ..greedy() }), "`temperature`"),
+        (request("p", vec![1], 4, pb::SamplingParams { top_p: Some(0.0), ..greedy() }), "`top_p`"),
+        (request("q", vec![1], 4, pb::SamplingParams { top_p: Some(1.5), ..greedy() }), "`top_p`"),
+        (request("k", vec![1], 4, pb::SamplingParams { top_k: -1, ..greedy() }), "`top_k`"),
+        (request("", vec![1], 4, greedy()), "`request_id`: is empty"),
+        // Fits the context (64) but never the pool (50): refused at once, not queued forever.
+        (request("big", vec![1; 10], 45, greedy()), "can never fit the KV pool of 50 tokens"),
+    ];
+    for (req, expected) in bad {
+        let status = client.generate(req).await.expect_err("must be refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{}", status.message());
+        assert!(status.message().contains(expected), "{:?} does not contain {expected:?}", status.message());
+    }
+    let (ids, _, finished) = good.await.unwrap();
+    let reference = collect(&mut client, request("again", vec![5, 6, 7], 30, greedy())).await;
+    assert_eq!((ids.len(), &ids), (30, &reference.0));
+    assert_eq!(finished.reason, pb::FinishReason::Length as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_100_against_a_small_pool_never_overcommits_and_all_complete() {
+    // Each request reserves 5 + 20 = 25 tokens, so at most 4 of the 100-token pool run at once.
+    let server = Server::start(&fixture("mqa_f32"), &["--kv-cache-tokens", "100", "--max-batch-size", "8"]).await;
+    let tasks: Vec<_> = (0..100u32)
+        .map(|i| {
+            let mut client = server.client.clone();
+            tokio::spawn(async move {
+                collect(&mut client, request(&format!("b{i}"), prompt(5, i, 97), 20, greedy())).await
+            })
+        })
+        .collect();
+    let mut max_running = 0;
+    while !tasks.iter().all(|t| t.is_finished()) {
+        let load = server.load().await;
+        assert!(load.running <= 4, "{load:?}");
+        assert_eq!(load.kv_tokens_free, 100 - 25 * load.running as u64, "exact accounting: {load:?}");
+        max_running = max_running.max(load.running);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for task in tasks {
+        let (ids, _, finished) = task.await.unwrap();
+        assert_eq!((ids.len(), finished.reason), (20, pb::FinishReason::Length as i32));
+    }
+    assert!(max_running >= 2, "the burst was batched (max running {max_running})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_describes_the_model_and_top_alternatives_come_sorted() {
+    let server = Server::start(&fixture("mqa_hd12_untied"), &["--kv-cache-tokens", "64"]).await;
+    let mut client = server.client.clone();
+    let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (info.architecture.as_str(), info.n_heads, info.n_kv_heads, info.head_dim, info.vocab_size, info.max_context),
+        ("gpt_bigcode", 7, 1, 12, 101, 64)
+    );
+    assert_eq!(
+        (info.dtype.as_str(), info.kv_cache_tokens, info.tp_degree, info.eos_token_ids),
+        ("f32", 64, 1, vec![1])
+    );
+    let mut req = request("top", vec![3, 4, 5], 3, greedy());
+    req.top_n_logprobs = 5;
+    let mut stream = client.generate(req).await.unwrap().into_inner();
+    let Some(pb::GenerateResponse { event: Some(pb::generate_response::Event::Token(token)) }) =
+        stream.message().await.unwrap()
+    else {
+        panic!("expected a token")
+    };
+    assert_eq!(token.top.len(), 5);
+    assert_eq!(token.top[0].id, token.id, "greedy picks the most likely");
+    assert!(token.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+}
