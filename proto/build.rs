@@ -5,7 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; nothing else reads the environment here.
     unsafe { std::env::set_var("PROTOC", protoc) };
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["proto/onehead/worker/v1/worker.proto"];
+    let protos = ["proto/onehead/worker/v1/worker.proto", "proto/onehead/v1/generate.proto"];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("onehead_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;

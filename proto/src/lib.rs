@@ -8,5 +8,10 @@ pub mod worker {
     }
 }
 
+/// `onehead.v1`: the public API.
+pub mod v1 {
+    tonic::include_proto!("onehead.v1");
+}
+
 /// Encoded `FileDescriptorSet` of every onehead proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("onehead_descriptor");

@@ -1,23 +1,173 @@
-//! `onehead-router`: the public gRPC API in front of the workers (not built yet; see issue 5).
+//! `onehead-router`: parses flags, builds the configuration, serves (or runs the client).
 
-use clap::Parser;
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use onehead_proto::v1 as pb;
+use onehead_router::client::{self, ClientCommand};
+use onehead_router::discovery::Discovery;
+use onehead_router::server::{self, RouterConfig};
+use onehead_router::service::Limits;
 
 #[derive(Parser)]
 #[command(name = "onehead-router", version, about = "onehead's router: the public gRPC API in front of the workers")]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
-    /// Address to serve the public API on.
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Calls a router, for people without grpcurl.
+    Client(ClientArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address of the public API (port 0: any free port, printed as `listening on ADDR`).
     #[arg(long, env = "ONEHEAD_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
-    /// A worker's URL; repeatable.
+    /// A worker's URL (`http://host:port`); repeatable, or comma-separated.
     #[arg(long = "worker", env = "ONEHEAD_WORKERS", value_delimiter = ',')]
     workers: Vec<String>,
+    /// `name:port` of workers found by DNS, re-resolved every health round (a Kubernetes
+    /// headless service); repeatable.
+    #[arg(long = "worker-dns", env = "ONEHEAD_WORKER_DNS", value_delimiter = ',')]
+    worker_dns: Vec<String>,
+    /// Milliseconds between health checks of every worker.
+    #[arg(long, env = "ONEHEAD_HEALTH_INTERVAL_MS", default_value_t = 500)]
+    health_interval_ms: u64,
+    /// Largest max_new_tokens a request may ask for.
+    #[arg(long, env = "ONEHEAD_MAX_NEW_TOKENS", default_value_t = 2048)]
+    max_new_tokens: u32,
+    /// Requests in flight at once; more get RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "ONEHEAD_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
+    max_concurrent_requests: usize,
+    /// Workers tried for one request before its first token.
+    #[arg(long, env = "ONEHEAD_MAX_ATTEMPTS", default_value_t = 3)]
+    max_attempts: usize,
+    /// A file of accepted API keys, one per line; requests must send `authorization: Bearer KEY`.
+    #[arg(long, env = "ONEHEAD_API_KEY_FILE")]
+    api_key_file: Option<std::path::PathBuf>,
+    /// PEM certificate for TLS on the public port (with --tls-key).
+    #[arg(long, env = "ONEHEAD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for TLS on the public port.
+    #[arg(long, env = "ONEHEAD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// The router's URL.
+    #[arg(long, env = "ONEHEAD_ROUTER", default_value = "http://127.0.0.1:8080")]
+    addr: String,
+    /// API key, if the router wants one.
+    #[arg(long, env = "ONEHEAD_API_KEY")]
+    api_key: Option<String>,
+    #[command(subcommand)]
+    command: ClientSub,
+}
+
+#[derive(Subcommand)]
+enum ClientSub {
+    /// Generates a completion of PROMPT.
+    Generate {
+        prompt: String,
+        /// Print tokens as they come.
+        #[arg(long)]
+        stream: bool,
+        #[arg(long)]
+        max_new_tokens: Option<u32>,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Stop sequence; repeatable.
+        #[arg(long)]
+        stop: Vec<String>,
+    },
+    /// Shows the tokens of TEXT.
+    Tokenize { text: String },
+    /// Describes the served model.
+    Info,
 }
 
 fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
     let cli = Cli::parse();
-    anyhow::bail!(
-        "the router is not implemented yet (would listen on {} for {} workers); use `onehead-worker generate`",
-        cli.listen,
-        cli.workers.len()
-    )
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Some(Command::Client(args)) => {
+            runtime.block_on(client::run(args.addr, args.api_key, client_command(args.command)))
+        }
+        None => runtime.block_on(run_serve(cli.serve)),
+    }
+}
+
+fn client_command(sub: ClientSub) -> ClientCommand {
+    match sub {
+        ClientSub::Generate { prompt, stream, max_new_tokens, temperature, seed, stop } => ClientCommand::Generate {
+            prompt,
+            stream,
+            parameters: pb::Parameters { max_new_tokens, temperature, seed, stop, ..Default::default() },
+        },
+        ClientSub::Tokenize { text } => ClientCommand::Tokenize { text },
+        ClientSub::Info => ClientCommand::Info,
+    }
+}
+
+async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.workers.is_empty() && args.worker_dns.is_empty() {
+        bail!("no workers: give --worker URL or --worker-dns NAME:PORT");
+    }
+    let api_keys: HashSet<String> = match &args.api_key_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("--api-key-file {}", path.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect(),
+        None => HashSet::new(),
+    };
+    if args.api_key_file.is_some() && api_keys.is_empty() {
+        bail!("--api-key-file holds no key");
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some((
+            std::fs::read(cert).with_context(|| format!("--tls-cert {}", cert.display()))?,
+            std::fs::read(key).with_context(|| format!("--tls-key {}", key.display()))?,
+        )),
+        _ => None,
+    };
+    let config = RouterConfig {
+        discovery: Discovery {
+            static_workers: args.workers,
+            dns: args.worker_dns,
+            interval: Duration::from_millis(args.health_interval_ms),
+        },
+        limits: Limits {
+            max_new_tokens: args.max_new_tokens,
+            max_concurrent_requests: args.max_concurrent_requests,
+            max_attempts: args.max_attempts.max(1),
+        },
+        api_keys,
+        tls,
+    };
+    let listener =
+        tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
+    println!("listening on {}", listener.local_addr()?);
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    server::serve(listener, config, shutdown).await
 }

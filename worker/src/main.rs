@@ -188,6 +188,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         device: args.model.device.clone(),
         kv_cache_tokens,
         eos_token_ids: lm.eos_token_ids.clone(),
+        tokenizer_json: std::fs::read_to_string(lm.dir.join("tokenizer.json")).unwrap_or_default(),
     };
     let config = SchedulerConfig {
         max_batch_size: args.max_batch_size,

@@ -30,6 +30,8 @@ pub struct WorkerInfo {
     pub device: String,
     pub kv_cache_tokens: i64,
     pub eos_token_ids: Vec<u32>,
+    /// The model folder's `tokenizer.json`, or empty.
+    pub tokenizer_json: String,
 }
 
 /// The `Worker` service.
@@ -156,6 +158,10 @@ impl Worker for WorkerService {
             kv_cache_tokens: i.kv_cache_tokens as u64,
             eos_token_ids: i.eos_token_ids.clone(),
         }))
+    }
+
+    async fn get_tokenizer(&self, _: Request<pb::GetTokenizerRequest>) -> Result<Response<pb::TokenizerJson>, Status> {
+        Ok(Response::new(pb::TokenizerJson { json: self.info.tokenizer_json.clone() }))
     }
 }
 

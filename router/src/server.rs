@@ -1,0 +1,91 @@
+//! Wiring: the public service behind optional API-key checks, health (SERVING once a worker is
+//! healthy and the tokenizer is known) and reflection, on one listener.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use onehead_proto::v1::text_generation_server::TextGenerationServer;
+use tonic::{Request, Status};
+use tonic_health::ServingStatus;
+
+use crate::discovery::{self, Discovery};
+use crate::pool::Pool;
+use crate::service::{Limits, Router};
+
+/// Everything the router is configured with.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    pub discovery: Discovery,
+    pub limits: Limits,
+    /// Accepted bearer tokens; empty: no authentication.
+    pub api_keys: HashSet<String>,
+    /// PEM certificate and key for TLS on the public port.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: RouterConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let pool = Arc::new(Mutex::new(Pool::default()));
+    let model = Arc::new(RwLock::new(None));
+    tokio::spawn(discovery::run(config.discovery.clone(), pool.clone(), model.clone()));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::NotServing).await;
+    {
+        let (pool, model) = (pool.clone(), model.clone());
+        tokio::spawn(async move {
+            let mut serving = false;
+            loop {
+                let ready = model.read().unwrap().is_some() && pool.lock().unwrap().healthy_count() > 0;
+                if ready != serving {
+                    let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+                    health.set_service_status("", status).await;
+                    health.set_service_status("onehead.v1.TextGeneration", status).await;
+                    tracing::info!(ready, "router health changed");
+                    serving = ready;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(onehead_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let keys = Arc::new(config.api_keys);
+    let check_key = move |request: Request<()>| -> Result<Request<()>, Status> {
+        if keys.is_empty() {
+            return Ok(request);
+        }
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            Some(key) if keys.contains(key.trim()) => Ok(request),
+            Some(_) => Err(Status::unauthenticated("wrong API key")),
+            None => Err(Status::unauthenticated("missing API key: send `authorization: Bearer KEY`")),
+        }
+    };
+    let router = Router::new(pool, model, config.limits);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = config.tls {
+        let identity = tonic::transport::Identity::from_pem(cert, key);
+        builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    builder
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(TextGenerationServer::with_interceptor(router, check_key))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,487 @@
+//! The public API (`onehead.v1.TextGeneration`): validation, tokenization, assignment to a
+//! worker, streaming text back, retries before the first token, deadlines and backpressure.
+//! The one place where router errors become `tonic::Status`.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use onehead_proto::v1 as pb;
+use onehead_proto::worker::v1 as wpb;
+use pb::text_generation_server::TextGeneration;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status};
+
+use crate::pool::{Pool, assign};
+use crate::text::{Detokenizer, StopMatcher, Tokenizer};
+
+/// What the router knows of the model: from the first healthy worker.
+pub struct ModelView {
+    pub tokenizer: Tokenizer,
+    pub info: wpb::WorkerInfo,
+}
+
+/// Limits the router enforces.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest max_new_tokens accepted.
+    pub max_new_tokens: u32,
+    /// Requests in flight at once; beyond it, RESOURCE_EXHAUSTED at once.
+    pub max_concurrent_requests: usize,
+    /// Workers tried for one request before its first token.
+    pub max_attempts: usize,
+}
+
+const MAX_STOP_SEQUENCES: usize = 8;
+const MAX_STOP_BYTES: usize = 256;
+const MAX_TOP_N: u32 = 20;
+const DEFAULT_MAX_NEW_TOKENS: u32 = 64;
+
+pub struct Router {
+    pub pool: Arc<Mutex<Pool>>,
+    pub model: Arc<RwLock<Option<Arc<ModelView>>>>,
+    pub limits: Limits,
+    permits: Arc<Semaphore>,
+    next_id: AtomicU64,
+}
+
+/// A validated request, ready for a worker.
+struct Job {
+    prompt_ids: Vec<u32>,
+    worker_request: wpb::GenerateRequest,
+    stops: Vec<String>,
+    /// prompt + max_new_tokens: what the request may hold of a worker's KV pool.
+    tokens: u64,
+}
+
+/// Events of one generation, as the stream and the unary call both consume them.
+type Events = mpsc::Receiver<Result<pb::GenerateStreamResponse, Status>>;
+
+fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("invalid argument `{field}`: {message}"))
+}
+
+impl Router {
+    pub fn new(pool: Arc<Mutex<Pool>>, model: Arc<RwLock<Option<Arc<ModelView>>>>, limits: Limits) -> Self {
+        let permits = Arc::new(Semaphore::new(limits.max_concurrent_requests));
+        Router { pool, model, limits, permits, next_id: AtomicU64::new(0) }
+    }
+
+    fn model(&self) -> Result<Arc<ModelView>, Status> {
+        self.model
+            .read()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| Status::unavailable("no healthy worker has reported the model yet"))
+    }
+
+    /// Checks every field and tokenizes; each failure names its field.
+    fn validate(&self, model: &ModelView, r: pb::GenerateRequest) -> Result<Job, Status> {
+        let info = &model.info;
+        let prompt_ids = match r.prompt {
+            None => return Err(invalid("prompt", "is missing: set `text` or `token_ids`")),
+            Some(pb::generate_request::Prompt::Text(text)) => {
+                if text.is_empty() {
+                    return Err(invalid("prompt.text", "is empty"));
+                }
+                model
+                    .tokenizer
+                    .encode(&text)
+                    .map_err(|e| invalid("prompt.text", e))?
+                    .into_iter()
+                    .map(|t| t.id)
+                    .collect()
+            }
+            Some(pb::generate_request::Prompt::TokenIds(ids)) => {
+                if ids.ids.is_empty() {
+                    return Err(invalid("prompt.token_ids", "is empty"));
+                }
+                if let Some(bad) = ids.ids.iter().find(|&&t| t >= info.vocab_size) {
+                    return Err(invalid(
+                        "prompt.token_ids",
+                        format!("unknown token id {bad} (vocabulary size {})", info.vocab_size),
+                    ));
+                }
+                ids.ids
+            }
+        };
+        let p = r.parameters.unwrap_or_default();
+        let n_prompt = prompt_ids.len() as u32;
+        if n_prompt >= info.max_context {
+            return Err(invalid(
+                "prompt",
+                format!("{n_prompt} tokens leave no room in the model's context of {} tokens", info.max_context),
+            ));
+        }
+        let room = info.max_context - n_prompt;
+        let max_new_tokens = match p.max_new_tokens {
+            None => DEFAULT_MAX_NEW_TOKENS.min(room).min(self.limits.max_new_tokens),
+            Some(0) => return Err(invalid("max_new_tokens", "must be at least 1")),
+            Some(n) if n > self.limits.max_new_tokens => {
+                return Err(invalid(
+                    "max_new_tokens",
+                    format!("{n} is over the limit of {}", self.limits.max_new_tokens),
+                ));
+            }
+            Some(n) if n > room => {
+                return Err(invalid(
+                    "max_new_tokens",
+                    format!(
+                        "prompt ({n_prompt}) + max_new_tokens ({n}) exceeds the model's context of {} tokens",
+                        info.max_context
+                    ),
+                ));
+            }
+            Some(n) => n,
+        };
+        if !(p.temperature >= 0.0) || !p.temperature.is_finite() {
+            return Err(invalid("temperature", format!("must be >= 0, got {}", p.temperature)));
+        }
+        if p.top_k < 0 {
+            return Err(invalid("top_k", format!("must be >= 0, got {}", p.top_k)));
+        }
+        if let Some(top_p) = p.top_p
+            && !(top_p > 0.0 && top_p <= 1.0)
+        {
+            return Err(invalid("top_p", format!("must be in (0, 1], got {top_p}")));
+        }
+        if let Some(rp) = p.repetition_penalty
+            && !(rp > 0.0 && rp.is_finite())
+        {
+            return Err(invalid("repetition_penalty", format!("must be > 0, got {rp}")));
+        }
+        if p.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(invalid("stop", format!("{} stop sequences, at most {MAX_STOP_SEQUENCES}", p.stop.len())));
+        }
+        if let Some(s) = p.stop.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+            return Err(invalid(
+                "stop",
+                format!("each stop sequence must be 1 to {MAX_STOP_BYTES} bytes, got {}", s.len()),
+            ));
+        }
+        if let Some(bad) = p.stop_token_ids.iter().find(|&&t| t >= info.vocab_size) {
+            return Err(invalid(
+                "stop_token_ids",
+                format!("unknown token id {bad} (vocabulary size {})", info.vocab_size),
+            ));
+        }
+        if p.top_n_logprobs > MAX_TOP_N {
+            return Err(invalid("top_n_logprobs", format!("at most {MAX_TOP_N}, got {}", p.top_n_logprobs)));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let worker_request = wpb::GenerateRequest {
+            request_id: format!("{}-{id}", std::process::id()),
+            prompt_ids: prompt_ids.clone(),
+            sampling: Some(wpb::SamplingParams {
+                temperature: p.temperature,
+                top_k: p.top_k,
+                top_p: p.top_p,
+                repetition_penalty: p.repetition_penalty,
+                seed: p.seed,
+            }),
+            stopping: Some(wpb::StoppingCriteria {
+                max_new_tokens,
+                stop_token_ids: p.stop_token_ids,
+                ignore_eos: p.ignore_eos,
+            }),
+            top_n_logprobs: p.top_n_logprobs,
+        };
+        Ok(Job { tokens: u64::from(n_prompt + max_new_tokens), prompt_ids, worker_request, stops: p.stop })
+    }
+
+    /// Admits, validates and starts a generation; its events come on the returned channel.
+    fn start(&self, request: Request<pb::GenerateRequest>) -> Result<Events, Status> {
+        let arrived = Instant::now();
+        let deadline = grpc_timeout(request.metadata()).map(|d| arrived + d);
+        let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "the router is at capacity ({} requests in flight); retry later",
+                self.limits.max_concurrent_requests
+            ))
+        })?;
+        let model = self.model()?;
+        let job = self.validate(&model, request.into_inner())?;
+        let (tx, rx) = mpsc::channel(64);
+        let pool = self.pool.clone();
+        let max_attempts = self.limits.max_attempts;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let run = Run { pool, model, job, tx, arrived, deadline, max_attempts };
+            run.execute().await;
+        });
+        Ok(rx)
+    }
+}
+
+/// One generation in flight.
+struct Run {
+    pool: Arc<Mutex<Pool>>,
+    model: Arc<ModelView>,
+    job: Job,
+    tx: mpsc::Sender<Result<pb::GenerateStreamResponse, Status>>,
+    arrived: Instant,
+    deadline: Option<Instant>,
+    max_attempts: usize,
+}
+
+enum Attempt {
+    /// Finished, or failed in a way another worker would not fix.
+    Done,
+    /// The worker failed before the first token: try another.
+    Retry,
+}
+
+impl Run {
+    async fn execute(mut self) {
+        let mut tried = Vec::new();
+        while tried.len() < self.max_attempts {
+            let Some(assignment) = assign(&self.pool, &tried, self.job.tokens) else { break };
+            tried.push(assignment.url.clone());
+            match self.attempt(&assignment.url, assignment.client.clone()).await {
+                Attempt::Done => return,
+                Attempt::Retry => self.pool.lock().unwrap().mark_unhealthy(&assignment.url),
+            }
+        }
+        let why = if tried.is_empty() { "no healthy worker".to_owned() } else { format!("workers {tried:?} failed") };
+        let _ = self.tx.send(Err(Status::unavailable(why))).await;
+    }
+
+    async fn send(&self, event: pb::generate_stream_response::Event) -> bool {
+        self.tx.send(Ok(pb::GenerateStreamResponse { event: Some(event) })).await.is_ok()
+    }
+
+    async fn attempt(
+        &mut self,
+        url: &str,
+        mut client: wpb::worker_client::WorkerClient<tonic::transport::Channel>,
+    ) -> Attempt {
+        let mut request = Request::new(self.job.worker_request.clone());
+        if let Some(deadline) = self.deadline {
+            request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        }
+        let deadline = async {
+            match self.deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        let call = tokio::select! {
+            call = client.generate(request) => call,
+            _ = &mut deadline => return self.deadline_exceeded().await,
+            _ = self.tx.closed() => return Attempt::Done,
+        };
+        let mut stream = match call {
+            Ok(r) => r.into_inner(),
+            Err(status) if retryable(&status) => return Attempt::Retry,
+            Err(status) => {
+                let _ = self.tx.send(Err(status)).await;
+                return Attempt::Done;
+            }
+        };
+        let tokenizer = &self.model.tokenizer;
+        let mut detokenizer = Detokenizer::default();
+        let mut stops = StopMatcher::new(self.job.stops.clone());
+        let mut generated = String::new();
+        let mut n_tokens = 0u32;
+        let mut first_token_secs = 0.0;
+        loop {
+            let message = tokio::select! {
+                m = stream.message() => m,
+                _ = &mut deadline => return self.deadline_exceeded().await,
+                // The client went away: dropping the worker stream cancels the sequence there.
+                _ = self.tx.closed() => return Attempt::Done,
+            };
+            let event = match message {
+                Ok(Some(wpb::GenerateResponse { event: Some(event) })) => event,
+                Ok(_) | Err(_) if n_tokens == 0 => return Attempt::Retry,
+                Ok(_) | Err(_) => {
+                    let text: String = generated.chars().take(200).collect();
+                    let status = Status::unavailable(format!(
+                        "worker {url} failed after {n_tokens} tokens; generated so far: {text:?}"
+                    ));
+                    let _ = self.tx.send(Err(status)).await;
+                    return Attempt::Done;
+                }
+            };
+            match event {
+                wpb::generate_response::Event::Token(t) => {
+                    if n_tokens == 0 {
+                        first_token_secs = self.arrived.elapsed().as_secs_f64();
+                    }
+                    n_tokens += 1;
+                    let piece = detokenizer.push(tokenizer, t.id);
+                    let (text, stopped) = stops.push(&piece);
+                    generated.push_str(&text);
+                    let top = t
+                        .top
+                        .into_iter()
+                        .map(|a| pb::TopToken { id: a.id, text: tokenizer.decode(&[a.id]), logprob: a.logprob })
+                        .collect();
+                    let token = pb::StreamToken { id: t.id, text, logprob: t.logprob, top };
+                    if !self.send(pb::generate_stream_response::Event::Token(token)).await {
+                        return Attempt::Done;
+                    }
+                    if stopped {
+                        let done =
+                            self.done(pb::FinishReason::StopSequence, n_tokens, 0.0, first_token_secs, String::new());
+                        let _ = self.send(done).await;
+                        return Attempt::Done;
+                    }
+                }
+                wpb::generate_response::Event::Finished(f) => {
+                    let reason = match wpb::FinishReason::try_from(f.reason) {
+                        Ok(wpb::FinishReason::Length) => pb::FinishReason::Length,
+                        Ok(wpb::FinishReason::Stop) => pb::FinishReason::StopToken,
+                        _ => {
+                            let _ = self.tx.send(Err(Status::internal(format!("worker {url}: {}", f.error)))).await;
+                            return Attempt::Done;
+                        }
+                    };
+                    // Flush the detokenizer, then whatever the stop matcher held back.
+                    let (mut rest, stopped) = stops.push(&detokenizer.finish(tokenizer));
+                    let reason = if stopped { pb::FinishReason::StopSequence } else { reason };
+                    if !stopped {
+                        rest.push_str(&stops.finish());
+                    }
+                    let queue_secs = f.usage.map_or(0.0, |u| u.queue_secs);
+                    let done = self.done(reason, n_tokens, queue_secs, first_token_secs, rest);
+                    let _ = self.send(done).await;
+                    return Attempt::Done;
+                }
+            }
+        }
+    }
+
+    fn done(
+        &self,
+        reason: pb::FinishReason,
+        n_tokens: u32,
+        queue_secs: f64,
+        ttft: f64,
+        text: String,
+    ) -> pb::generate_stream_response::Event {
+        pb::generate_stream_response::Event::Done(pb::GenerateDone {
+            finish_reason: reason as i32,
+            usage: Some(pb::Usage { prompt_tokens: self.job.prompt_ids.len() as u32, generated_tokens: n_tokens }),
+            timings: Some(pb::Timings {
+                queue_secs,
+                time_to_first_token_secs: ttft,
+                total_secs: self.arrived.elapsed().as_secs_f64(),
+            }),
+            text,
+        })
+    }
+
+    async fn deadline_exceeded(&self) -> Attempt {
+        let _ = self.tx.send(Err(Status::deadline_exceeded("the request's deadline passed"))).await;
+        Attempt::Done
+    }
+}
+
+/// Failures that another worker may not have: the worker is gone or not answering.
+fn retryable(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled)
+}
+
+/// The `grpc-timeout` header: digits and a unit (H, M, S, m, u, n).
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TextGeneration for Router {
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+        let mut events = self.start(request)?;
+        let mut out = pb::GenerateResponse::default();
+        while let Some(event) = events.recv().await {
+            match event?.event {
+                Some(pb::generate_stream_response::Event::Token(t)) => {
+                    out.text.push_str(&t.text);
+                    out.tokens.push(t);
+                }
+                Some(pb::generate_stream_response::Event::Done(d)) => {
+                    out.text.push_str(&d.text);
+                    out.finish_reason = d.finish_reason;
+                    out.usage = d.usage;
+                    out.timings = d.timings;
+                    return Ok(Response::new(out));
+                }
+                None => {}
+            }
+        }
+        Err(Status::internal("generation ended without a result"))
+    }
+
+    type GenerateStreamStream = StreamOf<pb::GenerateStreamResponse>;
+
+    async fn generate_stream(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let events = self.start(request)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+    }
+
+    async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let model = self.model()?;
+        let tokens = model.tokenizer.encode(&request.into_inner().text).map_err(|e| invalid("text", e))?;
+        Ok(Response::new(pb::TokenizeResponse {
+            tokens: tokens
+                .into_iter()
+                .map(|t| pb::Token { id: t.id, text: t.text, start: t.start as u32, end: t.end as u32 })
+                .collect(),
+        }))
+    }
+
+    async fn get_model_info(&self, _: Request<pb::GetModelInfoRequest>) -> Result<Response<pb::ModelInfo>, Status> {
+        let model = self.model()?;
+        let i = &model.info;
+        Ok(Response::new(pb::ModelInfo {
+            model_id: i.model_id.clone(),
+            architecture: i.architecture.clone(),
+            max_context: i.max_context,
+            vocab_size: i.vocab_size,
+            n_heads: i.n_heads,
+            n_kv_heads: i.n_kv_heads,
+            dtype: i.dtype.clone(),
+            max_new_tokens_limit: self.limits.max_new_tokens,
+            healthy_workers: self.pool.lock().unwrap().healthy_count() as u32,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let check = |v: &str, expected: Option<Duration>| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&m), expected, "{v}");
+        };
+        check("250m", Some(Duration::from_millis(250)));
+        check("3S", Some(Duration::from_secs(3)));
+        check("1H", Some(Duration::from_secs(3600)));
+        check("9x", None);
+        check("m", None);
+    }
+}

@@ -1,0 +1,201 @@
+//! Text: tokenizing prompts, turning streamed token ids into valid UTF-8 pieces, and matching
+//! stop sequences on the text, across token boundaries.
+
+use std::str::FromStr;
+
+/// A Hugging Face tokenizer, from its `tokenizer.json`.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+/// A token of encoded text.
+pub struct EncodedToken {
+    pub id: u32,
+    pub text: String,
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Tokenizer {
+    pub fn from_json(json: &str) -> Result<Self, String> {
+        tokenizers::Tokenizer::from_str(json).map(|inner| Tokenizer { inner }).map_err(|e| e.to_string())
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<EncodedToken>, String> {
+        let encoding = self.inner.encode(text, false).map_err(|e| e.to_string())?;
+        Ok(encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_offsets())
+            .map(|(&id, &(start, end))| EncodedToken {
+                id,
+                text: text.get(start..end).unwrap_or_default().into(),
+                start,
+                end,
+            })
+            .collect())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids, true).unwrap_or_default()
+    }
+}
+
+/// Incremental detokenization: each new token yields the text it completes. A token that ends
+/// inside a multi-byte character yields nothing until the character is whole. Decoding a window
+/// that starts a few tokens back (as Hugging Face TGI does) keeps the cost per token constant.
+#[derive(Default)]
+pub struct Detokenizer {
+    ids: Vec<u32>,
+    /// Start of the decoding window.
+    prefix_offset: usize,
+    /// Tokens up to here have been turned into text.
+    read_offset: usize,
+}
+
+impl Detokenizer {
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> String {
+        self.ids.push(id);
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let text = tokenizer.decode(&self.ids[self.prefix_offset..]);
+        if text.len() > prefix.len() && !text.ends_with('\u{FFFD}') && text.starts_with(&prefix) {
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            text[prefix.len()..].to_owned()
+        } else {
+            String::new()
+        }
+    }
+
+    /// What is left at the end (an incomplete character comes out as U+FFFD).
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> String {
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let text = tokenizer.decode(&self.ids[self.prefix_offset..]);
+        self.read_offset = self.ids.len();
+        self.prefix_offset = self.read_offset;
+        text.strip_prefix(&prefix).unwrap_or_default().to_owned()
+    }
+}
+
+/// Matches stop sequences on generated text. Text that could still become a stop sequence is
+/// held back; the stop sequence itself is never released.
+pub struct StopMatcher {
+    stops: Vec<String>,
+    text: String,
+    /// Bytes of `text` already released.
+    released: usize,
+}
+
+impl StopMatcher {
+    pub fn new(stops: Vec<String>) -> Self {
+        StopMatcher { stops, text: String::new(), released: 0 }
+    }
+
+    /// Adds a piece; returns the text now safe to release, and whether a stop sequence ended
+    /// the generation (then nothing after it is released).
+    pub fn push(&mut self, piece: &str) -> (String, bool) {
+        let search_from = self.released;
+        self.text.push_str(piece);
+        let found = self.stops.iter().filter_map(|s| self.text[search_from..].find(s.as_str())).min();
+        if let Some(at) = found {
+            let out = self.text[self.released..search_from + at].to_owned();
+            self.released = self.text.len();
+            return (out, true);
+        }
+        // Hold back the longest tail that is a prefix of some stop sequence.
+        let held = self
+            .stops
+            .iter()
+            .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+            .filter(|prefix| self.text[self.released..].ends_with(prefix))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        let end = self.text.len() - held;
+        let out = self.text[self.released..end].to_owned();
+        self.released = end;
+        (out, false)
+    }
+
+    /// Releases what was held back, at the end.
+    pub fn finish(&mut self) -> String {
+        let out = self.text[self.released..].to_owned();
+        self.released = self.text.len();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `pieces`; returns the released text of each, and the index of the stopping piece.
+    fn check(stops: &[&str], pieces: &[&str], expected: &[&str], stopped_at: Option<usize>) {
+        let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = Vec::new();
+        for (i, piece) in pieces.iter().enumerate() {
+            let (text, stopped) = m.push(piece);
+            out.push(text);
+            if stopped {
+                assert_eq!(Some(i), stopped_at);
+                assert_eq!(out, expected);
+                return;
+            }
+        }
+        out.push(m.finish());
+        assert_eq!(stopped_at, None);
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn stop_sequences_match_across_pieces_and_are_not_returned() {
+        check(&["\n\n"], &["a", "b\n", "\nc"], &["a", "b", ""], Some(2));
+        check(&["END"], &["xE", "N", "Dy"], &["x", "", ""], Some(2));
+        // A held prefix that does not complete is released.
+        check(&["END"], &["xE", "Nd", "z"], &["x", "ENd", "z", ""], None);
+        check(&["stop"], &["no stop", "here"], &["no "], Some(0));
+        // The earliest of several.
+        check(&["c", "ab"], &["xabc"], &["x"], Some(0));
+        check(&[], &["a", "b"], &["a", "b", ""], None);
+        // Multi-byte stop sequences hold back whole characters only.
+        check(&["é!"], &["caf", "é", "!"], &["caf", "", ""], Some(2));
+    }
+
+    #[test]
+    fn detokenized_pieces_are_whole_characters_and_add_up() {
+        let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+            "pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true},
+            "post_processor":null,"decoder":{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true},
+            "model":{"type":"BPE","dropout":null,"unk_token":null,"continuing_subword_prefix":null,"end_of_word_suffix":null,
+            "fuse_unk":false,"byte_fallback":false,"ignore_merges":false,"vocab":{},"merges":[]}}"#;
+        // One token per byte: build the vocabulary from GPT-2's byte map.
+        let mut vocab = serde_like_vocab();
+        vocab.sort_by_key(|(_, id)| *id);
+        let vocab_json: Vec<String> = vocab.iter().map(|(c, id)| format!("{:?}:{id}", c.to_string())).collect();
+        let json = json.replace(r#""vocab":{}"#, &format!(r#""vocab":{{{}}}"#, vocab_json.join(",")));
+        let tok = Tokenizer::from_json(&json).unwrap();
+        let text = "héllo ✓ 🦀!";
+        let ids: Vec<u32> = tok.encode(text).unwrap().iter().map(|t| t.id).collect();
+        let mut d = Detokenizer::default();
+        let pieces: Vec<String> = ids.iter().map(|&id| d.push(&tok, id)).collect();
+        assert!(pieces.iter().any(String::is_empty), "multi-byte characters wait for their last byte");
+        assert_eq!(pieces.concat() + &d.finish(&tok), text);
+        assert_eq!(pieces.iter().filter(|p| !p.is_empty()).count(), text.chars().count());
+    }
+
+    fn serde_like_vocab() -> Vec<(char, u32)> {
+        let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+        let mut next = 256;
+        (0u32..256)
+            .map(|b| {
+                let c = if printable(b) {
+                    char::from_u32(b).unwrap()
+                } else {
+                    next += 1;
+                    char::from_u32(next - 1).unwrap()
+                };
+                (c, b)
+            })
+            .collect()
+    }
+}
