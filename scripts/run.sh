@@ -1,12 +1,43 @@
 #!/usr/bin/env bash
-# The run command: sets up LibTorch if needed, builds, and generates with the built-in model
-# (or the model and flags given, e.g. `scripts/run.sh --model /path/to/santacoder --prompt "def"`).
+# The run command: a local cluster (one worker on the built-in model, and a router in front of
+# it) on 127.0.0.1. Sets up LibTorch if needed and builds first. Ctrl-C stops both.
+#
+#   ONEHEAD_MODEL   model folder or builtin:tiny (default)
+#   ROUTER_PORT     public port (default 8080); WORKER_PORT (default 50051)
+#
+# With arguments, runs `onehead-worker generate ARGS` instead (one prompt, no servers).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 bash scripts/setup-libtorch.sh
-cargo build --release --locked -p onehead-worker --bin onehead-worker
-if [[ $# -eq 0 ]]; then
-    set -- --model builtin:tiny --prompt "def fibonacci(n):" --max-new-tokens 48 --temperature 0.8 --seed 1
+cargo build --release --locked -p onehead-worker -p onehead-router --bins
+bin=target/release
+if [[ $# -gt 0 ]]; then
+    exec $bin/onehead-worker generate "$@"
 fi
-exec ./target/release/onehead-worker generate "$@"
+
+model=${ONEHEAD_MODEL:-builtin:tiny}
+router_port=${ROUTER_PORT:-8080}
+worker_port=${WORKER_PORT:-50051}
+trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT INT TERM
+$bin/onehead-worker serve --model "$model" --listen "127.0.0.1:$worker_port" &
+$bin/onehead-router --listen "127.0.0.1:$router_port" --worker "http://127.0.0.1:$worker_port" &
+for _ in $(seq 100); do
+    if $bin/onehead-router client --addr "http://127.0.0.1:$router_port" info >/dev/null 2>&1; then break; fi
+    sleep 0.2
+done
+cat <<MSG
+
+onehead is serving $model at 127.0.0.1:$router_port (router) -> 127.0.0.1:$worker_port (worker).
+A first completion:
+MSG
+$bin/onehead-router client --addr "http://127.0.0.1:$router_port" generate --stream --max-new-tokens 48 --temperature 0.8 --seed 1 "def fibonacci(n):"
+cat <<MSG
+
+Call it yourself:
+  $bin/onehead-router client --addr http://127.0.0.1:$router_port generate --stream "def hello():"
+  grpcurl -plaintext -d '{"text": "def hello():", "parameters": {"max_new_tokens": 16}}' \\
+      127.0.0.1:$router_port onehead.v1.TextGeneration/GenerateStream
+Ctrl-C stops the cluster.
+MSG
+wait

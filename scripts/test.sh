@@ -4,4 +4,6 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 bash scripts/setup-libtorch.sh
+# The end-to-end tests (tests/) start the worker and router binaries.
+cargo build --workspace --bins --locked
 cargo test --workspace --locked "$@"

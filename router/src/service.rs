@@ -195,7 +195,9 @@ impl Router {
     /// Admits, validates and starts a generation; its events come on the returned channel.
     fn start(&self, request: Request<pb::GenerateRequest>) -> Result<Events, Status> {
         let arrived = Instant::now();
-        let deadline = grpc_timeout(request.metadata()).map(|d| arrived + d);
+        // tonic's server answers a unary call past its `grpc-timeout` with CANCELLED; ending a
+        // little earlier ourselves gives the client the DEADLINE_EXCEEDED that gRPC specifies.
+        let deadline = grpc_timeout(request.metadata()).map(|d| arrived + d - (d / 10).min(Duration::from_millis(50)));
         let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "the router is at capacity ({} requests in flight); retry later",
@@ -299,6 +301,7 @@ impl Run {
                 Ok(Some(wpb::GenerateResponse { event: Some(event) })) => event,
                 Ok(_) | Err(_) if n_tokens == 0 => return Attempt::Retry,
                 Ok(_) | Err(_) => {
+                    self.pool.lock().unwrap().mark_unhealthy(url);
                     let text: String = generated.chars().take(200).collect();
                     let status = Status::unavailable(format!(
                         "worker {url} failed after {n_tokens} tokens; generated so far: {text:?}"

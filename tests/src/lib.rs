@@ -1,0 +1,171 @@
+//! Helpers for the end-to-end tests: start `onehead-worker` and `onehead-router` processes on
+//! 127.0.0.1 (built by `cargo build --workspace --bins`, which `scripts/test.sh` runs first).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use onehead_proto::v1 as pb;
+use onehead_proto::worker::v1 as wpb;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic::transport::Channel;
+
+/// A binary of the workspace, next to this test's own build.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A running process that printed `listening on ADDR`; killed on drop.
+pub struct Proc {
+    pub child: tokio::process::Child,
+    pub addr: String,
+}
+
+impl Proc {
+    pub async fn start(binary_name: &str, args: &[&str]) -> Proc {
+        let mut child = tokio::process::Command::new(binary(binary_name))
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    return addr.to_owned();
+                }
+            }
+            panic!("{binary_name} exited before listening")
+        })
+        .await
+        .expect("process start");
+        // Keep draining stdout so the process never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Proc { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect().await.unwrap()
+    }
+
+    /// Waits until `grpc.health.v1` says SERVING.
+    pub async fn wait_serving(&self) {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel().await);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            if let Ok(r) = health.check(request).await
+                && r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} never became SERVING", self.addr);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn kill(&mut self) {
+        self.child.start_kill().unwrap();
+    }
+}
+
+/// A worker serving `builtin:tiny` with one intra-op thread.
+pub async fn worker(extra: &[&str]) -> Proc {
+    let mut args = vec!["serve", "--model", "builtin:tiny", "--listen", "127.0.0.1:0", "--threads", "1"];
+    args.extend_from_slice(extra);
+    let w = Proc::start("onehead-worker", &args).await;
+    w.wait_serving().await;
+    w
+}
+
+/// A router in front of `workers`, ready to serve.
+pub async fn router(workers: &[&Proc], extra: &[&str]) -> Proc {
+    let urls: Vec<String> = workers.iter().map(|w| w.url()).collect();
+    let mut args = vec!["--listen", "127.0.0.1:0"];
+    if !extra.contains(&"--health-interval-ms") {
+        args.extend(["--health-interval-ms", "200"]);
+    }
+    for url in &urls {
+        args.extend(["--worker", url]);
+    }
+    args.extend_from_slice(extra);
+    let r = Proc::start("onehead-router", &args).await;
+    r.wait_serving().await;
+    r
+}
+
+pub async fn worker_load(worker: &Proc) -> wpb::Load {
+    let mut client = wpb::worker_client::WorkerClient::new(worker.channel().await);
+    client.get_load(wpb::GetLoadRequest {}).await.unwrap().into_inner()
+}
+
+/// A greedy request for `text`.
+pub fn text_request(text: &str, max_new_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::Text(text.into())),
+        parameters: Some(pb::Parameters {
+            max_new_tokens: Some(max_new_tokens),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+    }
+}
+
+/// A whole stream: token ids, pieces, and the final message (or the status it ended with).
+pub struct Streamed {
+    pub ids: Vec<u32>,
+    pub pieces: Vec<String>,
+    pub done: Result<pb::GenerateDone, tonic::Status>,
+}
+
+impl Streamed {
+    pub fn text(&self) -> String {
+        self.pieces.concat() + self.done.as_ref().map_or("", |d| d.text.as_str())
+    }
+}
+
+pub async fn stream(
+    client: &mut pb::text_generation_client::TextGenerationClient<Channel>,
+    req: pb::GenerateRequest,
+) -> Streamed {
+    let mut out = Streamed { ids: vec![], pieces: vec![], done: Err(tonic::Status::unknown("no Done")) };
+    let mut events = match client.generate_stream(req).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            out.done = Err(status);
+            return out;
+        }
+    };
+    loop {
+        match events.message().await {
+            Ok(Some(pb::GenerateStreamResponse { event: Some(pb::generate_stream_response::Event::Token(t)) })) => {
+                out.ids.push(t.id);
+                out.pieces.push(t.text);
+            }
+            Ok(Some(pb::GenerateStreamResponse { event: Some(pb::generate_stream_response::Event::Done(d)) })) => {
+                out.done = Ok(d);
+                assert!(matches!(events.message().await, Ok(None)), "Done is the last message");
+                return out;
+            }
+            Ok(_) => return out,
+            Err(status) => {
+                out.done = Err(status);
+                return out;
+            }
+        }
+    }
+}
