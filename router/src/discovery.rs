@@ -78,7 +78,9 @@ pub async fn run(discovery: Discovery, pool: Arc<Mutex<Pool>>, model: Arc<std::s
             if became_healthy {
                 tracing::info!(worker = %url, "worker healthy");
             }
-            if became_healthy && model.read().unwrap().is_none() {
+            // Until the router knows the tokenizer, every healthy worker is asked in turn.
+            let healthy = pool.lock().unwrap().workers.iter().any(|w| w.url == url && w.healthy);
+            if healthy && model.read().unwrap().is_none() {
                 load_model_view(&mut client, &pool, &url, &model).await;
             }
         }

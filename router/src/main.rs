@@ -39,6 +39,10 @@ struct ServeArgs {
     /// headless service); repeatable.
     #[arg(long = "worker-dns", env = "ONEHEAD_WORKER_DNS", value_delimiter = ',')]
     worker_dns: Vec<String>,
+    /// The model id workers must serve (as their `Info` reports it); others are refused.
+    /// Default: whatever the first healthy worker serves.
+    #[arg(long, env = "ONEHEAD_MODEL_ID")]
+    model_id: Option<String>,
     /// Milliseconds between health checks of every worker.
     #[arg(long, env = "ONEHEAD_HEALTH_INTERVAL_MS", default_value_t = 500)]
     health_interval_ms: u64,
@@ -162,6 +166,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         api_keys,
         tls,
+        model_id: args.model_id,
     };
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}", args.listen))?;

@@ -72,8 +72,11 @@ impl WorkerEntry {
 #[derive(Default)]
 pub struct Pool {
     pub workers: Vec<WorkerEntry>,
-    /// The model every worker must serve: the first healthy worker's, or a configured one.
+    /// The model every worker must serve: the first healthy worker's (with the configured id,
+    /// if one is configured).
     pub model: Option<ModelIdentity>,
+    /// `--model-id`: workers serving another model id are refused.
+    pub expected_model_id: Option<String>,
 }
 
 /// A request's hold on a worker: its tokens count as outstanding there until dropped.
@@ -125,6 +128,14 @@ impl Pool {
     /// Checks a worker's model against the pool's; the first healthy worker sets it.
     pub fn admit_model(&mut self, url: &str, info: &wpb::WorkerInfo) -> Result<(), String> {
         let identity = ModelIdentity::from(info);
+        if let Some(expected) = &self.expected_model_id
+            && *expected != identity.model_id
+        {
+            return Err(format!(
+                "worker {url} serves {:?}, but the router is configured for {expected:?}",
+                identity.model_id
+            ));
+        }
         match &self.model {
             None => {
                 self.model = Some(identity);
@@ -159,7 +170,7 @@ mod tests {
     }
 
     fn pool(workers: Vec<WorkerEntry>) -> Arc<Mutex<Pool>> {
-        Arc::new(Mutex::new(Pool { workers, model: None }))
+        Arc::new(Mutex::new(Pool { workers, ..Default::default() }))
     }
 
     #[tokio::test]
@@ -195,5 +206,8 @@ mod tests {
         assert!(pool.admit_model("b", &info("m")).is_ok());
         let err = pool.admit_model("c", &info("other")).unwrap_err();
         assert!(err.contains("worker c serves") && err.contains("other"), "{err}");
+        let mut pool = Pool { expected_model_id: Some("m".into()), ..Default::default() };
+        assert!(pool.admit_model("c", &info("other")).unwrap_err().contains("configured for \"m\""));
+        assert!(pool.admit_model("a", &info("m")).is_ok());
     }
 }

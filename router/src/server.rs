@@ -22,6 +22,8 @@ pub struct RouterConfig {
     pub api_keys: HashSet<String>,
     /// PEM certificate and key for TLS on the public port.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// Serve only workers with this model id.
+    pub model_id: Option<String>,
 }
 
 /// Serves until `shutdown` resolves.
@@ -30,7 +32,7 @@ pub async fn serve(
     config: RouterConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let pool = Arc::new(Mutex::new(Pool::default()));
+    let pool = Arc::new(Mutex::new(Pool { expected_model_id: config.model_id.clone(), ..Default::default() }));
     let model = Arc::new(RwLock::new(None));
     tokio::spawn(discovery::run(config.discovery.clone(), pool.clone(), model.clone()));
 

@@ -85,7 +85,10 @@ impl Proc {
 
 /// A worker serving `builtin:tiny` with one intra-op thread.
 pub async fn worker(extra: &[&str]) -> Proc {
-    let mut args = vec!["serve", "--model", "builtin:tiny", "--listen", "127.0.0.1:0", "--threads", "1"];
+    let mut args = vec!["serve", "--model", "builtin:tiny", "--threads", "1"];
+    if !extra.contains(&"--listen") {
+        args.extend(["--listen", "127.0.0.1:0"]);
+    }
     args.extend_from_slice(extra);
     let w = Proc::start("onehead-worker", &args).await;
     w.wait_serving().await;

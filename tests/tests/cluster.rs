@@ -345,3 +345,41 @@ async fn tls_on_the_public_port() {
     assert!(TextGenerationClient::new(plain).generate(text_request("x", 1)).await.is_err());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_discovery_rejoin_and_a_different_model_is_refused() {
+    let mut a = worker(&[]).await;
+    let port = a.addr.rsplit(':').next().unwrap().to_owned();
+    // A worker serving another model: refused, never used.
+    let fixture = format!("{}/fixtures/mqa_f32", env!("CARGO_MANIFEST_DIR"));
+    let other = Proc::start("onehead-worker", &["serve", "--model", &fixture, "--listen", "127.0.0.1:0"]).await;
+    other.wait_serving().await;
+    let dns = format!("localhost:{port}");
+    let r = router(&[], &["--worker-dns", &dns, "--worker", &other.url(), "--model-id", "builtin:tiny"]).await;
+    let mut c = client(&r).await;
+    let healthy = |c: &mut TextGenerationClient<Channel>| {
+        let mut c = c.clone();
+        async move { c.get_model_info(pb::GetModelInfoRequest {}).await.unwrap().into_inner().healthy_workers }
+    };
+    assert_eq!(c.get_model_info(pb::GetModelInfoRequest {}).await.unwrap().into_inner().model_id, "builtin:tiny");
+    assert_eq!(healthy(&mut c).await, 1, "only the DNS-found worker; the other model is refused");
+    assert_eq!(c.generate(text_request("dns", 3)).await.unwrap().into_inner().tokens.len(), 3);
+    // The worker dies: out within a few health rounds; it comes back on the same port: in again.
+    a.kill();
+    a.child.wait().await.unwrap();
+    let until = |want: u32| {
+        let c = c.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while healthy(&mut c.clone()).await != want {
+                assert!(Instant::now() < deadline, "healthy workers never became {want}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    until(0).await;
+    let listen = format!("127.0.0.1:{port}");
+    let _back = worker(&["--listen", &listen]).await;
+    until(1).await;
+    assert_eq!(c.generate(text_request("back", 3)).await.unwrap().into_inner().tokens.len(), 3);
+}
