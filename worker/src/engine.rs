@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use crate::error::{Error, Result};
-use crate::kv_cache::KvPool;
-use crate::models::{Batch, CausalLm};
+use crate::runner::Runner;
 use crate::scheduler::{Event, LoadSnapshot, Request, Scheduler, SchedulerConfig};
 
 /// A request's event stream, as the engine holds it.
@@ -65,7 +64,7 @@ fn stopped() -> Error {
 /// Starts the engine thread over `model` with a KV pool of `kv_tokens`. It first runs one
 /// warm-up step; `ready` fires after it (health turns SERVING then).
 pub fn spawn(
-    model: Box<dyn CausalLm>,
+    mut runner: Box<dyn Runner>,
     eos_token_ids: Vec<u32>,
     config: SchedulerConfig,
     kv_tokens: i64,
@@ -75,18 +74,13 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("onehead-engine".into())
         .spawn(move || {
-            let _guard = tch::no_grad_guard();
-            let kv = match KvPool::new(model.shape().kv(), kv_tokens, model.dtype().kind(), model.device()) {
-                Ok(kv) => kv,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
+            if let Err(e) = runner.allocate_kv(kv_tokens) {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
             let mut engine = Engine {
                 scheduler: Scheduler::new(config, kv_tokens, eos_token_ids),
-                model,
-                kv,
+                runner,
                 senders: HashMap::new(),
                 recent_steps: VecDeque::new(),
             };
@@ -102,8 +96,8 @@ pub fn spawn(
 }
 
 struct Engine {
-    model: Box<dyn CausalLm>,
-    kv: KvPool,
+    /// The model's shards and their KV pools.
+    runner: Box<dyn Runner>,
     scheduler: Scheduler,
     senders: HashMap<String, EventSender>,
     /// When the last steps ended, for steps per second.
@@ -170,14 +164,9 @@ impl Engine {
         if plan.chunks.is_empty() {
             return;
         }
-        let vocab_size = self.model.shape().vocab_size as usize;
-        let device = self.model.device();
+        let vocab_size = self.runner.shape().vocab_size as usize;
         // A panic inside LibTorch fails this step's requests, not the process.
-        let logits = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Vec<f32>> {
-            let batch = Batch::new(&plan.inputs(), device);
-            let logits = self.model.forward(&batch, &self.kv)?;
-            Ok(Vec::<f32>::try_from(logits.view([-1]))?)
-        }));
+        let logits = std::panic::catch_unwind(AssertUnwindSafe(|| self.runner.step(&plan.inputs())));
         let now = Instant::now();
         let events = match logits {
             Ok(Ok(logits)) => self.scheduler.complete(plan, &logits, vocab_size, now),
@@ -212,12 +201,10 @@ impl Engine {
     fn warm_up(&mut self) -> Result<()> {
         use crate::kv_cache::KvSlot;
         use crate::models::{ChunkInput, Logits};
-        if self.kv.capacity_tokens() < 1 {
+        if self.scheduler.load().kv_tokens_total < 1 {
             return Err(Error::invalid("kv_cache_tokens", "the KV pool holds no token"));
         }
         let slot = KvSlot { start: 0, capacity: 1 };
-        let batch =
-            Batch::new(&[ChunkInput { token_ids: &[0], slot, n_cached: 0, logits: Logits::Last }], self.model.device());
-        self.model.forward(&batch, &self.kv).map(drop)
+        self.runner.step(&[ChunkInput { token_ids: &[0], slot, n_cached: 0, logits: Logits::Last }]).map(drop)
     }
 }

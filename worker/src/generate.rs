@@ -1,11 +1,10 @@
 //! Generation for one sequence: prefill the prompt, then decode token by token through the KV
 //! cache until a stopping criterion holds. Also scoring a whole sequence in one forward pass.
 
-use tch::Tensor;
-
 use crate::error::{Error, Result};
-use crate::kv_cache::{KvPool, KvSlot};
-use crate::models::{Batch, CausalLm, ChunkInput, Logits, ModelShape};
+use crate::kv_cache::KvSlot;
+use crate::models::{ChunkInput, Logits, ModelShape};
+use crate::runner::Runner;
 use crate::sampling::{Choice, Sampler, SamplingParams, log_softmax_at};
 
 /// When generation ends.
@@ -68,9 +67,10 @@ pub fn validate_request(shape: &ModelShape, prompt_ids: &[u32], max_new_tokens: 
     Ok(())
 }
 
-/// Generates a continuation of `prompt_ids`, calling `on_token` as each token exists.
+/// Generates a continuation of `prompt_ids`, calling `on_token` as each token exists. The
+/// runner's KV pool is reallocated for this one sequence.
 pub fn generate(
-    model: &dyn CausalLm,
+    model: &mut dyn Runner,
     eos_token_ids: &[u32],
     prompt_ids: &[u32],
     sampling: &SamplingParams,
@@ -79,9 +79,8 @@ pub fn generate(
 ) -> Result<Generation> {
     validate_request(model.shape(), prompt_ids, stopping.max_new_tokens)?;
     sampling.validate()?;
-    let _guard = tch::no_grad_guard();
     let capacity = (prompt_ids.len() + stopping.max_new_tokens) as i64;
-    let kv = KvPool::new(model.shape().kv(), capacity, model.dtype().kind(), model.device())?;
+    model.allocate_kv(capacity)?;
     let slot = KvSlot { start: 0, capacity };
     let mut sampler = Sampler::new(sampling.clone());
     let mut history = prompt_ids.to_vec();
@@ -90,9 +89,7 @@ pub fn generate(
     let mut chunk: &[u32] = prompt_ids;
     let mut n_cached = 0;
     while generation.new_ids.len() < stopping.max_new_tokens {
-        let batch =
-            Batch::new(&[ChunkInput { token_ids: chunk, slot, n_cached, logits: Logits::Last }], model.device());
-        let logits = Vec::<f32>::try_from(model.forward(&batch, &kv)?.view([-1]))?;
+        let logits = model.step(&[ChunkInput { token_ids: chunk, slot, n_cached, logits: Logits::Last }])?;
         n_cached += chunk.len() as i64;
         let choice = sampler.sample(&logits, &history);
         history.push(choice.token);
@@ -110,18 +107,14 @@ pub fn generate(
 }
 
 /// One forward pass over `ids`: the logprob of `ids[i + 1]` after `ids[..=i]`, for every i.
-pub fn sequence_logprobs(model: &dyn CausalLm, ids: &[u32]) -> Result<Vec<f32>> {
-    validate_request(model.shape(), ids, 1)
-        .or_else(|e| if ids.len() as i64 <= model.shape().max_context { Ok(()) } else { Err(e) })?;
-    let _guard = tch::no_grad_guard();
+pub fn sequence_logprobs(model: &mut dyn Runner, ids: &[u32]) -> Result<Vec<f32>> {
+    if ids.len() < 2 || ids.len() as i64 > model.shape().max_context {
+        return Err(Error::invalid("prompt_ids", format!("{} tokens: need 2 up to the model's context", ids.len())));
+    }
     let n = ids.len() as i64;
-    let kv = KvPool::new(model.shape().kv(), n, model.dtype().kind(), model.device())?;
-    let batch = Batch::new(
-        &[ChunkInput { token_ids: ids, slot: KvSlot { start: 0, capacity: n }, n_cached: 0, logits: Logits::All }],
-        model.device(),
-    );
-    let logits: Tensor = model.forward(&batch, &kv)?;
+    model.allocate_kv(n)?;
+    let slot = KvSlot { start: 0, capacity: n };
+    let flat = model.step(&[ChunkInput { token_ids: ids, slot, n_cached: 0, logits: Logits::All }])?;
     let vocab = model.shape().vocab_size as usize;
-    let flat = Vec::<f32>::try_from(logits.view([-1]))?;
     Ok((0..ids.len() - 1).map(|i| log_softmax_at(&flat[i * vocab..(i + 1) * vocab], ids[i + 1] as usize)).collect())
 }

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod builtin;
+pub mod comm;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -13,6 +14,8 @@ pub mod generate;
 pub mod kv_cache;
 pub mod loader;
 pub mod models;
+pub mod nccl;
+pub mod runner;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::builtin::{BUILTIN_TINY, tiny_model_dir};
 use crate::config::{Dtype, GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
-use crate::models::{self, CausalLm};
+use crate::runner::{self, Runner, ShardOptions};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Checkpoint;
 
@@ -15,12 +15,17 @@ use crate::weights::Checkpoint;
 pub struct LoadOptions {
     /// None: the dtype the checkpoint is stored in.
     pub dtype: Option<Dtype>,
+    /// `Cpu`, or `Cuda(0)` (shard r then runs on `cuda:r`).
     pub device: tch::Device,
+    /// Tensor-parallel shards.
+    pub tp: usize,
+    /// Intra-op threads per shard (default: cores / tp).
+    pub threads_per_shard: Option<i32>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: None, device: tch::Device::Cpu }
+        LoadOptions { dtype: None, device: tch::Device::Cpu, tp: 1, threads_per_shard: None }
     }
 }
 
@@ -30,7 +35,8 @@ pub struct LoadedModel {
     pub id: String,
     pub dir: PathBuf,
     pub config: ModelConfig,
-    pub model: Box<dyn CausalLm>,
+    /// The model's shards, ready to run steps.
+    pub runner: Box<dyn Runner>,
     /// Present when the folder has `tokenizer.json`.
     pub tokenizer: Option<Tokenizer>,
     /// From `generation_config.json` when it names them, else from `config.json`.
@@ -50,15 +56,17 @@ pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
         (id.unwrap_or_else(|| spec.to_owned()), dir)
     };
     let config = ModelConfig::from_dir(&dir)?;
-    let checkpoint = Checkpoint::open(&dir)?;
-    let dtype = options.dtype.or_else(|| checkpoint.stored_dtype()).unwrap_or(Dtype::F32);
+    let stored = Checkpoint::open(&dir)?.stored_dtype();
+    let dtype = options.dtype.or(stored).unwrap_or(Dtype::F32);
     let _guard = tch::no_grad_guard();
-    let model = models::load(&config, &checkpoint, dtype, options.device)?;
+    let shards =
+        ShardOptions { dtype, device: options.device, tp: options.tp, threads_per_shard: options.threads_per_shard };
+    let runner = runner::load(&config, &dir, &shards)?;
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() { Some(Tokenizer::from_file(&tokenizer_path)?) } else { None };
     let eos_token_ids = match GenerationConfig::from_dir(&dir)?.map(|g| g.eos_token_id.to_vec()) {
         Some(ids) if !ids.is_empty() => ids,
         _ => config.eos_token_ids().to_vec(),
     };
-    Ok(LoadedModel { id, dir, config, model, tokenizer, eos_token_ids })
+    Ok(LoadedModel { id, dir, config, runner, tokenizer, eos_token_ids })
 }

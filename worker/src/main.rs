@@ -64,9 +64,14 @@ struct ModelArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, env = "ONEHEAD_DEVICE", default_value = "cpu")]
     device: String,
-    /// Intra-op threads (default: LibTorch's, one per core).
+    /// Intra-op threads of each shard (default: cores / tp).
     #[arg(long, env = "ONEHEAD_THREADS")]
     threads: Option<i32>,
+    /// Tensor-parallel shards: query heads (and MLP and vocabulary) split over this many
+    /// devices, the one K/V head of a multi-query model replicated on each. On CPU the shards
+    /// are threads; on CUDA shard r uses cuda:r.
+    #[arg(long, env = "ONEHEAD_TP", default_value_t = 1)]
+    tp: usize,
 }
 
 #[derive(Args)]
@@ -133,13 +138,14 @@ impl ModelArgs {
         if device.is_cuda() && !tch::Cuda::is_available() {
             bail!("--device {}: LibTorch reports no CUDA device", self.device);
         }
-        if let Some(n) = self.threads {
-            tch::set_num_threads(n);
-        }
         let started = std::time::Instant::now();
-        let lm = load_model(&self.model, &LoadOptions { dtype: self.dtype, device })
-            .with_context(|| format!("loading model {}", self.model))?;
-        tracing::info!(model = %lm.id, dtype = %lm.model.dtype(), secs = started.elapsed().as_secs_f64(), "model loaded");
+        let options = LoadOptions { dtype: self.dtype, device, tp: self.tp, threads_per_shard: self.threads };
+        let lm = load_model(&self.model, &options).with_context(|| format!("loading model {}", self.model))?;
+        let bytes = lm.runner.shard_weight_bytes();
+        tracing::info!(model = %lm.id, dtype = %lm.runner.dtype(), tp = self.tp, secs = started.elapsed().as_secs_f64(), "model loaded");
+        for (rank, b) in bytes.iter().enumerate() {
+            println!("shard {rank}: {:.1} MiB of weights", *b as f64 / (1 << 20) as f64);
+        }
         Ok(lm)
     }
 }
@@ -156,8 +162,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let lm = args.model.load()?;
-    let shape = lm.model.shape().clone();
-    let bytes_per_token = shape.kv().bytes_per_token(lm.model.dtype().kind());
+    let shape = lm.runner.shape().clone();
+    let kv_shape = lm.runner.shard_kv_shape();
+    let bytes_per_token = kv_shape.bytes_per_token(lm.runner.dtype().kind());
     let kv_cache_tokens = match (args.kv_cache_tokens, args.kv_cache_bytes) {
         (Some(tokens), _) => tokens,
         (None, Some(bytes)) => bytes / bytes_per_token,
@@ -173,18 +180,18 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "KV pool: {kv_cache_tokens} tokens, {:.1} MiB ({bytes_per_token} bytes a token: {} layers x K,V x {} KV head(s) x {})",
+        "KV pool per shard: {kv_cache_tokens} tokens, {:.1} MiB ({bytes_per_token} bytes a token: {} layers x K,V x {} KV head(s) x {})",
         (kv_cache_tokens * bytes_per_token) as f64 / (1 << 20) as f64,
-        shape.n_layers,
-        shape.n_kv_heads,
-        shape.head_dim,
+        kv_shape.n_layers,
+        kv_shape.n_kv_heads,
+        kv_shape.head_dim,
     );
     let info = WorkerInfo {
         model_id: lm.id.clone(),
         architecture: lm.config.model_type().into(),
-        dtype: lm.model.dtype().name().into(),
+        dtype: lm.runner.dtype().name().into(),
         shape,
-        tp_degree: 1,
+        tp_degree: lm.runner.tp_degree() as u32,
         device: args.model.device.clone(),
         kv_cache_tokens,
         eos_token_ids: lm.eos_token_ids.clone(),
@@ -195,7 +202,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         max_step_tokens: args.max_step_tokens,
         prefill_chunk: args.prefill_chunk,
     };
-    let (engine, ready) = engine::spawn(lm.model, lm.eos_token_ids, config, kv_cache_tokens)?;
+    let (engine, ready) = engine::spawn(lm.runner, lm.eos_token_ids, config, kv_cache_tokens)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let listener =
@@ -218,7 +225,7 @@ fn available_memory_bytes() -> Option<i64> {
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let lm = args.model.load()?;
+    let mut lm = args.model.load()?;
     let prompt_ids = match (&args.prompt, args.prompt_ids) {
         (_, Some(ids)) => ids,
         (Some(text), None) => lm
@@ -246,7 +253,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let mut stdout = std::io::stdout().lock();
     let mut streamed = Vec::new();
-    let generation = generate(lm.model.as_ref(), &lm.eos_token_ids, &prompt_ids, &sampling, &stopping, |choice| {
+    let generation = generate(lm.runner.as_mut(), &lm.eos_token_ids, &prompt_ids, &sampling, &stopping, |choice| {
         // Without --json the text streams as it is generated (whole characters only).
         if !args.json
             && let Some(tok) = &lm.tokenizer

@@ -95,6 +95,22 @@ impl Checkpoint {
 
     /// Reads tensor `name`, checks its shape, and converts it to `dtype` on `device`.
     pub fn get(&self, name: &str, shape: &[i64], dtype: Dtype, device: tch::Device) -> Result<tch::Tensor> {
+        self.get_part(name, shape, 0, 0, shape.first().copied().unwrap_or(1), dtype, device)
+    }
+
+    /// Reads `[start, start + len)` along dimension `dim` of tensor `name` (whose whole shape
+    /// must be `shape`): a shard's slice. Only the slice is copied out of the mapped file.
+    #[allow(clippy::too_many_arguments)]
+    pub fn get_part(
+        &self,
+        name: &str,
+        shape: &[i64],
+        dim: usize,
+        start: i64,
+        len: i64,
+        dtype: Dtype,
+        device: tch::Device,
+    ) -> Result<tch::Tensor> {
         let (file, info) = self.info(name)?;
         let found: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
         if found != shape {
@@ -107,9 +123,34 @@ impl Checkpoint {
             name: name.into(),
             message: format!("unsupported dtype {:?} in {}", info.dtype, file.path.display()),
         })?;
-        let (start, end) = info.data_offsets;
-        let bytes = &file.mmap[file.data_start + start..file.data_start + end];
-        let tensor = tch::Tensor::f_from_data_size(bytes, shape, stored.kind())?;
+        let (begin, end) = info.data_offsets;
+        let bytes = &file.mmap[file.data_start + begin..file.data_start + end];
+        let elt = stored.size_bytes();
+        let tensor = if dim == 0 {
+            // Rows are contiguous: copy just their bytes.
+            let row_bytes = shape[1..].iter().product::<i64>() as usize * elt;
+            let part = &bytes[start as usize * row_bytes..(start + len) as usize * row_bytes];
+            let mut part_shape = shape.to_vec();
+            if let Some(d) = part_shape.first_mut() {
+                *d = len;
+            }
+            tch::Tensor::f_from_data_size(part, &part_shape, stored.kind())?
+        } else if (bytes.as_ptr() as usize).is_multiple_of(elt) {
+            let strides = contiguous_strides(shape);
+            // SAFETY: the view covers exactly this tensor's bytes inside the mapping, which
+            // outlives it: it is dropped at the end of this block, after the copy.
+            let whole =
+                unsafe { tch::Tensor::from_blob(bytes.as_ptr(), shape, &strides, stored.kind(), tch::Device::Cpu) };
+            let view = whole.f_narrow(dim as i64, start, len)?;
+            // An explicit copy: nothing may keep pointing into the mapping.
+            let mut part = tch::Tensor::f_empty(view.size(), (stored.kind(), tch::Device::Cpu))?;
+            part.f_copy_(&view)?;
+            part
+        } else {
+            tch::Tensor::f_from_data_size(bytes, shape, stored.kind())?
+                .f_narrow(dim as i64, start, len)?
+                .f_contiguous()?
+        };
         Ok(tensor.f_to_dtype(dtype.kind(), false, false)?.f_to_device(device)?)
     }
 
@@ -132,6 +173,14 @@ impl MappedFile {
         })?;
         Ok(MappedFile { path: path.to_owned(), mmap, data_start: 8 + header_len, metadata })
     }
+}
+
+fn contiguous_strides(shape: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
 }
 
 fn float_dtype(dtype: safetensors::Dtype) -> Option<Dtype> {

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use onehead_worker::config::Dtype;
 use onehead_worker::generate::{FinishReason, StoppingCriteria, generate, sequence_logprobs};
-use onehead_worker::kv_cache::{KvPool, KvSlot};
+use onehead_worker::kv_cache::KvSlot;
 use onehead_worker::loader::{LoadOptions, LoadedModel, load_model};
-use onehead_worker::models::{Batch, ChunkInput, Logits};
+use onehead_worker::models::{ChunkInput, Logits};
 use onehead_worker::sampling::{SamplingParams, log_softmax_at};
 use serde::Deserialize;
 
@@ -28,9 +28,14 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn load(name: &str) -> (LoadedModel, Reference) {
+    load_tp(name, 1)
+}
+
+/// Fixture `name` in f32, as `tp` tensor-parallel shards (threads, one intra-op thread each).
+fn load_tp(name: &str, tp: usize) -> (LoadedModel, Reference) {
     let dir = fixture(name);
     let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
-    let options = LoadOptions { dtype: Some(Dtype::F32), ..Default::default() };
+    let options = LoadOptions { dtype: Some(Dtype::F32), tp, threads_per_shard: Some(1), ..Default::default() };
     (load_model(dir.to_str().unwrap(), &options).unwrap(), serde_json::from_str(&text).unwrap())
 }
 
@@ -41,13 +46,21 @@ fn assert_close(what: &str, actual: &[f32], expected: &[f32]) {
     }
 }
 
-/// Greedy generation through the KV cache matches the reference's ids and logprobs.
+/// Greedy generation through the KV cache matches the reference's ids and logprobs, at every
+/// tensor-parallel degree from 1 to 4.
 fn check_greedy(name: &str) {
-    let (lm, reference) = load(name);
+    for tp in 1..=4 {
+        check_greedy_tp(name, tp);
+    }
+}
+
+fn check_greedy_tp(name: &str, tp: usize) {
+    let (mut lm, reference) = load_tp(name, tp);
+    let name = &format!("{name} at TP {tp}");
     let stopping = StoppingCriteria { max_new_tokens: reference.new_ids.len(), ignore_eos: true, ..Default::default() };
     let mut streamed = Vec::new();
     let generation = generate(
-        lm.model.as_ref(),
+        lm.runner.as_mut(),
         &lm.eos_token_ids,
         &reference.prompt_ids,
         &SamplingParams::default(),
@@ -63,28 +76,27 @@ fn check_greedy(name: &str) {
 
 /// One forward pass over the whole sequence gives the reference's logprob at every position.
 fn check_full_forward(name: &str) {
-    let (lm, reference) = load(name);
-    let seq: Vec<u32> = reference.prompt_ids.iter().chain(&reference.new_ids).copied().collect();
-    let logprobs = sequence_logprobs(lm.model.as_ref(), &seq).unwrap();
-    assert_close(&format!("{name} sequence logprobs"), &logprobs, &reference.sequence_logprobs);
+    for tp in [1, 3] {
+        let (mut lm, reference) = load_tp(name, tp);
+        let seq: Vec<u32> = reference.prompt_ids.iter().chain(&reference.new_ids).copied().collect();
+        let logprobs = sequence_logprobs(lm.runner.as_mut(), &seq).unwrap();
+        assert_close(&format!("{name} sequence logprobs at TP {tp}"), &logprobs, &reference.sequence_logprobs);
+    }
 }
 
 /// Prefill in chunks of 3, then decode: every position's logprob equals the full forward's.
 fn check_chunked_prefill(name: &str) {
-    let (lm, reference) = load(name);
-    let model = lm.model.as_ref();
+    let (mut lm, reference) = load_tp(name, 2);
+    let model = lm.runner.as_mut();
     let seq: Vec<u32> = reference.prompt_ids.iter().chain(&reference.new_ids).copied().collect();
-    let _guard = tch::no_grad_guard();
     // Put the sequence in the middle of a larger pool, to check slot offsets too.
-    let kv = KvPool::new(model.shape().kv(), 100, tch::Kind::Float, tch::Device::Cpu).unwrap();
+    model.allocate_kv(100).unwrap();
     let slot = KvSlot { start: 37, capacity: seq.len() as i64 };
     let vocab = model.shape().vocab_size as usize;
     let mut logprobs = Vec::new();
     for (i, chunk) in seq[..seq.len() - 1].chunks(3).enumerate() {
         let n_cached = 3 * i as i64;
-        let batch =
-            Batch::new(&[ChunkInput { token_ids: chunk, slot, n_cached, logits: Logits::All }], tch::Device::Cpu);
-        let logits = Vec::<f32>::try_from(model.forward(&batch, &kv).unwrap().view([-1])).unwrap();
+        let logits = model.step(&[ChunkInput { token_ids: chunk, slot, n_cached, logits: Logits::All }]).unwrap();
         for j in 0..chunk.len() {
             let next = seq[n_cached as usize + j + 1] as usize;
             logprobs.push(log_softmax_at(&logits[j * vocab..(j + 1) * vocab], next));
@@ -112,21 +124,30 @@ parity!(mqa_f32, mha_f32, mqa_hd12_untied, mqa_sharded, mqa_bf16);
 fn the_cache_holds_one_kv_head_for_mqa_and_all_for_mha() {
     let (mqa, _) = load("mqa_f32");
     let (mha, _) = load("mha_f32");
-    assert_eq!((mqa.model.shape().n_heads, mqa.model.shape().n_kv_heads), (4, 1));
-    assert_eq!((mha.model.shape().n_heads, mha.model.shape().n_kv_heads), (4, 4));
+    assert_eq!((mqa.runner.shape().n_heads, mqa.runner.shape().n_kv_heads), (4, 1));
+    assert_eq!((mha.runner.shape().n_heads, mha.runner.shape().n_kv_heads), (4, 4));
     // 2 layers x K and V x head_dim 8 x 4 bytes: 128 bytes a token for MQA, 4x that for MHA.
-    assert_eq!(mqa.model.shape().kv().bytes_per_token(tch::Kind::Float), 128);
-    assert_eq!(mha.model.shape().kv().bytes_per_token(tch::Kind::Float), 512);
+    assert_eq!(mqa.runner.shard_kv_shape().bytes_per_token(tch::Kind::Float), 128);
+    assert_eq!(mha.runner.shard_kv_shape().bytes_per_token(tch::Kind::Float), 512);
+    // Sharded: MQA replicates its one K/V head on every shard; MHA splits its heads (4 over 3: 2, 1, 1).
+    let (mqa3, _) = load_tp("mqa_f32", 3);
+    let (mha3, _) = load_tp("mha_f32", 3);
+    assert_eq!(mqa3.runner.shard_kv_shape().n_kv_heads, 1);
+    assert_eq!(mha3.runner.shard_kv_shape().n_kv_heads, 2, "rank 0 of 3 holds 2 of the 4 heads");
+    // Each shard reads about a third of the split weights, plus the replicated ones.
+    let (whole, parts) = (mqa.runner.shard_weight_bytes()[0], mqa3.runner.shard_weight_bytes());
+    assert_eq!(parts.len(), 3);
+    assert!(parts.iter().all(|&p| p < whole / 2 && p > whole / 5), "{parts:?} of {whole}");
 }
 
 #[test]
 fn a_bf16_checkpoint_loads_as_bf16_by_default_and_agrees_with_f32() {
     let dir = fixture("mqa_bf16");
-    let lm = load_model(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
-    assert_eq!(lm.model.dtype(), Dtype::Bf16);
+    let mut lm = load_model(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert_eq!(lm.runner.dtype(), Dtype::Bf16);
     let (_, reference) = load("mqa_bf16");
     let seq: Vec<u32> = reference.prompt_ids.iter().chain(&reference.new_ids).copied().collect();
-    let logprobs = sequence_logprobs(lm.model.as_ref(), &seq).unwrap();
+    let logprobs = sequence_logprobs(lm.runner.as_mut(), &seq).unwrap();
     // bf16 activations carry about 3 significant digits.
     for (i, (a, e)) in logprobs.iter().zip(&reference.sequence_logprobs).enumerate() {
         assert!((a - e).abs() <= 0.1 + 0.05 * e.abs(), "position {i}: bf16 {a} vs f32 reference {e}");
@@ -135,8 +156,8 @@ fn a_bf16_checkpoint_loads_as_bf16_by_default_and_agrees_with_f32() {
 
 #[test]
 fn generation_stops_at_eos_unless_told_otherwise() {
-    let (lm, reference) = load("mqa_f32");
-    let model = lm.model.as_ref();
+    let (mut lm, reference) = load("mqa_f32");
+    let model = lm.runner.as_mut();
     // Declare the reference's third token the end-of-sequence token.
     let eos = reference.new_ids[2];
     let first = reference.new_ids.iter().position(|&t| t == eos).unwrap();
@@ -153,11 +174,11 @@ fn generation_stops_at_eos_unless_told_otherwise() {
 
 #[test]
 fn seeded_sampling_is_reproducible() {
-    let (lm, reference) = load("mqa_f32");
-    let run = |seed| {
+    let (mut lm, reference) = load("mqa_f32");
+    let mut run = |seed| {
         let sampling = SamplingParams { temperature: 1.0, top_k: 20, top_p: 0.95, repetition_penalty: 1.1, seed };
         let stopping = StoppingCriteria { max_new_tokens: 24, ignore_eos: true, ..Default::default() };
-        generate(lm.model.as_ref(), &[], &reference.prompt_ids, &sampling, &stopping, |_| {}).unwrap().new_ids
+        generate(lm.runner.as_mut(), &[], &reference.prompt_ids, &sampling, &stopping, |_| {}).unwrap().new_ids
     };
     assert_eq!(run(7), run(7));
     assert_ne!(run(7), run(8));
@@ -165,11 +186,10 @@ fn seeded_sampling_is_reproducible() {
 
 #[test]
 fn bad_requests_name_the_field() {
-    let (lm, _) = load("mqa_f32");
-    let model = lm.model.as_ref();
-    let err = |prompt: &[u32], max_new_tokens, sampling: SamplingParams| {
+    let (mut lm, _) = load("mqa_f32");
+    let mut err = |prompt: &[u32], max_new_tokens, sampling: SamplingParams| {
         let stopping = StoppingCriteria { max_new_tokens, ..Default::default() };
-        generate(model, &[], prompt, &sampling, &stopping, |_| {}).unwrap_err().to_string()
+        generate(lm.runner.as_mut(), &[], prompt, &sampling, &stopping, |_| {}).unwrap_err().to_string()
     };
     let greedy = SamplingParams::default;
     assert!(err(&[], 4, greedy()).contains("`prompt_ids`: is empty"));
@@ -177,4 +197,13 @@ fn bad_requests_name_the_field() {
     assert!(err(&[1, 2], 0, greedy()).contains("`max_new_tokens`: must be at least 1"));
     assert!(err(&[1, 2], 63, greedy()).contains("exceeds the model's context of 64 tokens"));
     assert!(err(&[1, 2], 4, SamplingParams { temperature: -0.5, ..greedy() }).contains("`temperature`"));
+}
+
+#[test]
+fn a_bad_tp_is_refused_clearly() {
+    for (tp, expected) in [(0, "0 shards"), (5, "5 shards for a model with 4 query heads")] {
+        let options = LoadOptions { tp, ..Default::default() };
+        let err = load_model(fixture("mqa_f32").to_str().unwrap(), &options).err().unwrap().to_string();
+        assert!(err.contains("`tp`") && err.contains(expected), "{err}");
+    }
 }

@@ -121,18 +121,13 @@ fn prompt(len: usize, seed: u32, vocab: u32) -> Vec<u32> {
 
 /// 12 concurrent requests of different prompt lengths, started at staggered times, greedy and
 /// seeded-sampled side by side: each gets exactly what it gets alone.
-async fn check_batched_equals_alone(model: &str) {
-    let server = Server::start(
-        &fixture(model),
-        &["--dtype", "f32", "--max-batch-size", "8", "--prefill-chunk", "4", "--max-step-tokens", "16"],
-    )
-    .await;
-    let alone = load_model(
-        &fixture(model),
-        &LoadOptions { dtype: Some(onehead_worker::config::Dtype::F32), ..Default::default() },
-    )
-    .unwrap();
-    let vocab = alone.model.shape().vocab_size as u32;
+async fn check_batched_equals_alone(model: &str, tp: &str) {
+    let flags =
+        ["--dtype", "f32", "--max-batch-size", "8", "--prefill-chunk", "4", "--max-step-tokens", "16", "--tp", tp];
+    let server = Server::start(&fixture(model), &flags).await;
+    let options = LoadOptions { dtype: Some(onehead_worker::config::Dtype::F32), ..Default::default() };
+    let mut alone = load_model(&fixture(model), &options).unwrap();
+    let vocab = alone.runner.shape().vocab_size as u32;
     // Watch the batch while the requests run: they must really have shared steps.
     let watcher = {
         let mut client = server.client.clone();
@@ -182,7 +177,7 @@ async fn check_batched_equals_alone(model: &str) {
             seed: sampling.seed.unwrap_or(0),
         };
         let stopping = StoppingCriteria { max_new_tokens: max_new as usize, ignore_eos: true, ..Default::default() };
-        let expected = generate(alone.model.as_ref(), &[], &ids, &params, &stopping, |_| {}).unwrap();
+        let expected = generate(alone.runner.as_mut(), &[], &ids, &params, &stopping, |_| {}).unwrap();
         assert_eq!(got_ids, expected.new_ids, "{model}: prompt of {} tokens", ids.len());
         for (a, e) in got_logprobs.iter().zip(&expected.logprobs) {
             assert!((a - e).abs() <= 1e-4, "{model}: logprob {a} vs alone {e}");
@@ -198,12 +193,18 @@ async fn check_batched_equals_alone(model: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_equals_alone_mqa() {
-    check_batched_equals_alone("mqa_f32").await;
+    check_batched_equals_alone("mqa_f32", "1").await;
+}
+
+/// The same, served by two tensor-parallel shards, against the unsharded model alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_equals_alone_mqa_tp2() {
+    check_batched_equals_alone("mqa_hd12_untied", "2").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_equals_alone_mha() {
-    check_batched_equals_alone("mha_f32").await;
+    check_batched_equals_alone("mha_f32", "1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

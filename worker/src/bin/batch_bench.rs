@@ -15,9 +15,9 @@ use clap::Parser;
 use onehead_worker::bench::{SANTACODER, SMOKE, median, write_checkpoint};
 use onehead_worker::config::Dtype;
 use onehead_worker::generate::StoppingCriteria;
-use onehead_worker::kv_cache::{KvPool, KvSlot};
+use onehead_worker::kv_cache::KvSlot;
 use onehead_worker::loader::{LoadOptions, LoadedModel, load_model};
-use onehead_worker::models::{Batch, ChunkInput, Logits};
+use onehead_worker::models::{ChunkInput, Logits};
 use onehead_worker::sampling::SamplingParams;
 use onehead_worker::scheduler::{Request, Scheduler, SchedulerConfig};
 use tch::Kind;
@@ -63,10 +63,10 @@ fn main() -> anyhow::Result<()> {
     println!("onehead-batch-bench: {} LibTorch threads", tch::get_num_threads());
     let mut report = serde_json::json!({"threads": tch::get_num_threads()});
 
-    let mqa = load("mqa", true)?;
+    let mut mqa = load("mqa", true)?;
     let mut throughput = Vec::new();
     for &c in &args.concurrency {
-        let r = throughput_run(&mqa, c, &args)?;
+        let r = throughput_run(&mut mqa, c, &args)?;
         println!(
             "concurrency {c:>2}: {:>7.1} generated tokens/s, {:>7.1} ms/decode step at batch {c} ({} requests x {} prompt + {} new tokens, {:.1} s)",
             r.tokens_per_sec, r.decode_step_ms, c, args.prompt_tokens, args.new_tokens, r.wall_secs
@@ -76,10 +76,10 @@ fn main() -> anyhow::Result<()> {
     }
     report["throughput"] = throughput.into();
 
-    let mqa_step = compare_run(&mqa, &args)?;
+    let mqa_step = compare_run(&mut mqa, &args)?;
     drop(mqa);
-    let mha = load("mha", false)?;
-    let mha_step = compare_run(&mha, &args)?;
+    let mut mha = load("mha", false)?;
+    let mha_step = compare_run(&mut mha, &args)?;
     let predicted = mha_step.bytes as f64 / mqa_step.bytes as f64;
     let measured = mha_step.ms / mqa_step.ms;
     for (name, s) in [("MQA", &mqa_step), ("MHA", &mha_step)] {
@@ -116,13 +116,12 @@ struct Throughput {
 }
 
 /// `c` requests submitted together, run to the end by the scheduler, as the engine thread does.
-fn throughput_run(lm: &LoadedModel, c: usize, args: &Args) -> anyhow::Result<Throughput> {
-    let _guard = tch::no_grad_guard();
-    let model = lm.model.as_ref();
+fn throughput_run(lm: &mut LoadedModel, c: usize, args: &Args) -> anyhow::Result<Throughput> {
+    let model = lm.runner.as_mut();
     let per_request = args.prompt_tokens + args.new_tokens;
     let config = SchedulerConfig { max_batch_size: c, max_step_tokens: 4096, prefill_chunk: 512 };
     let kv_tokens = (c * per_request) as i64;
-    let kv = KvPool::new(model.shape().kv(), kv_tokens, Kind::BFloat16, tch::Device::Cpu)?;
+    model.allocate_kv(kv_tokens)?;
     let mut scheduler = Scheduler::new(config, kv_tokens, vec![]);
     let vocab = model.shape().vocab_size as u32;
     for i in 0..c {
@@ -142,8 +141,7 @@ fn throughput_run(lm: &LoadedModel, c: usize, args: &Args) -> anyhow::Result<Thr
         let step_started = Instant::now();
         let plan = scheduler.plan(Instant::now());
         let full_decode = plan.chunks.len() == c && plan.n_tokens() == c;
-        let logits = model.forward(&Batch::new(&plan.inputs(), tch::Device::Cpu), &kv)?;
-        let logits = Vec::<f32>::try_from(logits.view([-1]))?;
+        let logits = model.step(&plan.inputs())?;
         generated += plan.n_logit_rows();
         scheduler.complete(plan, &logits, vocab as usize, Instant::now());
         if full_decode {
@@ -163,15 +161,14 @@ struct Step {
 
 /// Decode steps of `compare_batch` sequences whose caches already hold about `compare_context`
 /// tokens. The cached values are zeros: the time of a step does not depend on them.
-fn compare_run(lm: &LoadedModel, args: &Args) -> anyhow::Result<Step> {
-    let _guard = tch::no_grad_guard();
-    let model = lm.model.as_ref();
+fn compare_run(lm: &mut LoadedModel, args: &Args) -> anyhow::Result<Step> {
+    let model = lm.runner.as_mut();
     let b = args.compare_batch;
     let n_steps = args.compare_steps + 2;
     let max_context = model.shape().max_context;
     // The last step's context must stay inside the model's positions.
     let start = (args.compare_context - n_steps / 2).min(max_context - n_steps);
-    let kv = KvPool::new(model.shape().kv(), b * (start + n_steps), Kind::BFloat16, tch::Device::Cpu)?;
+    model.allocate_kv(b * (start + n_steps))?;
     let slots: Vec<KvSlot> =
         (0..b).map(|i| KvSlot { start: i * (start + n_steps), capacity: start + n_steps }).collect();
     let mut times = Vec::new();
@@ -183,14 +180,13 @@ fn compare_run(lm: &LoadedModel, args: &Args) -> anyhow::Result<Step> {
             .map(|(&slot, t)| ChunkInput { token_ids: t, slot, n_cached: start + step, logits: Logits::Last })
             .collect();
         let started = Instant::now();
-        let logits = model.forward(&Batch::new(&inputs, tch::Device::Cpu), &kv)?;
-        let _ = Vec::<f32>::try_from(logits.view([-1]))?;
+        model.step(&inputs)?;
         if step >= 2 {
             times.push(started.elapsed().as_secs_f64() * 1e3);
         }
     }
     let mid_context = start + n_steps / 2 + 1;
-    let kv_bytes = b * mid_context * model.shape().kv().bytes_per_token(Kind::BFloat16);
-    let weight_bytes = model.weight_bytes();
+    let kv_bytes = b * mid_context * model.shard_kv_shape().bytes_per_token(Kind::BFloat16);
+    let weight_bytes = model.shard_weight_bytes()[0];
     Ok(Step { ms: median(&times), bytes: weight_bytes + kv_bytes, weight_bytes, kv_bytes })
 }

@@ -13,9 +13,9 @@ use anyhow::Context;
 use clap::Parser;
 use onehead_worker::bench::{SANTACODER, SMOKE, median, write_checkpoint};
 use onehead_worker::config::Dtype;
-use onehead_worker::kv_cache::{KvPool, KvSlot};
+use onehead_worker::kv_cache::KvSlot;
 use onehead_worker::loader::{LoadOptions, load_model};
-use onehead_worker::models::{Batch, ChunkInput, Logits};
+use onehead_worker::models::{ChunkInput, Logits};
 use onehead_worker::weights::Checkpoint;
 use tch::{Kind, Tensor};
 
@@ -33,6 +33,10 @@ struct Args {
     /// GiB read by the streaming-bandwidth measurement.
     #[arg(long, default_value_t = 2.0)]
     stream_gib: f64,
+    /// Tensor-parallel shards (threads on this CPU). The kernel ceiling is measured over the
+    /// whole model either way.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
     /// Smaller shapes, for a quick check that the benchmark runs.
     #[arg(long)]
     smoke: bool,
@@ -98,16 +102,14 @@ struct ModelResult {
 
 fn bench_model(dir: &Path, args: &Args, stream_gbs: f64) -> anyhow::Result<ModelResult> {
     let _guard = tch::no_grad_guard();
-    let lm =
-        load_model(dir.to_str().context("path")?, &LoadOptions { dtype: Some(Dtype::Bf16), ..Default::default() })?;
-    let model = lm.model.as_ref();
+    let options = LoadOptions { dtype: Some(Dtype::Bf16), tp: args.tp, ..Default::default() };
+    let mut lm = load_model(dir.to_str().context("path")?, &options)?;
+    let model = lm.runner.as_mut();
     let capacity = args.context + args.steps as i64 + 4;
-    let kv = KvPool::new(model.shape().kv(), capacity, Kind::BFloat16, tch::Device::Cpu)?;
+    model.allocate_kv(capacity)?;
     let slot = KvSlot { start: 0, capacity };
     let prompt: Vec<u32> = (0..args.context).map(|i| (i * 7 % 1000) as u32).collect();
-    let batch =
-        Batch::new(&[ChunkInput { token_ids: &prompt, slot, n_cached: 0, logits: Logits::Last }], tch::Device::Cpu);
-    let mut logits = model.forward(&batch, &kv)?;
+    let mut logits = model.step(&[ChunkInput { token_ids: &prompt, slot, n_cached: 0, logits: Logits::Last }])?;
     // Engine steps and kernel-only passes alternate, so that drift in the machine's speed
     // (other tenants, frequency) hits both alike.
     let kernels = KernelPass::load(dir)?;
@@ -115,12 +117,9 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64) -> anyhow::Result<Model
     let mut kernel_times = Vec::new();
     for (step, n_cached) in (0..args.steps + 3).zip(args.context..) {
         // Greedy, as a server would: the logits come back to the host every step.
-        let token = [Vec::<f32>::try_from(logits.argmax(-1, false).to_kind(Kind::Float))?[0] as u32];
+        let token = [onehead_worker::sampling::argmax(&logits) as u32];
         let started = Instant::now();
-        let batch =
-            Batch::new(&[ChunkInput { token_ids: &token, slot, n_cached, logits: Logits::Last }], tch::Device::Cpu);
-        logits = model.forward(&batch, &kv)?;
-        let _ = Vec::<f32>::try_from(logits.view([-1]))?;
+        logits = model.step(&[ChunkInput { token_ids: &token, slot, n_cached, logits: Logits::Last }])?;
         let step_ms = started.elapsed().as_secs_f64() * 1e3;
         let kernel_ms = kernels.run_ms();
         if step >= 3 {
@@ -128,9 +127,10 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64) -> anyhow::Result<Model
             kernel_times.push(kernel_ms);
         }
     }
-    let weight_bytes = model.weight_bytes();
+    // Rank 0's bytes: every shard reads about as much, at the same time.
+    let weight_bytes = model.shard_weight_bytes()[0];
     let mid_context = args.context + args.steps as i64 / 2;
-    let kv_read_bytes = mid_context * model.shape().kv().bytes_per_token(Kind::BFloat16);
+    let kv_read_bytes = mid_context * model.shard_kv_shape().bytes_per_token(Kind::BFloat16);
     let kernel_ms = median(&kernel_times);
     Ok(ModelResult {
         step_ms: median(&times),

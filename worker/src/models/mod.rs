@@ -95,28 +95,31 @@ pub struct ModelShape {
     pub max_context: i64,
 }
 
-impl ModelShape {
-    pub fn kv(&self) -> KvShape {
-        KvShape { n_layers: self.n_layers, n_kv_heads: self.n_kv_heads, head_dim: self.head_dim }
-    }
-}
-
 /// A causal language model over a shared KV pool.
 pub trait CausalLm: Send {
     fn shape(&self) -> &ModelShape;
     fn dtype(&self) -> Dtype;
     fn device(&self) -> Device;
-    /// Bytes of weights one forward pass reads.
+    /// The K/V heads this shard caches (all of them at TP 1; for multi-query attention, the
+    /// one head, on every shard).
+    fn kv_shape(&self) -> KvShape;
+    /// Bytes of weights one forward pass reads on this shard.
     fn weight_bytes(&self) -> i64;
     /// Runs `batch`, storing its K/V in `kv`; returns f32 logits `(n_rows, vocab_size)` for the
     /// batch's `logit_rows`.
     fn forward(&self, batch: &Batch, kv: &KvPool) -> Result<Tensor>;
 }
 
-/// Loads the model `config` describes from `checkpoint`.
-pub fn load(config: &ModelConfig, checkpoint: &Checkpoint, dtype: Dtype, device: Device) -> Result<Box<dyn CausalLm>> {
+/// Loads shard `comm.rank()` of the model `config` describes from `checkpoint`.
+pub fn load(
+    config: &ModelConfig,
+    checkpoint: &Checkpoint,
+    dtype: Dtype,
+    device: Device,
+    comm: std::sync::Arc<dyn crate::comm::Communicator>,
+) -> Result<Box<dyn CausalLm>> {
     match config {
-        ModelConfig::GptBigCode(c) => Ok(Box::new(gpt_bigcode::GptBigCode::load(c, checkpoint, dtype, device)?)),
+        ModelConfig::GptBigCode(c) => Ok(Box::new(gpt_bigcode::GptBigCode::load(c, checkpoint, dtype, device, comm)?)),
     }
 }
 
@@ -173,20 +176,6 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
-    pub fn load(
-        ckpt: &Checkpoint,
-        prefix: &str,
-        out_dim: i64,
-        in_dim: i64,
-        dtype: Dtype,
-        device: Device,
-    ) -> Result<Self> {
-        Ok(Linear {
-            weight: ckpt.get(&format!("{prefix}.weight"), &[out_dim, in_dim], dtype, device)?,
-            bias: Some(ckpt.get(&format!("{prefix}.bias"), &[out_dim], dtype, device)?),
-        })
-    }
-
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, self.bias.as_ref())
     }
