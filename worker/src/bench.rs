@@ -70,3 +70,78 @@ pub fn write_checkpoint(dir: &Path, shape: &Shape, multi_query: bool) -> anyhow:
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
     Ok(())
 }
+
+/// The shape of a decoder for per-shard byte arithmetic: what tensor parallelism splits
+/// (query heads, MLP width, vocabulary) and what it replicates (norms, output biases, and the
+/// one K/V head of multi-query attention).
+pub struct DecoderSpec {
+    pub name: &'static str,
+    pub n_layers: i64,
+    pub hidden: i64,
+    pub n_heads: i64,
+    pub n_kv_heads: i64,
+    pub head_dim: i64,
+    pub ffn: i64,
+    pub vocab: i64,
+    /// Linear layers carry biases (GPTBigCode: yes; Falcon: no).
+    pub bias: bool,
+    /// Layer norms per block (weight and bias each).
+    pub norms_per_layer: i64,
+}
+
+/// SantaCoder (GPTBigCode, MQA).
+pub const SANTACODER_SPEC: DecoderSpec = DecoderSpec {
+    name: "SantaCoder",
+    n_layers: 24,
+    hidden: 2048,
+    n_heads: 16,
+    n_kv_heads: 1,
+    head_dim: 128,
+    ffn: 8192,
+    vocab: 49280,
+    bias: true,
+    norms_per_layer: 2,
+};
+
+/// Falcon-7B (MQA, 71 heads, parallel attention and MLP, one norm).
+pub const FALCON_7B_SPEC: DecoderSpec = DecoderSpec {
+    name: "Falcon-7B",
+    n_layers: 32,
+    hidden: 4544,
+    n_heads: 71,
+    n_kv_heads: 1,
+    head_dim: 64,
+    ffn: 18176,
+    vocab: 65024,
+    bias: false,
+    norms_per_layer: 1,
+};
+
+impl DecoderSpec {
+    /// K/V heads shard `rank` of `world` caches: the one head of MQA on every shard; else the
+    /// heads that go with its query heads.
+    pub fn kv_heads(&self, rank: usize, world: usize) -> i64 {
+        if self.n_kv_heads == 1 { 1 } else { crate::comm::split(self.n_kv_heads, rank, world).1 }
+    }
+
+    /// Weight elements one forward pass reads on shard `rank` of `world` (the LM head whole,
+    /// embeddings not at all), as the engine counts them.
+    pub fn shard_weight_elements(&self, rank: usize, world: usize) -> i64 {
+        let split = |n| crate::comm::split(n, rank, world).1;
+        let (heads, ffn, vocab) = (split(self.n_heads), split(self.ffn), split(self.vocab));
+        let kv = self.kv_heads(rank, world);
+        let b = i64::from(self.bias);
+        let qkv_rows = (heads + 2 * kv) * self.head_dim;
+        let per_layer = qkv_rows * self.hidden + b * qkv_rows // fused QKV, column-parallel
+            + self.hidden * heads * self.head_dim + b * self.hidden // attention output, row-parallel
+            + ffn * self.hidden + b * ffn // MLP up, column-parallel
+            + self.hidden * ffn + b * self.hidden // MLP down, row-parallel
+            + 2 * self.norms_per_layer * self.hidden;
+        self.n_layers * per_layer + 2 * self.hidden + vocab * self.hidden
+    }
+
+    /// KV-cache bytes one token takes on each shard: 2 (K, V) x layers x K/V heads x head_dim.
+    pub fn shard_kv_bytes_per_token(&self, world: usize, dtype_bytes: i64) -> i64 {
+        2 * self.n_layers * self.kv_heads(0, world) * self.head_dim * dtype_bytes
+    }
+}

@@ -23,19 +23,33 @@ struct Reference {
     sequence_logprobs: Vec<f32>,
 }
 
+/// `ONEHEAD_FIXTURES` (set by scripts/gpu-check.sh, which runs this binary elsewhere), else
+/// the repository's tests/fixtures.
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    let root = std::env::var_os("ONEHEAD_FIXTURES")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"), PathBuf::from);
+    root.join(name)
 }
 
 fn load(name: &str) -> (LoadedModel, Reference) {
     load_tp(name, 1)
 }
 
+/// Where the parity tests run: `ONEHEAD_TEST_DEVICE=cuda` (scripts/gpu-check.sh) puts them on the
+/// GPU; the default is the CPU.
+fn test_device() -> tch::Device {
+    match std::env::var("ONEHEAD_TEST_DEVICE").as_deref() {
+        Ok("cuda") => tch::Device::Cuda(0),
+        _ => tch::Device::Cpu,
+    }
+}
+
 /// Fixture `name` in f32, as `tp` tensor-parallel shards (threads, one intra-op thread each).
 fn load_tp(name: &str, tp: usize) -> (LoadedModel, Reference) {
     let dir = fixture(name);
     let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
-    let options = LoadOptions { dtype: Some(Dtype::F32), tp, threads_per_shard: Some(1), ..Default::default() };
+    let device = test_device();
+    let options = LoadOptions { dtype: Some(Dtype::F32), tp, threads_per_shard: Some(1), device };
     (load_model(dir.to_str().unwrap(), &options).unwrap(), serde_json::from_str(&text).unwrap())
 }
 
@@ -49,7 +63,9 @@ fn assert_close(what: &str, actual: &[f32], expected: &[f32]) {
 /// Greedy generation through the KV cache matches the reference's ids and logprobs, at every
 /// tensor-parallel degree from 1 to 4.
 fn check_greedy(name: &str) {
-    for tp in 1..=4 {
+    // On CUDA, shard r needs device r: as many degrees as there are GPUs.
+    let max_tp = if test_device().is_cuda() { (tch::Cuda::device_count() as usize).min(4) } else { 4 };
+    for tp in 1..=max_tp {
         check_greedy_tp(name, tp);
     }
 }
@@ -76,7 +92,7 @@ fn check_greedy_tp(name: &str, tp: usize) {
 
 /// One forward pass over the whole sequence gives the reference's logprob at every position.
 fn check_full_forward(name: &str) {
-    for tp in [1, 3] {
+    for tp in [1, 3].into_iter().filter(|&tp| !test_device().is_cuda() || tp as i64 <= tch::Cuda::device_count()) {
         let (mut lm, reference) = load_tp(name, tp);
         let seq: Vec<u32> = reference.prompt_ids.iter().chain(&reference.new_ids).copied().collect();
         let logprobs = sequence_logprobs(lm.runner.as_mut(), &seq).unwrap();
@@ -86,7 +102,7 @@ fn check_full_forward(name: &str) {
 
 /// Prefill in chunks of 3, then decode: every position's logprob equals the full forward's.
 fn check_chunked_prefill(name: &str) {
-    let (mut lm, reference) = load_tp(name, 2);
+    let (mut lm, reference) = load_tp(name, if test_device().is_cuda() { 1 } else { 2 });
     let model = lm.runner.as_mut();
     let seq: Vec<u32> = reference.prompt_ids.iter().chain(&reference.new_ids).copied().collect();
     // Put the sequence in the middle of a larger pool, to check slot offsets too.
@@ -205,5 +221,36 @@ fn a_bad_tp_is_refused_clearly() {
         let options = LoadOptions { tp, ..Default::default() };
         let err = load_model(fixture("mqa_f32").to_str().unwrap(), &options).err().unwrap().to_string();
         assert!(err.contains("`tp`") && err.contains(expected), "{err}");
+    }
+}
+
+/// The engine's own count of bytes read per step, per shard, equals an independent formula.
+#[test]
+fn shard_weight_bytes_match_the_formula() {
+    use onehead_worker::bench::DecoderSpec;
+    for (name, kv_heads, hidden, heads, ffn, vocab) in
+        [("mqa_f32", 1, 32, 4, 128, 97), ("mha_f32", 4, 32, 4, 128, 97), ("mqa_hd12_untied", 1, 84, 7, 96, 101)]
+    {
+        let spec = DecoderSpec {
+            name: "fixture",
+            n_layers: 2,
+            hidden,
+            n_heads: heads,
+            n_kv_heads: kv_heads,
+            head_dim: hidden / heads,
+            ffn,
+            vocab,
+            bias: true,
+            norms_per_layer: 2,
+        };
+        for tp in 1..=3 {
+            let (lm, _) = load_tp(name, tp);
+            let expected: Vec<i64> = (0..tp).map(|r| 4 * spec.shard_weight_elements(r, tp)).collect();
+            assert_eq!(lm.runner.shard_weight_bytes(), expected, "{name} at TP {tp}");
+            assert_eq!(
+                lm.runner.shard_kv_shape().bytes_per_token(tch::Kind::Float),
+                spec.shard_kv_bytes_per_token(tp, 4)
+            );
+        }
     }
 }

@@ -37,6 +37,13 @@ struct Args {
     /// whole model either way.
     #[arg(long, default_value_t = 1)]
     tp: usize,
+    /// cpu or cuda. On cuda the roofline comes from a device-to-device copy instead of the
+    /// host streaming read.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print the computed per-shard bytes of SantaCoder and Falcon-7B at TP 1, 2, 4, 8 and exit.
+    #[arg(long)]
+    shard_table: bool,
     /// Smaller shapes, for a quick check that the benchmark runs.
     #[arg(long)]
     smoke: bool,
@@ -47,20 +54,37 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.shard_table {
+        print_shard_table();
+        return Ok(());
+    }
     let shape = if args.smoke { SMOKE } else { SANTACODER };
     let threads = tch::get_num_threads();
     println!("onehead-engine-bench: {threads} LibTorch threads, context {}, {} timed steps", args.context, args.steps);
 
-    let stream_1 = streaming_read_gbs(1, args.stream_gib);
-    let stream_n = streaming_read_gbs(threads as usize, args.stream_gib);
-    println!("streaming read: {stream_n:.1} GB/s with {threads} threads, {stream_1:.1} GB/s with 1");
+    let device = match args.device.as_str() {
+        "cpu" => tch::Device::Cpu,
+        "cuda" if tch::Cuda::is_available() => tch::Device::Cuda(0),
+        other => anyhow::bail!("--device {other}: expected cpu, or cuda where LibTorch sees a GPU"),
+    };
+    println!("device: {device:?} (LibTorch sees {} CUDA device(s))", tch::Cuda::device_count());
+    let (stream_1, stream_n) = if device.is_cuda() {
+        let gbs = device_copy_gbs(args.stream_gib);
+        println!("device memory: {gbs:.0} GB/s (read + write of a {} GiB copy)", args.stream_gib);
+        (gbs, gbs)
+    } else {
+        let stream_1 = streaming_read_gbs(1, args.stream_gib);
+        let stream_n = streaming_read_gbs(threads as usize, args.stream_gib);
+        println!("streaming read: {stream_n:.1} GB/s with {threads} threads, {stream_1:.1} GB/s with 1");
+        (stream_1, stream_n)
+    };
 
     let mut results = Vec::new();
     for multi_query in [true, false] {
         let name = if multi_query { "mqa" } else { "mha" };
         let dir = args.dir.join(format!("santacoder-{name}{}", if args.smoke { "-smoke" } else { "" }));
         write_checkpoint(&dir, &shape, multi_query)?;
-        let r = bench_model(&dir, &args, stream_n)?;
+        let r = bench_model(&dir, &args, stream_n, device)?;
         println!(
             "{name}: {:.1} ms/step engine | {:.1} ms kernels alone ({:.1} GB/s) -> engine overhead {:+.1}% | roofline {:.1} ms ({:.0}% of it) | {:.3} GB weights + {:.1} MB KV read per step",
             r.step_ms,
@@ -100,9 +124,9 @@ struct ModelResult {
     kv_read_bytes: i64,
 }
 
-fn bench_model(dir: &Path, args: &Args, stream_gbs: f64) -> anyhow::Result<ModelResult> {
+fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) -> anyhow::Result<ModelResult> {
     let _guard = tch::no_grad_guard();
-    let options = LoadOptions { dtype: Some(Dtype::Bf16), tp: args.tp, ..Default::default() };
+    let options = LoadOptions { dtype: Some(Dtype::Bf16), tp: args.tp, device, ..Default::default() };
     let mut lm = load_model(dir.to_str().context("path")?, &options)?;
     let model = lm.runner.as_mut();
     let capacity = args.context + args.steps as i64 + 4;
@@ -112,7 +136,7 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64) -> anyhow::Result<Model
     let mut logits = model.step(&[ChunkInput { token_ids: &prompt, slot, n_cached: 0, logits: Logits::Last }])?;
     // Engine steps and kernel-only passes alternate, so that drift in the machine's speed
     // (other tenants, frequency) hits both alike.
-    let kernels = KernelPass::load(dir)?;
+    let kernels = KernelPass::load(dir, device)?;
     let mut times = Vec::new();
     let mut kernel_times = Vec::new();
     for (step, n_cached) in (0..args.steps + 3).zip(args.context..) {
@@ -151,7 +175,7 @@ struct KernelPass {
 }
 
 impl KernelPass {
-    fn load(dir: &Path) -> anyhow::Result<Self> {
+    fn load(dir: &Path, device: tch::Device) -> anyhow::Result<Self> {
         let ckpt = Checkpoint::open(dir)?;
         let mut names = Vec::new();
         for l in (0..).take_while(|l| ckpt.contains(&format!("transformer.h.{l}.attn.c_attn.weight"))) {
@@ -163,8 +187,8 @@ impl KernelPass {
         let layers = names
             .iter()
             .map(|name| {
-                let (w, b) = load_matrix(&ckpt, name)?;
-                let x = Tensor::ones([1, w.size()[1]], (Kind::BFloat16, tch::Device::Cpu));
+                let (w, b) = load_matrix(&ckpt, name, device)?;
+                let x = Tensor::ones([1, w.size()[1]], (Kind::BFloat16, device));
                 Ok((w, b, x))
             })
             .collect::<anyhow::Result<_>>()?;
@@ -174,22 +198,44 @@ impl KernelPass {
     fn run_ms(&self) -> f64 {
         let _guard = tch::no_grad_guard();
         let started = Instant::now();
+        let mut last = None;
         for (w, b, x) in &self.layers {
-            let _ = x.linear(w, b.as_ref());
+            last = Some(x.linear(w, b.as_ref()));
+        }
+        // On a GPU the kernels are asynchronous: wait for them, as the engine's step does.
+        if let Some(t) = last
+            && t.device().is_cuda()
+        {
+            tch::Cuda::synchronize(0);
         }
         started.elapsed().as_secs_f64() * 1e3
     }
 }
 
-fn load_matrix(ckpt: &Checkpoint, prefix: &str) -> anyhow::Result<(Tensor, Option<Tensor>)> {
+fn load_matrix(ckpt: &Checkpoint, prefix: &str, device: tch::Device) -> anyhow::Result<(Tensor, Option<Tensor>)> {
     let name = format!("{prefix}.weight");
     // Shapes are read back from the file by loading with the shape it declares.
     let probe = ckpt.shape(&name).with_context(|| name.clone())?;
-    let w = ckpt.get(&name, &probe, Dtype::Bf16, tch::Device::Cpu)?;
+    let w = ckpt.get(&name, &probe, Dtype::Bf16, device)?;
     let bias = format!("{prefix}.bias");
-    let b =
-        if ckpt.contains(&bias) { Some(ckpt.get(&bias, &[probe[0]], Dtype::Bf16, tch::Device::Cpu)?) } else { None };
+    let b = if ckpt.contains(&bias) { Some(ckpt.get(&bias, &[probe[0]], Dtype::Bf16, device)?) } else { None };
     Ok((w, b))
+}
+
+/// Device memory bandwidth: best of 5 copies of `gib` GiB on cuda:0, counting read and write.
+fn device_copy_gbs(gib: f64) -> f64 {
+    let n = (gib * (1u64 << 30) as f64) as i64 / 4;
+    let src = Tensor::ones([n], (Kind::Float, tch::Device::Cuda(0)));
+    let mut dst = Tensor::zeros([n], (Kind::Float, tch::Device::Cuda(0)));
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        tch::Cuda::synchronize(0);
+        let started = Instant::now();
+        dst.copy_(&src);
+        tch::Cuda::synchronize(0);
+        best = best.max(2.0 * (n * 4) as f64 / started.elapsed().as_secs_f64() / 1e9);
+    }
+    best
 }
 
 /// Best-of-5 streaming read over `gib` GiB (make it several times the last-level cache),
@@ -229,4 +275,29 @@ fn streaming_read_gbs(threads: usize, gib: f64) -> f64 {
         best = best.max((words * 8) as f64 / started.elapsed().as_secs_f64() / 1e9);
     }
     best
+}
+
+/// Per-shard weight bytes (rank 0, the largest) and K/V bytes per decode step, bf16, computed.
+fn print_shard_table() {
+    use onehead_worker::bench::{FALCON_7B_SPEC, SANTACODER_SPEC};
+    println!(
+        "| model | TP | weights / shard (rank 0) | replicated part | K/V bytes / token / shard | K/V read / step, batch 1, context 2048 |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for spec in [SANTACODER_SPEC, FALCON_7B_SPEC] {
+        let whole = spec.shard_weight_elements(0, 1) * 2;
+        for tp in [1usize, 2, 4, 8] {
+            let shard = spec.shard_weight_elements(0, tp) * 2;
+            let kv = spec.shard_kv_bytes_per_token(tp, 2);
+            // What a shard holds beyond its 1/tp of the whole.
+            let replicated = shard - whole / tp as i64;
+            println!(
+                "| {} | {tp} | {:.3} GB | {:.1} MB | {kv} B | {:.1} MB |",
+                spec.name,
+                shard as f64 / 1e9,
+                replicated as f64 / 1e6,
+                (kv * 2048) as f64 / 1e6
+            );
+        }
+    }
 }
