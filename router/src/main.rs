@@ -55,6 +55,12 @@ struct ServeArgs {
     /// Workers tried for one request before its first token.
     #[arg(long, env = "ONEHEAD_MAX_ATTEMPTS", default_value_t = 3)]
     max_attempts: usize,
+    /// Address for Prometheus to scrape `GET /metrics` (off when unset).
+    #[arg(long, env = "ONEHEAD_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Log JSON lines instead of human-readable ones.
+    #[arg(long, env = "ONEHEAD_LOG_JSON")]
+    log_json: bool,
     /// A file of accepted API keys, one per line; requests must send `authorization: Bearer KEY`.
     #[arg(long, env = "ONEHEAD_API_KEY_FILE")]
     api_key_file: Option<std::path::PathBuf>,
@@ -103,11 +109,8 @@ enum ClientSub {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
     let cli = Cli::parse();
+    onehead_telemetry::init_logging(cli.command.is_none() && cli.serve.log_json);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Some(Command::Client(args)) => {
@@ -153,7 +156,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         )),
         _ => None,
     };
-    let config = RouterConfig {
+    let mut config = RouterConfig {
         discovery: Discovery {
             static_workers: args.workers,
             dns: args.worker_dns,
@@ -167,7 +170,13 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         api_keys,
         tls,
         model_id: args.model_id,
+        metrics_listener: None,
     };
+    if let Some(addr) = &args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-listen {addr}"))?;
+        println!("metrics on http://{}/metrics", listener.local_addr()?);
+        config.metrics_listener = Some(listener);
+    }
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
     println!("listening on {}", listener.local_addr()?);

@@ -10,11 +10,12 @@ use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 
 use crate::discovery::{self, Discovery};
+use crate::metrics::RouterMetrics;
 use crate::pool::Pool;
 use crate::service::{Limits, Router};
 
 /// Everything the router is configured with.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct RouterConfig {
     pub discovery: Discovery,
     pub limits: Limits,
@@ -24,6 +25,8 @@ pub struct RouterConfig {
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     /// Serve only workers with this model id.
     pub model_id: Option<String>,
+    /// Where Prometheus scrapes `GET /metrics`.
+    pub metrics_listener: Option<tokio::net::TcpListener>,
 }
 
 /// Serves until `shutdown` resolves.
@@ -36,14 +39,21 @@ pub async fn serve(
     let model = Arc::new(RwLock::new(None));
     tokio::spawn(discovery::run(config.discovery.clone(), pool.clone(), model.clone()));
 
+    let registry = onehead_telemetry::Registry::default();
+    let metrics = Arc::new(RouterMetrics::new(&registry));
+    if let Some(listener) = config.metrics_listener {
+        tokio::spawn(onehead_telemetry::serve_metrics(listener, registry));
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::NotServing).await;
     {
-        let (pool, model) = (pool.clone(), model.clone());
+        let (pool, model, metrics) = (pool.clone(), model.clone(), metrics.clone());
         tokio::spawn(async move {
             let mut serving = false;
             loop {
-                let ready = model.read().unwrap().is_some() && pool.lock().unwrap().healthy_count() > 0;
+                let healthy = pool.lock().unwrap().healthy_count();
+                metrics.healthy_workers.set(healthy as f64);
+                let ready = model.read().unwrap().is_some() && healthy > 0;
                 if ready != serving {
                     let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
                     health.set_service_status("", status).await;
@@ -76,7 +86,7 @@ pub async fn serve(
             None => Err(Status::unauthenticated("missing API key: send `authorization: Bearer KEY`")),
         }
     };
-    let router = Router::new(pool, model, config.limits);
+    let router = Router::new(pool, model, config.limits, metrics);
     let mut builder = tonic::transport::Server::builder();
     if let Some((cert, key)) = config.tls {
         let identity = tonic::transport::Identity::from_pem(cert, key);

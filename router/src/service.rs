@@ -15,6 +15,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
+use crate::metrics::RouterMetrics;
 use crate::pool::{Pool, assign};
 use crate::text::{Detokenizer, StopMatcher, Tokenizer};
 
@@ -41,6 +42,7 @@ const MAX_TOP_N: u32 = 20;
 const DEFAULT_MAX_NEW_TOKENS: u32 = 64;
 
 pub struct Router {
+    pub metrics: Arc<RouterMetrics>,
     pub pool: Arc<Mutex<Pool>>,
     pub model: Arc<RwLock<Option<Arc<ModelView>>>>,
     pub limits: Limits,
@@ -65,9 +67,14 @@ fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
 }
 
 impl Router {
-    pub fn new(pool: Arc<Mutex<Pool>>, model: Arc<RwLock<Option<Arc<ModelView>>>>, limits: Limits) -> Self {
+    pub fn new(
+        pool: Arc<Mutex<Pool>>,
+        model: Arc<RwLock<Option<Arc<ModelView>>>>,
+        limits: Limits,
+        metrics: Arc<RouterMetrics>,
+    ) -> Self {
         let permits = Arc::new(Semaphore::new(limits.max_concurrent_requests));
-        Router { pool, model, limits, permits, next_id: AtomicU64::new(0) }
+        Router { metrics, pool, model, limits, permits, next_id: AtomicU64::new(0) }
     }
 
     fn model(&self) -> Result<Arc<ModelView>, Status> {
@@ -194,6 +201,10 @@ impl Router {
 
     /// Admits, validates and starts a generation; its events come on the returned channel.
     fn start(&self, request: Request<pb::GenerateRequest>) -> Result<Events, Status> {
+        self.admit(request).inspect_err(|status| self.metrics.request(status.code()))
+    }
+
+    fn admit(&self, request: Request<pb::GenerateRequest>) -> Result<Events, Status> {
         let arrived = Instant::now();
         // tonic's server answers a unary call past its `grpc-timeout` with CANCELLED; ending a
         // little earlier ourselves gives the client the DEADLINE_EXCEEDED that gRPC specifies.
@@ -209,10 +220,13 @@ impl Router {
         let (tx, rx) = mpsc::channel(64);
         let pool = self.pool.clone();
         let max_attempts = self.limits.max_attempts;
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let run = Run { pool, model, job, tx, arrived, deadline, max_attempts };
+            metrics.in_flight.add(1.0);
+            let run = Run { pool, model, job, tx, arrived, deadline, max_attempts, metrics: metrics.clone() };
             run.execute().await;
+            metrics.in_flight.add(-1.0);
         });
         Ok(rx)
     }
@@ -227,6 +241,7 @@ struct Run {
     arrived: Instant,
     deadline: Option<Instant>,
     max_attempts: usize,
+    metrics: Arc<RouterMetrics>,
 }
 
 enum Attempt {
@@ -248,7 +263,13 @@ impl Run {
             }
         }
         let why = if tried.is_empty() { "no healthy worker".to_owned() } else { format!("workers {tried:?} failed") };
-        let _ = self.tx.send(Err(Status::unavailable(why))).await;
+        self.fail(Status::unavailable(why)).await;
+    }
+
+    /// Ends the request with `status`.
+    async fn fail(&self, status: Status) {
+        self.metrics.request(status.code());
+        let _ = self.tx.send(Err(status)).await;
     }
 
     async fn send(&self, event: pb::generate_stream_response::Event) -> bool {
@@ -280,7 +301,7 @@ impl Run {
             Ok(r) => r.into_inner(),
             Err(status) if retryable(&status) => return Attempt::Retry,
             Err(status) => {
-                let _ = self.tx.send(Err(status)).await;
+                self.fail(status).await;
                 return Attempt::Done;
             }
         };
@@ -306,7 +327,7 @@ impl Run {
                     let status = Status::unavailable(format!(
                         "worker {url} failed after {n_tokens} tokens; generated so far: {text:?}"
                     ));
-                    let _ = self.tx.send(Err(status)).await;
+                    self.fail(status).await;
                     return Attempt::Done;
                 }
             };
@@ -340,7 +361,7 @@ impl Run {
                         Ok(wpb::FinishReason::Length) => pb::FinishReason::Length,
                         Ok(wpb::FinishReason::Stop) => pb::FinishReason::StopToken,
                         _ => {
-                            let _ = self.tx.send(Err(Status::internal(format!("worker {url}: {}", f.error)))).await;
+                            self.fail(Status::internal(format!("worker {url}: {}", f.error))).await;
                             return Attempt::Done;
                         }
                     };
@@ -367,6 +388,8 @@ impl Run {
         ttft: f64,
         text: String,
     ) -> pb::generate_stream_response::Event {
+        let total = self.arrived.elapsed().as_secs_f64();
+        self.metrics.completed(total, ttft, self.job.prompt_ids.len() as u32, n_tokens);
         pb::generate_stream_response::Event::Done(pb::GenerateDone {
             finish_reason: reason as i32,
             usage: Some(pb::Usage { prompt_tokens: self.job.prompt_ids.len() as u32, generated_tokens: n_tokens }),
@@ -380,7 +403,7 @@ impl Run {
     }
 
     async fn deadline_exceeded(&self) -> Attempt {
-        let _ = self.tx.send(Err(Status::deadline_exceeded("the request's deadline passed"))).await;
+        self.fail(Status::deadline_exceeded("the request's deadline passed")).await;
         Attempt::Done
     }
 }

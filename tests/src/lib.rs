@@ -27,6 +27,8 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Proc {
     pub child: tokio::process::Child,
     pub addr: String,
+    /// `host:port` of `GET /metrics`, when the process was started with `--metrics-listen`.
+    pub metrics_addr: Option<String>,
 }
 
 impl Proc {
@@ -39,8 +41,12 @@ impl Proc {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut metrics_addr = None;
         let addr = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(url) = line.strip_prefix("metrics on http://") {
+                    metrics_addr = url.strip_suffix("/metrics").map(str::to_owned);
+                }
                 if let Some(addr) = line.strip_prefix("listening on ") {
                     return addr.to_owned();
                 }
@@ -51,7 +57,28 @@ impl Proc {
         .expect("process start");
         // Keep draining stdout so the process never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Proc { child, addr }
+        Proc { child, addr, metrics_addr }
+    }
+
+    /// `GET /metrics`: each sample line's name-with-labels and value.
+    pub async fn scrape(&self) -> std::collections::HashMap<String, f64> {
+        use tokio::io::AsyncWriteExt;
+        let addr = self.metrics_addr.as_ref().expect("started with --metrics-listen");
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        socket.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut socket, &mut body).await.unwrap();
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        body.split("\r\n\r\n")
+            .nth(1)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (name, value) = l.rsplit_once(' ').unwrap();
+                (name.to_owned(), value.parse().unwrap())
+            })
+            .collect()
     }
 
     pub fn url(&self) -> String {

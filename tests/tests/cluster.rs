@@ -383,3 +383,40 @@ async fn dns_discovery_rejoin_and_a_different_model_is_refused() {
     until(1).await;
     assert_eq!(c.generate(text_request("back", 3)).await.unwrap().into_inner().tokens.len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_the_tokens_generated() {
+    let w = worker(&["--metrics-listen", "127.0.0.1:0"]).await;
+    let r = router(&[&w], &["--metrics-listen", "127.0.0.1:0"]).await;
+    let mut c = client(&r).await;
+    let mut prompt_tokens = 0;
+    for p in ["abc", "hello world", "x"] {
+        let resp = c.generate(text_request(p, 10)).await.unwrap().into_inner();
+        assert_eq!(resp.tokens.len(), 10);
+        prompt_tokens += resp.usage.unwrap().prompt_tokens;
+    }
+    let wm = w.scrape().await;
+    // Each request runs its prompt, then its 9 generated tokens but the last.
+    let run_tokens = f64::from(prompt_tokens + 3 * 9);
+    assert_eq!(wm["onehead_step_tokens_total"], run_tokens);
+    // builtin:tiny caches 4 layers x K,V x 1 head x 32 x 4 bytes = 1024 bytes a token.
+    assert_eq!(wm[r#"onehead_step_kv_written_bytes_total{shard="0"}"#], run_tokens * 1024.0);
+    // With 8 query heads, multi-head attention would have read 8 times the K/V.
+    let kv_read = wm[r#"onehead_step_kv_read_bytes_total{shard="0"}"#];
+    assert!(kv_read > 0.0);
+    assert_eq!(wm[r#"onehead_step_kv_read_mha_equivalent_bytes_total{shard="0"}"#], 8.0 * kv_read);
+    let steps = wm["onehead_steps_total"];
+    assert!(steps >= 3.0 * 10.0 - 1.0, "{steps} steps");
+    assert!(wm[r#"onehead_step_weight_bytes_total{shard="0"}"#] > 0.0);
+    assert_eq!(wm[r#"onehead_worker_requests_total{reason="length"}"#], 3.0);
+    let rm = r.scrape().await;
+    assert_eq!(rm[r#"onehead_router_requests_total{code="ok"}"#], 3.0);
+    let usage = r#"gen_ai_client_token_usage_sum{gen_ai_operation_name="text_completion",gen_ai_provider_name="onehead",gen_ai_token_type="output"}"#;
+    assert_eq!(rm[usage], 30.0);
+    assert_eq!(rm["onehead_router_healthy_workers"], 1.0);
+    let ttft = r#"gen_ai_server_time_to_first_token_seconds_count{gen_ai_operation_name="text_completion",gen_ai_provider_name="onehead"}"#;
+    assert_eq!(rm[ttft], 3.0);
+    // A refused request is counted by its code.
+    let _ = c.generate(text_request("", 1)).await.unwrap_err();
+    assert_eq!(r.scrape().await[r#"onehead_router_requests_total{code="invalid_argument"}"#], 1.0);
+}

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use crate::error::{Error, Result};
+use crate::metrics::WorkerMetrics;
 use crate::runner::Runner;
 use crate::scheduler::{Event, LoadSnapshot, Request, Scheduler, SchedulerConfig};
 
@@ -68,6 +69,7 @@ pub fn spawn(
     eos_token_ids: Vec<u32>,
     config: SchedulerConfig,
     kv_tokens: i64,
+    metrics: WorkerMetrics,
 ) -> Result<(EngineHandle, oneshot::Receiver<Result<()>>)> {
     let (commands, inbox) = mpsc::channel();
     let (ready_tx, ready) = oneshot::channel();
@@ -81,6 +83,7 @@ pub fn spawn(
             let mut engine = Engine {
                 scheduler: Scheduler::new(config, kv_tokens, eos_token_ids),
                 runner,
+                metrics,
                 senders: HashMap::new(),
                 recent_steps: VecDeque::new(),
             };
@@ -99,6 +102,7 @@ struct Engine {
     /// The model's shards and their KV pools.
     runner: Box<dyn Runner>,
     scheduler: Scheduler,
+    metrics: WorkerMetrics,
     senders: HashMap<String, EventSender>,
     /// When the last steps ended, for steps per second.
     recent_steps: VecDeque<Instant>,
@@ -155,7 +159,9 @@ impl Engine {
             self.senders.iter().filter(|(_, tx)| tx.is_closed()).map(|(id, _)| id.clone()).collect();
         for id in gone {
             self.senders.remove(&id);
-            self.scheduler.cancel(&id, Instant::now());
+            if let Some(finished) = self.scheduler.cancel(&id, Instant::now()) {
+                self.metrics.finished(&finished);
+            }
         }
     }
 
@@ -165,9 +171,13 @@ impl Engine {
             return;
         }
         let vocab_size = self.runner.shape().vocab_size as usize;
+        let started = Instant::now();
         // A panic inside LibTorch fails this step's requests, not the process.
         let logits = std::panic::catch_unwind(AssertUnwindSafe(|| self.runner.step(&plan.inputs())));
         let now = Instant::now();
+        if matches!(logits, Ok(Ok(_))) {
+            self.metrics.step(&plan, now.duration_since(started).as_secs_f64());
+        }
         let events = match logits {
             Ok(Ok(logits)) => self.scheduler.complete(plan, &logits, vocab_size, now),
             Ok(Err(e)) => self.fail(plan, e.to_string(), now),
@@ -180,7 +190,11 @@ impl Engine {
         if self.recent_steps.len() > 10_000 {
             self.recent_steps.pop_front();
         }
+        self.metrics.load(self.scheduler.load());
         for (id, event) in events {
+            if let Event::Finished(f) = &event {
+                self.metrics.finished(f);
+            }
             let finished = matches!(event, Event::Finished(_));
             if let Some(tx) = self.senders.get(&id) {
                 let _ = tx.send(event);

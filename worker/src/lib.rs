@@ -13,6 +13,7 @@ pub mod error;
 pub mod generate;
 pub mod kv_cache;
 pub mod loader;
+pub mod metrics;
 pub mod models;
 pub mod nccl;
 pub mod runner;

@@ -8,6 +8,7 @@ use onehead_worker::config::Dtype;
 use onehead_worker::engine;
 use onehead_worker::generate::{StoppingCriteria, generate};
 use onehead_worker::loader::{LoadOptions, LoadedModel, load_model};
+use onehead_worker::metrics::{ShardBytes, WorkerMetrics};
 use onehead_worker::sampling::SamplingParams;
 use onehead_worker::scheduler::SchedulerConfig;
 use onehead_worker::server::{self, WorkerInfo};
@@ -51,6 +52,15 @@ struct ServeArgs {
     /// Most tokens (decode and prefill together) in one step.
     #[arg(long, env = "ONEHEAD_MAX_STEP_TOKENS", default_value_t = 512)]
     max_step_tokens: usize,
+    /// Address for Prometheus to scrape `GET /metrics` (off when unset).
+    #[arg(long, env = "ONEHEAD_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// The device's peak memory bandwidth in GB/s, for the bandwidth-fraction metric.
+    #[arg(long, env = "ONEHEAD_PEAK_MEMORY_BANDWIDTH_GBS")]
+    peak_memory_bandwidth_gbs: Option<f64>,
+    /// Log JSON lines instead of human-readable ones.
+    #[arg(long, env = "ONEHEAD_LOG_JSON")]
+    log_json: bool,
 }
 
 #[derive(Args)]
@@ -111,11 +121,9 @@ struct GenerateArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    onehead_telemetry::init_logging(matches!(&cli.command, Command::Serve(a) if a.log_json));
+    match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
     }
@@ -202,9 +210,19 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         max_step_tokens: args.max_step_tokens,
         prefill_chunk: args.prefill_chunk,
     };
-    let (engine, ready) = engine::spawn(lm.runner, lm.eos_token_ids, config, kv_cache_tokens)?;
+    let registry = onehead_telemetry::Registry::default();
+    let dtype_bytes = lm.runner.dtype().size_bytes() as i64;
+    let shard_bytes = ShardBytes::all(&lm.runner.shard_weight_bytes(), kv_shape, lm.runner.shape(), dtype_bytes);
+    let metrics = WorkerMetrics::new(&registry, shard_bytes, args.peak_memory_bandwidth_gbs.map(|g| g * 1e9));
+    let (engine, ready) = engine::spawn(lm.runner, lm.eos_token_ids, config, kv_cache_tokens, metrics)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
+        if let Some(addr) = &args.metrics_listen {
+            let metrics =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-listen {addr}"))?;
+            println!("metrics on http://{}/metrics", metrics.local_addr()?);
+            tokio::spawn(onehead_telemetry::serve_metrics(metrics, registry));
+        }
         let listener =
             tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
         println!("listening on {}", listener.local_addr()?);
