@@ -61,6 +61,9 @@ struct ServeArgs {
     /// Log JSON lines instead of human-readable ones.
     #[arg(long, env = "ONEHEAD_LOG_JSON")]
     log_json: bool,
+    /// After SIGTERM, seconds that in-flight requests get to finish (new ones are refused).
+    #[arg(long, env = "ONEHEAD_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    shutdown_grace_secs: u64,
     /// A file of accepted API keys, one per line; requests must send `authorization: Bearer KEY`.
     #[arg(long, env = "ONEHEAD_API_KEY_FILE")]
     api_key_file: Option<std::path::PathBuf>,
@@ -180,8 +183,9 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
     println!("listening on {}", listener.local_addr()?);
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    server::serve(listener, config, shutdown).await
+    let (stop, expired) = onehead_telemetry::shutdown_with_grace(Duration::from_secs(args.shutdown_grace_secs));
+    tokio::select! {
+        served = server::serve(listener, config, stop) => served,
+        () = expired => Ok(()),
+    }
 }

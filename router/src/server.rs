@@ -46,6 +46,11 @@ pub async fn serve(
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::NotServing).await;
+    let draining = health.clone();
+    let shutdown = async move {
+        shutdown.await;
+        draining.set_service_status("", ServingStatus::NotServing).await;
+    };
     {
         let (pool, model, metrics) = (pool.clone(), model.clone(), metrics.clone());
         tokio::spawn(async move {

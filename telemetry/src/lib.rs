@@ -25,3 +25,44 @@ pub fn init_logging(json: bool) {
         builder.init();
     }
 }
+
+/// Resolves on SIGTERM (Kubernetes stopping a pod) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutting down: no new requests; in-flight ones may finish");
+}
+
+/// Graceful shutdown in two parts: `stop` resolves on SIGTERM or Ctrl-C (give it to the server,
+/// which then refuses new work and drains); `expired` resolves `grace` after that, to end a
+/// drain that takes too long.
+pub fn shutdown_with_grace(
+    grace: std::time::Duration,
+) -> (impl std::future::Future<Output = ()> + Send + 'static, impl std::future::Future<Output = ()> + Send + 'static) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    let mut stop_rx = rx.clone();
+    let stop = async move {
+        let _ = stop_rx.wait_for(|stopped| *stopped).await;
+    };
+    let mut expiry_rx = rx;
+    let expired = async move {
+        let _ = expiry_rx.wait_for(|stopped| *stopped).await;
+        tokio::time::sleep(grace).await;
+        tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over; exiting with requests still open");
+    };
+    (stop, expired)
+}

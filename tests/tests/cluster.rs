@@ -420,3 +420,39 @@ async fn metrics_move_with_the_tokens_generated() {
     let _ = c.generate(text_request("", 1)).await.unwrap_err();
     assert_eq!(r.scrape().await[r#"onehead_router_requests_total{code="invalid_argument"}"#], 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_streams_then_exits_cleanly() {
+    use onehead_proto::worker::v1 as wpb;
+    let (mut a, b) = (worker(&[]).await, worker(&[]).await);
+    let r = router(&[&a, &b], &[]).await;
+    // A stream straight to worker a, under way.
+    let mut direct = wpb::worker_client::WorkerClient::new(a.channel().await);
+    let request = wpb::GenerateRequest {
+        request_id: "draining".into(),
+        prompt_ids: vec![1, 2, 3],
+        sampling: None,
+        stopping: Some(wpb::StoppingCriteria { max_new_tokens: 300, stop_token_ids: vec![], ignore_eos: true }),
+        top_n_logprobs: 0,
+    };
+    let mut s = direct.generate(request).await.unwrap().into_inner();
+    s.message().await.unwrap().unwrap();
+    let pid = a.child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    // The stream runs to its end.
+    let mut tokens = 1;
+    let finished = loop {
+        match s.message().await.unwrap().unwrap().event.unwrap() {
+            wpb::generate_response::Event::Token(_) => tokens += 1,
+            wpb::generate_response::Event::Finished(f) => break f,
+        }
+    };
+    assert_eq!((tokens, finished.reason), (300, wpb::FinishReason::Length as i32));
+    // Then the worker exits 0, and the router serves on the other one.
+    let status = tokio::time::timeout(Duration::from_secs(10), a.child.wait()).await.expect("exits").unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut c = client(&r).await;
+    for p in PROMPTS {
+        assert_eq!(c.generate(text_request(p, 4)).await.unwrap().into_inner().tokens.len(), 4);
+    }
+}

@@ -1,6 +1,7 @@
 //! `onehead-worker`: parses flags, builds the engine pieces, runs the subcommand.
 
 use std::io::Write;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -61,6 +62,9 @@ struct ServeArgs {
     /// Log JSON lines instead of human-readable ones.
     #[arg(long, env = "ONEHEAD_LOG_JSON")]
     log_json: bool,
+    /// After SIGTERM, seconds that in-flight requests get to finish (new ones are refused).
+    #[arg(long, env = "ONEHEAD_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    shutdown_grace_secs: u64,
 }
 
 #[derive(Args)]
@@ -227,10 +231,11 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
         println!("listening on {}", listener.local_addr()?);
         let ready = async move { ready.await.unwrap_or(Err(onehead_worker::Error::EngineStopped)) };
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
-        server::serve(listener, engine, info, ready, shutdown).await
+        let (stop, expired) = onehead_telemetry::shutdown_with_grace(Duration::from_secs(args.shutdown_grace_secs));
+        tokio::select! {
+            served = server::serve(listener, engine, info, ready, stop) => served,
+            () = expired => Ok(()),
+        }
     })
 }
 

@@ -185,6 +185,13 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let addr: SocketAddr = listener.local_addr()?;
+    // Draining: health turns NOT_SERVING, so probes and routers stop sending work here.
+    let draining = health.clone();
+    let shutdown = async move {
+        shutdown.await;
+        draining.set_service_status("", ServingStatus::NotServing).await;
+        draining.set_not_serving::<WorkerServer<WorkerService>>().await;
+    };
     tokio::spawn(async move {
         match ready.await {
             Ok(()) => {
