@@ -7,3 +7,5 @@ bash scripts/setup-libtorch.sh
 # The end-to-end tests (tests/) start the worker and router binaries.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked "$@"
+# The deployment is checked offline too (kustomize, strict schemas, hadolint).
+bash scripts/validate-deploy.sh

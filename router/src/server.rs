@@ -46,6 +46,9 @@ pub async fn serve(
     }
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::NotServing).await;
+    // `liveness`: SERVING while the process answers at all (Kubernetes liveness probes), even
+    // before the model is ready or while draining.
+    health.set_service_status("liveness", ServingStatus::Serving).await;
     let draining = health.clone();
     let shutdown = async move {
         shutdown.await;

@@ -455,4 +455,22 @@ async fn sigterm_drains_in_flight_streams_then_exits_cleanly() {
     for p in PROMPTS {
         assert_eq!(c.generate(text_request(p, 4)).await.unwrap().into_inner().tokens.len(), 4);
     }
+    // The router drains the same way: its stream in flight completes, then it exits 0, and
+    // nothing new is accepted.
+    let mut r = r;
+    let mut s = c.generate_stream(text_request("drain", 300)).await.unwrap().into_inner();
+    s.message().await.unwrap().unwrap();
+    let pid = r.child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let mut tokens = 1;
+    while let Some(m) = s.message().await.unwrap() {
+        if let Some(pb::generate_stream_response::Event::Token(_)) = m.event {
+            tokens += 1;
+        }
+    }
+    assert_eq!(tokens, 300);
+    let status = tokio::time::timeout(Duration::from_secs(10), r.child.wait()).await.expect("exits").unwrap();
+    assert!(status.success(), "{status:?}");
+    let refused = Channel::from_shared(r.url()).unwrap().connect().await;
+    assert!(refused.is_err(), "a stopped router accepts no connection");
 }

@@ -139,7 +139,9 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
         other => other,
     };
     if options.tp == 1 {
-        tch::set_num_threads(threads);
+        if let Some(n) = options.threads_per_shard {
+            tch::set_num_threads(n);
+        }
         let ckpt = Checkpoint::open(dir)?;
         let model = models::load(config, &ckpt, options.dtype, device_of(0), Arc::new(Solo))?;
         return Ok(Box::new(Local::new(model)));

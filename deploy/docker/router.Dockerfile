@@ -1,0 +1,32 @@
+# syntax=docker/dockerfile:1.7
+# onehead-router: small, no LibTorch. Build from the repository root:
+#   docker build -f deploy/docker/router.Dockerfile -t onehead-router .
+
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+# Dependencies first: this layer is reused until a manifest or the lock file changes.
+COPY Cargo.toml Cargo.lock rustfmt.toml ./
+COPY proto/Cargo.toml proto/build.rs proto/
+COPY proto/proto proto/proto
+COPY telemetry/Cargo.toml telemetry/
+COPY router/Cargo.toml router/
+RUN mkdir -p proto/src telemetry/src router/src/bin \
+    && echo 'fn main() {}' > router/src/main.rs && echo 'fn main() {}' > router/src/bin/router_bench.rs \
+    && touch proto/src/lib.rs telemetry/src/lib.rs router/src/lib.rs \
+    && sed -i 's/members = .*/members = ["proto", "telemetry", "router"]/' Cargo.toml
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    cargo build --release --locked -p onehead-router --bin onehead-router || true
+COPY proto/src proto/src
+COPY telemetry/src telemetry/src
+COPY router/src router/src
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    touch proto/src/lib.rs telemetry/src/lib.rs router/src/lib.rs router/src/main.rs \
+    && cargo build --release --locked -p onehead-router --bin onehead-router
+
+FROM debian:bookworm-slim
+RUN groupadd --system --gid 10001 onehead && useradd --system --uid 10001 --gid onehead onehead
+COPY --from=build /src/target/release/onehead-router /usr/local/bin/onehead-router
+USER 10001:10001
+EXPOSE 8080 9090
+ENTRYPOINT ["/usr/local/bin/onehead-router"]
+CMD ["--listen", "0.0.0.0:8080", "--metrics-listen", "0.0.0.0:9090"]
