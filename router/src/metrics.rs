@@ -27,6 +27,7 @@ pub struct RouterMetrics {
     duration: Histogram,
     ttft: Histogram,
     tpot: Histogram,
+    itl: Histogram,
     input_tokens: Histogram,
     output_tokens: Histogram,
     pub in_flight: Gauge,
@@ -87,6 +88,12 @@ impl RouterMetrics {
                 &GEN_AI,
                 TPOT_BUCKETS,
             ),
+            itl: registry.histogram(
+                "onehead_router_inter_token_latency_seconds",
+                "Time between consecutive streamed tokens of a request.",
+                &GEN_AI,
+                TPOT_BUCKETS,
+            ),
             input_tokens: usage("input"),
             output_tokens: usage("output"),
             in_flight: registry.gauge("onehead_router_requests_in_flight", "Requests admitted and not finished.", &[]),
@@ -100,6 +107,11 @@ impl RouterMetrics {
         if let Some((_, c)) = self.requests.iter().find(|(k, _)| *k == code) {
             c.inc();
         }
+    }
+
+    /// The gap between two consecutive tokens of one request.
+    pub fn inter_token(&self, secs: f64) {
+        self.itl.observe(secs);
     }
 
     /// A completed generation.

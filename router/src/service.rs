@@ -311,6 +311,7 @@ impl Run {
         let mut generated = String::new();
         let mut n_tokens = 0u32;
         let mut first_token_secs = 0.0;
+        let mut last_token: Option<Instant> = None;
         loop {
             let message = tokio::select! {
                 m = stream.message() => m,
@@ -333,9 +334,12 @@ impl Run {
             };
             match event {
                 wpb::generate_response::Event::Token(t) => {
-                    if n_tokens == 0 {
-                        first_token_secs = self.arrived.elapsed().as_secs_f64();
+                    let now = Instant::now();
+                    match last_token {
+                        None => first_token_secs = now.duration_since(self.arrived).as_secs_f64(),
+                        Some(last) => self.metrics.inter_token(now.duration_since(last).as_secs_f64()),
                     }
+                    last_token = Some(now);
                     n_tokens += 1;
                     let piece = detokenizer.push(tokenizer, t.id);
                     let (text, stopped) = stops.push(&piece);

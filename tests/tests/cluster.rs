@@ -416,6 +416,8 @@ async fn metrics_move_with_the_tokens_generated() {
     assert_eq!(rm["onehead_router_healthy_workers"], 1.0);
     let ttft = r#"gen_ai_server_time_to_first_token_seconds_count{gen_ai_operation_name="text_completion",gen_ai_provider_name="onehead"}"#;
     assert_eq!(rm[ttft], 3.0);
+    let itl = r#"onehead_router_inter_token_latency_seconds_count{gen_ai_operation_name="text_completion",gen_ai_provider_name="onehead"}"#;
+    assert_eq!(rm[itl], 3.0 * 9.0, "9 gaps between 10 tokens, 3 times");
     // A refused request is counted by its code.
     let _ = c.generate(text_request("", 1)).await.unwrap_err();
     assert_eq!(r.scrape().await[r#"onehead_router_requests_total{code="invalid_argument"}"#], 1.0);

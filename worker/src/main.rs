@@ -59,6 +59,10 @@ struct ServeArgs {
     /// The device's peak memory bandwidth in GB/s, for the bandwidth-fraction metric.
     #[arg(long, env = "ONEHEAD_PEAK_MEMORY_BANDWIDTH_GBS")]
     peak_memory_bandwidth_gbs: Option<f64>,
+    /// Measure the peak at startup instead (a streaming read of 1 GiB per core on CPU, a device
+    /// copy on CUDA; a second or two before serving).
+    #[arg(long, env = "ONEHEAD_MEASURE_PEAK_BANDWIDTH", conflicts_with = "peak_memory_bandwidth_gbs")]
+    measure_peak_bandwidth: bool,
     /// Log JSON lines instead of human-readable ones.
     #[arg(long, env = "ONEHEAD_LOG_JSON")]
     log_json: bool,
@@ -217,7 +221,20 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let registry = onehead_telemetry::Registry::default();
     let dtype_bytes = lm.runner.dtype().size_bytes() as i64;
     let shard_bytes = ShardBytes::all(&lm.runner.shard_weight_bytes(), kv_shape, lm.runner.shape(), dtype_bytes);
-    let metrics = WorkerMetrics::new(&registry, shard_bytes, args.peak_memory_bandwidth_gbs.map(|g| g * 1e9));
+    let peak_gbs = args.peak_memory_bandwidth_gbs.or_else(|| {
+        if !args.measure_peak_bandwidth {
+            return None;
+        }
+        let gbs = if lm.runner.device().is_cuda() {
+            onehead_worker::bandwidth::device_copy_gbs(1.0)
+        } else {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            onehead_worker::bandwidth::streaming_read_gbs(cores, cores as f64)
+        };
+        println!("peak memory bandwidth: {gbs:.1} GB/s (measured)");
+        Some(gbs)
+    });
+    let metrics = WorkerMetrics::new(&registry, shard_bytes, peak_gbs.map(|g| g * 1e9));
     let (engine, ready) = engine::spawn(lm.runner, lm.eos_token_ids, config, kv_cache_tokens, metrics)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
