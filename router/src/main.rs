@@ -113,8 +113,10 @@ enum ClientSub {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    onehead_telemetry::init_logging(cli.command.is_none() && cli.serve.log_json);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The OTLP exporter's gRPC client needs the runtime when it is built.
+    let _runtime = runtime.enter();
+    let _telemetry = onehead_telemetry::init("onehead-router", cli.command.is_none() && cli.serve.log_json);
     match cli.command {
         Some(Command::Client(args)) => {
             runtime.block_on(client::run(args.addr, args.api_key, client_command(args.command)))

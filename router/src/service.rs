@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 
 use crate::metrics::RouterMetrics;
 use crate::pool::{Pool, assign};
@@ -206,6 +207,18 @@ impl Router {
 
     fn admit(&self, request: Request<pb::GenerateRequest>) -> Result<Events, Status> {
         let arrived = Instant::now();
+        // The request's span: a child of the client's W3C trace context when it sends one; the
+        // worker's spans become its children through the context the router passes on.
+        let span = tracing::info_span!(
+            "generate",
+            otel.name = "onehead.router.generate",
+            gen_ai.operation.name = "text_completion",
+            gen_ai.provider.name = "onehead",
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            onehead.worker = tracing::field::Empty,
+        );
+        onehead_telemetry::set_parent_from(&span, request.metadata());
         // tonic's server answers a unary call past its `grpc-timeout` with CANCELLED; ending a
         // little earlier ourselves gives the client the DEADLINE_EXCEEDED that gRPC specifies.
         let deadline = grpc_timeout(request.metadata()).map(|d| arrived + d - (d / 10).min(Duration::from_millis(50)));
@@ -221,13 +234,18 @@ impl Router {
         let pool = self.pool.clone();
         let max_attempts = self.limits.max_attempts;
         let metrics = self.metrics.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            metrics.in_flight.add(1.0);
-            let run = Run { pool, model, job, tx, arrived, deadline, max_attempts, metrics: metrics.clone() };
-            run.execute().await;
-            metrics.in_flight.add(-1.0);
-        });
+        span.record("gen_ai.usage.input_tokens", job.prompt_ids.len() as i64);
+        let run_span = span.clone();
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                metrics.in_flight.add(1.0);
+                let run = Run { pool, model, job, tx, arrived, deadline, max_attempts, metrics: metrics.clone() };
+                run.execute().await;
+                metrics.in_flight.add(-1.0);
+            }
+            .instrument(run_span),
+        );
         Ok(rx)
     }
 }
@@ -281,7 +299,9 @@ impl Run {
         url: &str,
         mut client: wpb::worker_client::WorkerClient<tonic::transport::Channel>,
     ) -> Attempt {
+        tracing::Span::current().record("onehead.worker", url);
         let mut request = Request::new(self.job.worker_request.clone());
+        onehead_telemetry::inject_context(request.metadata_mut());
         if let Some(deadline) = self.deadline {
             request.set_timeout(deadline.saturating_duration_since(Instant::now()));
         }
@@ -393,6 +413,7 @@ impl Run {
         text: String,
     ) -> pb::generate_stream_response::Event {
         let total = self.arrived.elapsed().as_secs_f64();
+        tracing::Span::current().record("gen_ai.usage.output_tokens", i64::from(n_tokens));
         self.metrics.completed(total, ttft, self.job.prompt_ids.len() as u32, n_tokens);
         pb::generate_stream_response::Event::Done(pb::GenerateDone {
             finish_reason: reason as i32,

@@ -13,16 +13,98 @@ mod server;
 
 pub use metrics::{Counter, Gauge, Histogram, Registry, SECONDS_BUCKETS};
 pub use server::serve_metrics;
+use tonic::metadata as tonic_metadata;
+
+/// Keeps the OpenTelemetry exporters alive; dropping it flushes what is buffered.
+pub struct TelemetryGuard {
+    tracer_provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.tracer_provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
 
 /// Sets up `tracing`: human-readable lines by default, JSON lines with `json`, filtered by
-/// `RUST_LOG` (default `info`), to stderr.
-pub fn init_logging(json: bool) {
+/// `RUST_LOG` (default `info`), to stderr; and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set,
+/// spans exported over OTLP/gRPC (service name from `OTEL_SERVICE_NAME`, else
+/// `default_service`; `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_TRACES_SAMPLER` as the spec says),
+/// with W3C trace context as the propagator. Without the variable nothing is exported and
+/// nothing is said about it.
+pub fn init(default_service: &str, json: bool) -> TelemetryGuard {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
-    if json {
-        builder.json().with_current_span(true).init();
+    let tracer_provider = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").and_then(|_| {
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build().ok()?;
+        let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| default_service.to_owned());
+        let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).build();
+        Some(
+            opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(resource)
+                .build(),
+        )
+    });
+    // RUST_LOG filters the log lines only; spans for OTLP are the info-level ones, always.
+    let otel = tracer_provider.as_ref().map(|p| {
+        use opentelemetry::trace::TracerProvider;
+        tracing_opentelemetry::layer().with_tracer(p.tracer("onehead")).with_filter(LevelFilter::INFO)
+    });
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json {
+        fmt.json().with_current_span(true).with_span_list(false).with_filter(filter).boxed()
     } else {
-        builder.init();
+        fmt.with_filter(filter).boxed()
+    };
+    tracing_subscriber::registry().with(otel).with(fmt).init();
+    TelemetryGuard { tracer_provider }
+}
+
+/// Writes the current span's W3C trace context into gRPC metadata (router to worker).
+pub fn inject_context(metadata: &mut tonic_metadata::MetadataMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut MetadataInjector(metadata)));
+}
+
+/// Makes `span` a child of the W3C trace context in `metadata`, if there is one.
+pub fn set_parent_from(span: &tracing::Span, metadata: &tonic_metadata::MetadataMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
+    let _ = span.set_parent(parent);
+}
+
+struct MetadataInjector<'a>(&'a mut tonic_metadata::MetadataMap);
+
+impl opentelemetry::propagation::Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (tonic_metadata::MetadataKey::from_bytes(key.as_bytes()), value.parse()) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+struct MetadataExtractor<'a>(&'a tonic_metadata::MetadataMap);
+
+impl opentelemetry::propagation::Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic_metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic_metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
     }
 }
 

@@ -33,8 +33,14 @@ pub struct Proc {
 
 impl Proc {
     pub async fn start(binary_name: &str, args: &[&str]) -> Proc {
+        Self::start_with_env(binary_name, args, &[]).await
+    }
+
+    /// Starts `binary_name` with `args` and extra environment variables.
+    pub async fn start_with_env(binary_name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut child = tokio::process::Command::new(binary(binary_name))
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .kill_on_drop(true)

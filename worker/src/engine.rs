@@ -171,12 +171,32 @@ impl Engine {
             return;
         }
         let vocab_size = self.runner.shape().vocab_size as usize;
+        // A span per step with what it read and wrote (shard 0; signed ints, since OTLP
+        // exporters turn unsigned ones into strings).
+        let span = tracing::info_span!(
+            "step",
+            otel.name = "onehead.step",
+            onehead.step.batch_size = plan.chunks.len() as i64,
+            onehead.step.tokens = plan.n_tokens() as i64,
+            onehead.step.weight_bytes = tracing::field::Empty,
+            onehead.step.kv_read_bytes = tracing::field::Empty,
+            onehead.step.kv_written_bytes = tracing::field::Empty,
+            onehead.step.kv_read_mha_equivalent_bytes = tracing::field::Empty,
+            onehead.step.duration_s = tracing::field::Empty,
+        );
+        let _entered = span.enter();
         let started = Instant::now();
         // A panic inside LibTorch fails this step's requests, not the process.
         let logits = std::panic::catch_unwind(AssertUnwindSafe(|| self.runner.step(&plan.inputs())));
         let now = Instant::now();
         if matches!(logits, Ok(Ok(_))) {
-            self.metrics.step(&plan, now.duration_since(started).as_secs_f64());
+            let secs = now.duration_since(started).as_secs_f64();
+            let bytes = self.metrics.step(&plan, secs);
+            span.record("onehead.step.weight_bytes", bytes.weight_read);
+            span.record("onehead.step.kv_read_bytes", bytes.kv_read);
+            span.record("onehead.step.kv_written_bytes", bytes.kv_written);
+            span.record("onehead.step.kv_read_mha_equivalent_bytes", bytes.mha_kv_read);
+            span.record("onehead.step.duration_s", secs);
         }
         let events = match logits {
             Ok(Ok(logits)) => self.scheduler.complete(plan, &logits, vocab_size, now),

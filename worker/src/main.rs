@@ -130,10 +130,13 @@ struct GenerateArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    onehead_telemetry::init_logging(matches!(&cli.command, Command::Serve(a) if a.log_json));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    // The OTLP exporter's gRPC client needs the runtime when it is built.
+    let _runtime = runtime.enter();
+    let _telemetry = onehead_telemetry::init("onehead-worker", matches!(&cli.command, Command::Serve(a) if a.log_json));
     match cli.command {
         Command::Generate(args) => run_generate(args),
-        Command::Serve(args) => run_serve(args),
+        Command::Serve(args) => run_serve(args, &runtime),
     }
 }
 
@@ -166,7 +169,7 @@ impl ModelArgs {
     }
 }
 
-fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     if args.max_batch_size == 0 || args.prefill_chunk == 0 {
         bail!("--max-batch-size and --prefill-chunk must be at least 1");
     }
@@ -236,7 +239,6 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     let metrics = WorkerMetrics::new(&registry, shard_bytes, peak_gbs.map(|g| g * 1e9));
     let (engine, ready) = engine::spawn(lm.runner, lm.eos_token_ids, config, kv_cache_tokens, metrics)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         if let Some(addr) = &args.metrics_listen {
             let metrics =

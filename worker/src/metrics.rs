@@ -172,14 +172,18 @@ impl WorkerMetrics {
         }
     }
 
-    /// Records one step that ran `plan` in `secs`.
-    pub fn step(&self, plan: &StepPlan, secs: f64) {
+    /// Records one step that ran `plan` in `secs`; returns rank 0's bytes.
+    pub fn step(&self, plan: &StepPlan, secs: f64) -> StepBytes {
+        let mut first = StepBytes::default();
         self.steps.inc();
         self.step_seconds.observe(secs);
         self.step_tokens.add(plan.n_tokens() as f64);
         self.batch_size.observe(plan.chunks.len() as f64);
-        for s in &self.shards {
+        for (rank, s) in self.shards.iter().enumerate() {
             let b = s.bytes.step(plan);
+            if rank == 0 {
+                first = b;
+            }
             s.weight_read.add(b.weight_read as f64);
             s.kv_read.add(b.kv_read as f64);
             s.kv_written.add(b.kv_written as f64);
@@ -190,6 +194,7 @@ impl WorkerMetrics {
                 s.bandwidth_fraction.set(per_sec / peak);
             }
         }
+        first
     }
 
     pub fn finished(&self, f: &Finished) {

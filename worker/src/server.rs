@@ -11,6 +11,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
+use tracing::Instrument;
 
 use crate::engine::EngineHandle;
 use crate::error::Error;
@@ -124,9 +125,21 @@ impl Worker for WorkerService {
     type GenerateStream = GenerateStream;
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        // The generation span lives as long as the stream; its parent is the router's span
+        // when the router passed W3C trace context.
+        let span = tracing::info_span!(
+            "generation",
+            otel.name = "onehead.worker.generation",
+            onehead.request_id = %request.get_ref().request_id,
+            gen_ai.usage.input_tokens = request.get_ref().prompt_ids.len() as i64,
+        );
+        onehead_telemetry::set_parent_from(&span, request.metadata());
         let request = self.request(request.into_inner())?;
-        let events = self.engine.submit(request).await?;
-        let stream = UnboundedReceiverStream::new(events).map(|e| Ok(to_proto(e)));
+        let events = self.engine.submit(request).instrument(span.clone()).await?;
+        let stream = UnboundedReceiverStream::new(events).map(move |e| {
+            let _in_span = &span;
+            Ok(to_proto(e))
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
