@@ -18,6 +18,7 @@ use tonic::metadata as tonic_metadata;
 /// Keeps the OpenTelemetry exporters alive; dropping it flushes what is buffered.
 pub struct TelemetryGuard {
     tracer_provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    meter_provider: Option<opentelemetry_sdk::metrics::SdkMeterProvider>,
 }
 
 impl Drop for TelemetryGuard {
@@ -25,15 +26,19 @@ impl Drop for TelemetryGuard {
         if let Some(provider) = self.tracer_provider.take() {
             let _ = provider.shutdown();
         }
+        if let Some(provider) = self.meter_provider.take() {
+            let _ = provider.shutdown();
+        }
     }
 }
 
 /// Sets up `tracing`: human-readable lines by default, JSON lines with `json`, filtered by
 /// `RUST_LOG` (default `info`), to stderr; and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set,
-/// spans exported over OTLP/gRPC (service name from `OTEL_SERVICE_NAME`, else
+/// spans and metrics exported over OTLP/gRPC (service name from `OTEL_SERVICE_NAME`, else
 /// `default_service`; `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_TRACES_SAMPLER` as the spec says),
-/// with W3C trace context as the propagator. Without the variable nothing is exported and
-/// nothing is said about it.
+/// with W3C trace context as the propagator; metrics every `OTEL_METRIC_EXPORT_INTERVAL` ms).
+/// Without the variable nothing is exported and nothing is said about it. Call it before any
+/// `Registry` is made, so that their instruments reach the meter provider.
 pub fn init(default_service: &str, json: bool) -> TelemetryGuard {
     use tracing_subscriber::Layer;
     use tracing_subscriber::filter::LevelFilter;
@@ -41,16 +46,26 @@ pub fn init(default_service: &str, json: bool) -> TelemetryGuard {
     use tracing_subscriber::util::SubscriberInitExt;
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let tracer_provider = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").and_then(|_| {
-        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build().ok()?;
-        let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| default_service.to_owned());
-        let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).build();
-        Some(
-            opentelemetry_sdk::trace::SdkTracerProvider::builder()
-                .with_batch_exporter(exporter)
-                .with_resource(resource)
-                .build(),
-        )
+    let enabled = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
+    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| default_service.to_owned());
+    let resource = || opentelemetry_sdk::Resource::builder().with_service_name(service.clone()).build();
+    let span_exporter =
+        enabled.then(|| opentelemetry_otlp::SpanExporter::builder().with_tonic().build().ok()).flatten();
+    let tracer_provider = span_exporter.map(|exporter| {
+        opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource())
+            .build()
+    });
+    let metric_exporter =
+        enabled.then(|| opentelemetry_otlp::MetricExporter::builder().with_tonic().build().ok()).flatten();
+    let meter_provider = metric_exporter.map(|exporter| {
+        let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+            .with_periodic_exporter(exporter)
+            .with_resource(resource())
+            .build();
+        opentelemetry::global::set_meter_provider(provider.clone());
+        provider
     });
     // RUST_LOG filters the log lines only; spans for OTLP are the info-level ones, always.
     let otel = tracer_provider.as_ref().map(|p| {
@@ -64,7 +79,7 @@ pub fn init(default_service: &str, json: bool) -> TelemetryGuard {
         fmt.with_filter(filter).boxed()
     };
     tracing_subscriber::registry().with(otel).with(fmt).init();
-    TelemetryGuard { tracer_provider }
+    TelemetryGuard { tracer_provider, meter_provider }
 }
 
 /// Writes the current span's W3C trace context into gRPC metadata (router to worker).

@@ -1,8 +1,13 @@
-//! Counters, gauges and histograms with fixed label sets, rendered as Prometheus text.
+//! Counters, gauges and histograms with fixed label sets, rendered as Prometheus text and, when
+//! OTLP export is on, recorded into OpenTelemetry instruments of the same meaning (names, units
+//! and attribute keys in OpenTelemetry's spelling: `gen_ai.server.time_to_first_token`, `s`,
+//! `gen_ai.operation.name`). Without a meter provider those instruments are no-ops.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use opentelemetry::KeyValue;
 
 /// Bucket bounds for durations in seconds, as the GenAI conventions recommend for time to first
 /// token and request duration.
@@ -32,16 +37,24 @@ impl AtomicF64 {
     }
 }
 
+/// The OpenTelemetry side of one series: its instrument and attributes.
+#[derive(Clone)]
+struct Otel<I> {
+    instrument: I,
+    attributes: Arc<[KeyValue]>,
+}
+
 /// A monotonically increasing value.
-#[derive(Clone, Default)]
-pub struct Counter(Arc<AtomicF64>);
+#[derive(Clone)]
+pub struct Counter(Arc<AtomicF64>, Otel<opentelemetry::metrics::Counter<f64>>);
 
 impl Counter {
     pub fn add(&self, v: f64) {
         self.0.add(v);
+        self.1.instrument.add(v, &self.1.attributes);
     }
     pub fn inc(&self) {
-        self.0.add(1.0);
+        self.add(1.0);
     }
     pub fn get(&self) -> f64 {
         self.0.get()
@@ -49,15 +62,17 @@ impl Counter {
 }
 
 /// A value that goes up and down.
-#[derive(Clone, Default)]
-pub struct Gauge(Arc<AtomicF64>);
+#[derive(Clone)]
+pub struct Gauge(Arc<AtomicF64>, Otel<opentelemetry::metrics::Gauge<f64>>);
 
 impl Gauge {
     pub fn set(&self, v: f64) {
         self.0.set(v);
+        self.1.instrument.record(v, &self.1.attributes);
     }
     pub fn add(&self, v: f64) {
         self.0.add(v);
+        self.1.instrument.record(self.0.get(), &self.1.attributes);
     }
     pub fn get(&self) -> f64 {
         self.0.get()
@@ -74,19 +89,11 @@ struct HistogramState {
 
 /// A distribution over fixed buckets.
 #[derive(Clone)]
-pub struct Histogram(Arc<HistogramState>);
+pub struct Histogram(Arc<HistogramState>, Otel<opentelemetry::metrics::Histogram<f64>>);
 
 impl Histogram {
-    fn new(bounds: &[f64]) -> Self {
-        Histogram(Arc::new(HistogramState {
-            bounds: bounds.to_vec(),
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum: AtomicF64::default(),
-            count: AtomicU64::new(0),
-        }))
-    }
-
     pub fn observe(&self, v: f64) {
+        self.1.instrument.record(v, &self.1.attributes);
         let s = &self.0;
         let i = s.bounds.iter().position(|&b| v <= b).unwrap_or(s.bounds.len());
         s.counts[i].fetch_add(1, Ordering::Relaxed);
@@ -154,19 +161,36 @@ impl Registry {
 
     /// A counter; `name` should end in `_total`.
     pub fn counter(&self, name: &str, help: &str, labels: &[(&str, &str)]) -> Counter {
-        let c = Counter::default();
+        let (otel_name, unit) = otel_name(name);
+        let instrument = meter().f64_counter(otel_name).with_unit(unit).with_description(help.to_owned()).build();
+        let c = Counter(Arc::default(), Otel { instrument, attributes: attributes(labels) });
         self.register(name, help, "counter", labels, Kind::Counter(c.clone()));
         c
     }
 
     pub fn gauge(&self, name: &str, help: &str, labels: &[(&str, &str)]) -> Gauge {
-        let g = Gauge::default();
+        let (otel_name, unit) = otel_name(name);
+        let instrument = meter().f64_gauge(otel_name).with_unit(unit).with_description(help.to_owned()).build();
+        let g = Gauge(Arc::default(), Otel { instrument, attributes: attributes(labels) });
         self.register(name, help, "gauge", labels, Kind::Gauge(g.clone()));
         g
     }
 
     pub fn histogram(&self, name: &str, help: &str, labels: &[(&str, &str)], bounds: &[f64]) -> Histogram {
-        let h = Histogram::new(bounds);
+        let (otel_name, unit) = otel_name(name);
+        let instrument = meter()
+            .f64_histogram(otel_name)
+            .with_unit(unit)
+            .with_description(help.to_owned())
+            .with_boundaries(bounds.to_vec())
+            .build();
+        let state = HistogramState {
+            bounds: bounds.to_vec(),
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicF64::default(),
+            count: AtomicU64::new(0),
+        };
+        let h = Histogram(Arc::new(state), Otel { instrument, attributes: attributes(labels) });
         self.register(name, help, "histogram", labels, Kind::Histogram(h.clone()));
         h
     }
@@ -214,9 +238,61 @@ fn render_histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
     let _ = writeln!(out, "{name}_count{labels} {}", s.count.load(Ordering::Relaxed));
 }
 
+fn meter() -> opentelemetry::metrics::Meter {
+    opentelemetry::global::meter("onehead")
+}
+
+/// OpenTelemetry attribute keys are dotted where Prometheus labels use `_`.
+fn attributes(labels: &[(&str, &str)]) -> Arc<[KeyValue]> {
+    labels.iter().map(|(k, v)| KeyValue::new(k.replace('_', "."), v.to_string())).collect()
+}
+
+/// The OpenTelemetry name and UCUM unit of a Prometheus-style name: the GenAI semantic
+/// conventions by name; onehead's own as `onehead.<area>.<rest>`, the unit from the suffix.
+pub fn otel_name(prometheus: &str) -> (String, &'static str) {
+    let known = [
+        ("gen_ai_server_time_to_first_token_seconds", "gen_ai.server.time_to_first_token", "s"),
+        ("gen_ai_server_time_per_output_token_seconds", "gen_ai.server.time_per_output_token", "s"),
+        ("gen_ai_server_request_duration_seconds", "gen_ai.server.request.duration", "s"),
+        ("gen_ai_client_token_usage", "gen_ai.client.token.usage", "{token}"),
+    ];
+    if let Some((_, name, unit)) = known.iter().find(|(p, _, _)| *p == prometheus) {
+        return ((*name).to_owned(), unit);
+    }
+    let base = prometheus.strip_suffix("_total").unwrap_or(prometheus);
+    let (base, unit) = if let Some(b) = base.strip_suffix("_bytes_per_second") {
+        (b.to_owned(), "By/s")
+    } else if let Some(b) = base.strip_suffix("_seconds") {
+        (b.to_owned(), "s")
+    } else if base.ends_with("_bytes") {
+        (base.to_owned(), "By")
+    } else {
+        (base.to_owned(), "1")
+    };
+    let mut parts = base.splitn(3, '_');
+    let name = match (parts.next(), parts.next(), parts.next()) {
+        (Some(a), Some(b), Some(rest)) => format!("{a}.{b}.{rest}"),
+        (Some(a), Some(b), None) => format!("{a}.{b}"),
+        _ => base.clone(),
+    };
+    (name, unit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn otel_names_follow_the_conventions() {
+        assert_eq!(
+            otel_name("gen_ai_server_time_to_first_token_seconds"),
+            ("gen_ai.server.time_to_first_token".into(), "s")
+        );
+        assert_eq!(otel_name("onehead_step_weight_bytes_total"), ("onehead.step.weight_bytes".into(), "By"));
+        assert_eq!(otel_name("onehead_step_duration_seconds"), ("onehead.step.duration".into(), "s"));
+        assert_eq!(otel_name("onehead_step_bandwidth_bytes_per_second"), ("onehead.step.bandwidth".into(), "By/s"));
+        assert_eq!(otel_name("onehead_router_requests_total"), ("onehead.router.requests".into(), "1"));
+    }
 
     #[test]
     fn renders_the_text_format() {

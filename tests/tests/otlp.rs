@@ -1,19 +1,52 @@
-//! Traces over OTLP: a real OTLP/gRPC receiver on 127.0.0.1 (built from `opentelemetry-proto`)
-//! gets the router's and the worker's spans, connected in one trace that the client started.
+//! OTLP: a real OTLP/gRPC receiver on 127.0.0.1 (built from `opentelemetry-proto`) gets the
+//! router's and the worker's spans, connected in one trace that the client started, and their
+//! metrics (the GenAI ones and the per-step bytes).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use onehead_proto::v1 as pb;
 use onehead_tests::{Proc, text_request};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 
-/// Every span received, with its service name.
+/// Every span received, with its service name; every metric name, with its service name.
 #[derive(Clone, Default)]
-struct Receiver(Arc<Mutex<Vec<(String, Span)>>>);
+struct Receiver(Arc<Mutex<Vec<(String, Span)>>>, Arc<Mutex<Vec<(String, String)>>>);
+
+#[tonic::async_trait]
+impl MetricsService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let mut names = self.1.lock().unwrap();
+        for rm in request.into_inner().resource_metrics {
+            let service = service_name(rm.resource.iter().flat_map(|r| &r.attributes));
+            for sm in rm.scope_metrics {
+                names.extend(sm.metrics.into_iter().filter(|m| m.data.is_some()).map(|m| (service.clone(), m.name)));
+            }
+        }
+        Ok(tonic::Response::new(ExportMetricsServiceResponse { partial_success: None }))
+    }
+}
+
+fn service_name<'a>(attributes: impl Iterator<Item = &'a opentelemetry_proto::tonic::common::v1::KeyValue>) -> String {
+    let mut attributes = attributes;
+    attributes.find(|a| a.key == "service.name").and_then(|a| a.value.as_ref()?.value.clone()).map_or(
+        String::new(),
+        |v| match v {
+            Value::StringValue(s) => s,
+            other => format!("{other:?}"),
+        },
+    )
+}
 
 #[tonic::async_trait]
 impl TraceService for Receiver {
@@ -23,16 +56,7 @@ impl TraceService for Receiver {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut spans = self.0.lock().unwrap();
         for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|a| a.key == "service.name")
-                .and_then(|a| a.value.as_ref()?.value.clone())
-                .map_or(String::new(), |v| match v {
-                    Value::StringValue(s) => s,
-                    other => format!("{other:?}"),
-                });
+            let service = service_name(rs.resource.iter().flat_map(|r| &r.attributes));
             for ss in rs.scope_spans {
                 spans.extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
             }
@@ -49,18 +73,23 @@ fn int_attribute(span: &Span, key: &str) -> Option<i64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn router_and_worker_spans_arrive_in_one_trace_with_the_step_bytes() {
+async fn spans_in_one_trace_and_metrics_arrive_over_otlp() {
     let receiver = Receiver::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let server = receiver.clone();
     tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(server))
+            .add_service(TraceServiceServer::new(server.clone()))
+            .add_service(MetricsServiceServer::new(server))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await
     });
-    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "200"),
+    ];
     let w = Proc::start_with_env(
         "onehead-worker",
         &["serve", "--model", "builtin:tiny", "--threads", "1", "--listen", "127.0.0.1:0"],
@@ -99,7 +128,7 @@ async fn router_and_worker_spans_arrive_in_one_trace_with_the_step_bytes() {
                 assert_eq!(int_attribute(router, "gen_ai.usage.output_tokens"), Some(5));
                 assert!(int_attribute(step, "onehead.step.weight_bytes").unwrap() > 0);
                 assert!(int_attribute(step, "onehead.step.kv_written_bytes").unwrap() > 0);
-                return;
+                break;
             }
         }
         assert!(
@@ -107,6 +136,25 @@ async fn router_and_worker_spans_arrive_in_one_trace_with_the_step_bytes() {
             "spans did not arrive: {:?}",
             receiver.0.lock().unwrap().iter().map(|(_, s)| &s.name).collect::<Vec<_>>()
         );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Metrics, in OpenTelemetry's names.
+    let wanted = [
+        ("onehead-router", "gen_ai.server.time_to_first_token"),
+        ("onehead-router", "gen_ai.server.request.duration"),
+        ("onehead-router", "gen_ai.client.token.usage"),
+        ("onehead-worker", "onehead.step.weight_bytes"),
+        ("onehead-worker", "onehead.step.kv_read_mha_equivalent_bytes"),
+    ];
+    loop {
+        let missing: Vec<_> = {
+            let names = receiver.1.lock().unwrap();
+            wanted.iter().filter(|(svc, m)| !names.iter().any(|(s, n)| s == svc && n == m)).collect()
+        };
+        if missing.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "metrics did not arrive: {missing:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
