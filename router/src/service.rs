@@ -217,6 +217,7 @@ impl Router {
             gen_ai.usage.input_tokens = tracing::field::Empty,
             gen_ai.usage.output_tokens = tracing::field::Empty,
             onehead.worker = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
         );
         onehead_telemetry::set_parent_from(&span, request.metadata());
         // tonic's server answers a unary call past its `grpc-timeout` with CANCELLED; ending a

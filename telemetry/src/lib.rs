@@ -89,11 +89,18 @@ pub fn inject_context(metadata: &mut tonic_metadata::MetadataMap) {
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut MetadataInjector(metadata)));
 }
 
-/// Makes `span` a child of the W3C trace context in `metadata`, if there is one.
+/// Makes `span` a child of the W3C trace context in `metadata`, if there is one, and records
+/// its trace id in the span's `trace_id` field (declared `Empty`), so that JSON log lines
+/// written inside it carry the trace id.
 pub fn set_parent_from(span: &tracing::Span, metadata: &tonic_metadata::MetadataMap) {
+    use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
     let _ = span.set_parent(parent);
+    let trace_id = span.context().span().span_context().trace_id();
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", trace_id.to_string());
+    }
 }
 
 struct MetadataInjector<'a>(&'a mut tonic_metadata::MetadataMap);

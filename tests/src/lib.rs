@@ -66,18 +66,22 @@ impl Proc {
         Proc { child, addr, metrics_addr }
     }
 
-    /// `GET /metrics`: each sample line's name-with-labels and value.
-    pub async fn scrape(&self) -> std::collections::HashMap<String, f64> {
+    /// The body of `GET /metrics`.
+    pub async fn scrape_text(&self) -> String {
         use tokio::io::AsyncWriteExt;
         let addr = self.metrics_addr.as_ref().expect("started with --metrics-listen");
         let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
         socket.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
-        let mut body = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut socket, &mut body).await.unwrap();
-        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-        body.split("\r\n\r\n")
-            .nth(1)
-            .unwrap()
+        let mut response = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut socket, &mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response.split_once("\r\n\r\n").unwrap().1.to_owned()
+    }
+
+    /// `GET /metrics`: each sample line's name-with-labels and value.
+    pub async fn scrape(&self) -> std::collections::HashMap<String, f64> {
+        self.scrape_text()
+            .await
             .lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())
             .map(|l| {

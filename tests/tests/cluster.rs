@@ -418,6 +418,26 @@ async fn metrics_move_with_the_tokens_generated() {
     assert_eq!(rm[ttft], 3.0);
     let itl = r#"onehead_router_inter_token_latency_seconds_count{gen_ai_operation_name="text_completion",gen_ai_provider_name="onehead"}"#;
     assert_eq!(rm[itl], 3.0 * 9.0, "9 gaps between 10 tokens, 3 times");
+    // promtool (Debian's `prometheus` package) accepts both expositions, where it is installed.
+    for p in [&w, &r] {
+        let text = p.scrape_text().await;
+        match std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+        {
+            Ok(mut child) => {
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+                let out = child.wait_with_output().unwrap();
+                let report = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success() && report.trim().is_empty(), "promtool: {report}");
+            }
+            Err(_) => eprintln!("promtool not installed: exposition format not checked by it"),
+        }
+    }
     // A refused request is counted by its code.
     let _ = c.generate(text_request("", 1)).await.unwrap_err();
     assert_eq!(r.scrape().await[r#"onehead_router_requests_total{code="invalid_argument"}"#], 1.0);

@@ -91,6 +91,7 @@ pub struct WorkerMetrics {
     step_seconds: Histogram,
     step_tokens: Counter,
     batch_size: Histogram,
+    last_batch_size: Gauge,
     queue_seconds: Histogram,
     ttft_seconds: Histogram,
     finished: Vec<(&'static str, Counter)>,
@@ -152,6 +153,7 @@ impl WorkerMetrics {
                 &[],
             ),
             batch_size: registry.histogram("onehead_step_batch_size", "Sequences in one step.", &[], BATCH_BUCKETS),
+            last_batch_size: registry.gauge("onehead_batch_size", "Sequences in the last step.", &[]),
             queue_seconds: registry.histogram(
                 "onehead_worker_queue_duration_seconds",
                 "Time from arrival to admission.",
@@ -179,6 +181,7 @@ impl WorkerMetrics {
         self.step_seconds.observe(secs);
         self.step_tokens.add(plan.n_tokens() as f64);
         self.batch_size.observe(plan.chunks.len() as f64);
+        self.last_batch_size.set(plan.chunks.len() as f64);
         for (rank, s) in self.shards.iter().enumerate() {
             let b = s.bytes.step(plan);
             if rank == 0 {

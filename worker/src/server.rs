@@ -132,6 +132,7 @@ impl Worker for WorkerService {
             otel.name = "onehead.worker.generation",
             onehead.request_id = %request.get_ref().request_id,
             gen_ai.usage.input_tokens = request.get_ref().prompt_ids.len() as i64,
+            trace_id = tracing::field::Empty,
         );
         onehead_telemetry::set_parent_from(&span, request.metadata());
         let request = self.request(request.into_inner())?;

@@ -43,6 +43,10 @@ struct Args {
     /// Timed decode steps of the comparison (after 2 warm-up steps).
     #[arg(long, default_value_t = 8)]
     compare_steps: i64,
+    /// Only measure what telemetry at its default settings (Prometheus registry, a tracing span
+    /// per step, OTLP off) costs per step at batch 32, and exit.
+    #[arg(long)]
+    telemetry_overhead: bool,
     /// Smaller shapes, for a quick check that the benchmark runs.
     #[arg(long)]
     smoke: bool,
@@ -52,6 +56,9 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.telemetry_overhead {
+        return telemetry_overhead();
+    }
     let shape = if args.smoke { SMOKE } else { SANTACODER };
     let suffix = if args.smoke { "-smoke" } else { "" };
     let load = |name: &str, multi_query: bool| -> anyhow::Result<LoadedModel> {
@@ -189,4 +196,63 @@ fn compare_run(lm: &mut LoadedModel, args: &Args) -> anyhow::Result<Step> {
     let kv_bytes = b * mid_context * model.shard_kv_shape().bytes_per_token(Kind::BFloat16);
     let weight_bytes = model.shard_weight_bytes()[0];
     Ok(Step { ms: median(&times), bytes: weight_bytes + kv_bytes, weight_bytes, kv_bytes })
+}
+
+/// What the engine's per-step telemetry costs: the step span, the per-shard byte counters, the
+/// histograms and the load gauges, for a batch of 32 decodes, with the default subscriber.
+fn telemetry_overhead() -> anyhow::Result<()> {
+    use onehead_worker::metrics::{ShardBytes, WorkerMetrics};
+    let _telemetry = onehead_telemetry::init("onehead-batch-bench", false);
+    let registry = onehead_telemetry::Registry::default();
+    let kv = onehead_worker::kv_cache::KvShape { n_layers: 24, n_kv_heads: 1, head_dim: 128 };
+    let shape = onehead_worker::models::ModelShape {
+        n_layers: 24,
+        n_heads: 16,
+        n_kv_heads: 1,
+        head_dim: 128,
+        vocab_size: 49280,
+        max_context: 2048,
+    };
+    let metrics = WorkerMetrics::new(&registry, ShardBytes::all(&[2_241_000_000], kv, &shape, 2), Some(25e9));
+    let config = SchedulerConfig { max_batch_size: 32, max_step_tokens: 4096, prefill_chunk: 512 };
+    let mut scheduler = Scheduler::new(config, 32 * 300, vec![]);
+    for i in 0..32 {
+        scheduler.submit(Request {
+            id: i.to_string(),
+            prompt_ids: vec![1; 256],
+            sampling: SamplingParams::default(),
+            stopping: StoppingCriteria { max_new_tokens: 40, ignore_eos: true, ..Default::default() },
+            top_n_logprobs: 0,
+            arrived: Instant::now(),
+        })?;
+    }
+    // Prefill once (logits of the right shape, all zeros), so that the next plan is 32 decodes.
+    let plan = scheduler.plan(Instant::now());
+    let zeros = vec![0f32; plan.n_logit_rows() * 49280];
+    scheduler.complete(plan, &zeros, 49280, Instant::now());
+    let plan = scheduler.plan(Instant::now());
+    assert_eq!(plan.chunks.len(), 32);
+    let n = 20_000;
+    let started = Instant::now();
+    for _ in 0..n {
+        let span = tracing::info_span!(
+            "step",
+            onehead.step.batch_size = 32i64,
+            onehead.step.weight_bytes = tracing::field::Empty,
+            onehead.step.kv_read_bytes = tracing::field::Empty,
+        );
+        let _entered = span.enter();
+        let bytes = metrics.step(&plan, 0.2);
+        span.record("onehead.step.weight_bytes", bytes.weight_read);
+        span.record("onehead.step.kv_read_bytes", bytes.kv_read);
+        metrics.load(scheduler.load());
+    }
+    let us = started.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    println!("telemetry per step (batch 32, defaults): {us:.2} us");
+    for (what, ms) in
+        [("a 1-sequence SantaCoder step (~140 ms)", 140.0), ("a 32-sequence SantaCoder step (~240 ms)", 240.0)]
+    {
+        println!("  = {:.4}% of {what}", 100.0 * us / (ms * 1e3));
+    }
+    Ok(())
 }
