@@ -415,6 +415,7 @@ impl Run {
     ) -> pb::generate_stream_response::Event {
         let total = self.arrived.elapsed().as_secs_f64();
         tracing::Span::current().record("gen_ai.usage.output_tokens", i64::from(n_tokens));
+        tracing::info!(reason = ?reason, tokens = n_tokens, total_secs = total, ttft_secs = ttft, "request done");
         self.metrics.completed(total, ttft, self.job.prompt_ids.len() as u32, n_tokens);
         pb::generate_stream_response::Event::Done(pb::GenerateDone {
             finish_reason: reason as i32,
