@@ -2,7 +2,7 @@
 //! all-gather and broadcast. Two backends: `CpuComm`, threads of one process over shared memory
 //! (for `--device cpu`), and NCCL (`nccl.rs`, for `--device cuda`). A world of one needs none.
 
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use tch::{Kind, Tensor};
 
@@ -18,6 +18,9 @@ pub trait Communicator: Send + Sync {
     fn all_gather(&self, t: &Tensor, dim: i64) -> Result<Tensor>;
     /// Shard `root`'s `t`, on every shard.
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
+    /// Marks the group failed: this shard will not take part in collectives any more, and the
+    /// others' collectives return an error instead of waiting for it forever.
+    fn poison(&self) {}
 }
 
 /// A world of one shard: every collective is the identity.
@@ -63,8 +66,49 @@ impl Blob {
 }
 
 struct Shared {
-    barrier: Barrier,
+    barrier: PoisonableBarrier,
     slots: Vec<Mutex<Option<Blob>>>,
+}
+
+/// A barrier that a failed shard can break: waiters then return an error.
+struct PoisonableBarrier {
+    n: usize,
+    /// (threads arrived in this generation, generation, poisoned)
+    state: Mutex<(usize, u64, bool)>,
+    changed: Condvar,
+}
+
+impl PoisonableBarrier {
+    fn new(n: usize) -> Self {
+        PoisonableBarrier { n, state: Mutex::new((0, 0, false)), changed: Condvar::new() }
+    }
+
+    fn wait(&self) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        if state.2 {
+            return Err(shard_failed());
+        }
+        let generation = state.1;
+        state.0 += 1;
+        if state.0 == self.n {
+            *state = (0, generation + 1, false);
+            self.changed.notify_all();
+            return Ok(());
+        }
+        while state.1 == generation && !state.2 {
+            state = self.changed.wait(state).unwrap();
+        }
+        if state.1 == generation { Err(shard_failed()) } else { Ok(()) }
+    }
+
+    fn poison(&self) {
+        self.state.lock().unwrap().2 = true;
+        self.changed.notify_all();
+    }
+}
+
+fn shard_failed() -> crate::Error {
+    crate::Error::ShardFailed
 }
 
 /// Shards as threads of one process: each collective writes this shard's tensor to its slot,
@@ -79,7 +123,7 @@ impl CpuComm {
     /// The `world_size` ends of one new group, rank 0 first.
     pub fn group(world_size: usize) -> Vec<CpuComm> {
         let shared = Arc::new(Shared {
-            barrier: Barrier::new(world_size),
+            barrier: PoisonableBarrier::new(world_size),
             slots: (0..world_size).map(|_| Mutex::new(None)).collect(),
         });
         (0..world_size).map(|rank| CpuComm { rank, shared: shared.clone() }).collect()
@@ -88,9 +132,9 @@ impl CpuComm {
     /// Publishes `mine` (if any), then calls `read` with every slot, in lockstep with the group.
     fn exchange<T>(&self, mine: Option<Blob>, read: impl FnOnce(&[Mutex<Option<Blob>>]) -> Result<T>) -> Result<T> {
         *self.shared.slots[self.rank].lock().unwrap() = mine;
-        self.shared.barrier.wait();
+        self.shared.barrier.wait()?;
         let out = read(&self.shared.slots);
-        self.shared.barrier.wait();
+        self.shared.barrier.wait()?;
         out
     }
 }
@@ -135,6 +179,10 @@ impl Communicator for CpuComm {
         let mine = if self.rank == root { Some(Blob::of(t)?) } else { None };
         self.exchange(mine, |slots| slots[root].lock().unwrap().as_ref().expect("the root publishes").tensor(device))
     }
+
+    fn poison(&self) {
+        self.shared.barrier.poison();
+    }
 }
 
 /// The part `[start, start + len)` of `n` items that shard `rank` of `world` takes: the first
@@ -161,6 +209,31 @@ mod tests {
             assert!(max - min <= 1, "{n} over {world}: {parts:?}");
         }
         assert_eq!(split(71, 3, 4), (54, 17));
+    }
+
+    #[test]
+    fn a_failed_shard_breaks_the_others_collectives_instead_of_hanging_them() {
+        let comms = CpuComm::group(3);
+        let errors: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = comms
+                .iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        if c.rank() == 2 {
+                            // This shard fails before its collective.
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            c.poison();
+                            return "poisoned".to_owned();
+                        }
+                        c.all_reduce_sum(&Tensor::from_slice(&[1.0f32])).unwrap_err().to_string()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(errors[..2].iter().all(|e| e.contains("shard")), "{errors:?}");
+        // Once poisoned, the group stays failed.
+        assert!(comms[0].all_reduce_sum(&Tensor::from_slice(&[1.0f32])).is_err());
     }
 
     #[test]

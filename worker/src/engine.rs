@@ -86,6 +86,7 @@ pub fn spawn(
                 metrics,
                 senders: HashMap::new(),
                 recent_steps: VecDeque::new(),
+                unrecoverable: false,
             };
             let warm = engine.warm_up();
             let ok = warm.is_ok();
@@ -106,6 +107,8 @@ struct Engine {
     senders: HashMap<String, EventSender>,
     /// When the last steps ended, for steps per second.
     recent_steps: VecDeque<Instant>,
+    /// A tensor-parallel shard failed: no step can run any more.
+    unrecoverable: bool,
 }
 
 const RATE_WINDOW: Duration = Duration::from_secs(5);
@@ -129,6 +132,13 @@ impl Engine {
             }
             self.cancel_abandoned();
             self.step();
+            if self.unrecoverable {
+                // The failed step's requests have their error. Nothing else can run here, so the
+                // process exits non-zero: Kubernetes restarts it, routers take it out.
+                tracing::error!("a tensor-parallel shard failed; exiting so that the worker is restarted");
+                std::thread::sleep(Duration::from_millis(200));
+                std::process::exit(70);
+            }
         }
     }
 
@@ -200,7 +210,10 @@ impl Engine {
         }
         let events = match logits {
             Ok(Ok(logits)) => self.scheduler.complete(plan, &logits, vocab_size, now),
-            Ok(Err(e)) => self.fail(plan, e.to_string(), now),
+            Ok(Err(e)) => {
+                self.unrecoverable |= matches!(e, Error::ShardFailed);
+                self.fail(plan, e.to_string(), now)
+            }
             Err(panic) => {
                 let message = panic.downcast_ref::<String>().cloned().unwrap_or_else(|| "engine step panicked".into());
                 self.fail(plan, message, now)

@@ -104,6 +104,8 @@ struct Follower {
 /// `N` shards in lockstep; see the module comment.
 pub struct TensorParallel {
     leader: Local,
+    /// Rank 0's communicator, to break the group when the leader's own step fails.
+    leader_comm: Arc<dyn Communicator>,
     followers: Vec<Follower>,
     weight_bytes: Vec<i64>,
 }
@@ -161,6 +163,7 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
         let (done_tx, done) = mpsc::channel();
         let (loaded_tx, loaded_rx) = mpsc::channel();
         let (config, dir, dtype, device) = (config.clone(), dir.to_owned(), options.dtype, device_of(rank));
+        let comm_for_poison = comm.clone();
         let thread = std::thread::Builder::new()
             .name(format!("onehead-shard-{rank}"))
             .spawn(move || {
@@ -189,9 +192,14 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
                                     logits: c.logits,
                                 })
                                 .collect();
-                            shard.step(&inputs).map(drop)
+                            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.step(&inputs)));
+                            step.unwrap_or(Err(Error::ShardFailed)).map(drop)
                         }
                     };
+                    // A shard that failed must not leave the others waiting in a collective.
+                    if result.is_err() {
+                        comm_for_poison.poison();
+                    }
                     if done_tx.send(result).is_err() {
                         return;
                     }
@@ -203,12 +211,12 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
     }
     tch::set_num_threads(threads);
     let ckpt = Checkpoint::open(dir)?;
-    let leader = Local::new(models::load(config, &ckpt, options.dtype, device_of(0), leader_comm)?);
+    let leader = Local::new(models::load(config, &ckpt, options.dtype, device_of(0), leader_comm.clone())?);
     let mut weight_bytes = vec![leader.model.weight_bytes()];
     for rx in loaded {
         weight_bytes.push(rx.recv().map_err(|_| Error::EngineStopped)??);
     }
-    Ok(Box::new(TensorParallel { leader, followers, weight_bytes }))
+    Ok(Box::new(TensorParallel { leader, leader_comm, followers, weight_bytes }))
 }
 
 impl TensorParallel {
@@ -221,11 +229,22 @@ impl TensorParallel {
         for f in &self.followers {
             f.commands.as_ref().expect("live").send(command()).map_err(|_| Error::EngineStopped)?;
         }
-        let out = lead(&mut self.leader);
-        for f in &self.followers {
-            f.done.recv().map_err(|_| Error::EngineStopped)??;
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lead(&mut self.leader)))
+            .unwrap_or(Err(Error::ShardFailed));
+        if out.is_err() {
+            self.leader_comm.poison();
         }
-        out
+        // Every follower answers (done or failed) before the next command is sent.
+        let mut first_error = None;
+        for f in &self.followers {
+            if let Err(e) = f.done.recv().map_err(|_| Error::ShardFailed).and_then(|r| r) {
+                first_error.get_or_insert(e);
+            }
+        }
+        match (out, first_error) {
+            (Err(e), _) | (Ok(_), Some(e)) => Err(e),
+            (Ok(v), None) => Ok(v),
+        }
     }
 }
 

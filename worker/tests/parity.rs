@@ -254,3 +254,26 @@ fn shard_weight_bytes_match_the_formula() {
         }
     }
 }
+
+/// A step that fails inside the shards (here: a KV slot past the end of the pool) returns an
+/// error at every TP degree instead of hanging the shards that are waiting for the others.
+#[test]
+fn a_failing_sharded_step_errors_instead_of_hanging() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut lm, _) = load_tp("mqa_f32", 2);
+        lm.runner.allocate_kv(8).unwrap();
+        let bad = KvSlot { start: 6, capacity: 8 };
+        let first =
+            lm.runner.step(&[ChunkInput { token_ids: &[1, 2, 3, 4], slot: bad, n_cached: 0, logits: Logits::Last }]);
+        let ok_slot = KvSlot { start: 0, capacity: 8 };
+        let second =
+            lm.runner.step(&[ChunkInput { token_ids: &[1], slot: ok_slot, n_cached: 0, logits: Logits::Last }]);
+        let _ = tx.send((first.is_err(), second.map(|_| ()).map_err(|e| e.to_string())));
+    });
+    let (first_failed, second) = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("no hang");
+    assert!(first_failed);
+    // The group is broken after a shard failed: later steps say so.
+    let err = second.expect_err("a broken group refuses further steps");
+    assert!(err.contains("shard"), "{err}");
+}
