@@ -122,7 +122,12 @@ impl Proc {
 
 /// A worker serving `builtin:tiny` with one intra-op thread.
 pub async fn worker(extra: &[&str]) -> Proc {
-    let mut args = vec!["serve", "--model", "builtin:tiny", "--threads", "1"];
+    worker_with_model("builtin:tiny", extra).await
+}
+
+/// A worker serving `model` with one intra-op thread, ready to serve.
+pub async fn worker_with_model(model: &str, extra: &[&str]) -> Proc {
+    let mut args = vec!["serve", "--model", model, "--threads", "1"];
     if !extra.contains(&"--listen") {
         args.extend(["--listen", "127.0.0.1:0"]);
     }

@@ -5,6 +5,8 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
+use crate::builtin::{Part, random_blocks};
+
 /// The SantaCoder shape (bigcode/gpt_bigcode-santacoder).
 pub struct Shape {
     pub n_layer: i64,
@@ -16,6 +18,28 @@ pub struct Shape {
 
 pub const SANTACODER: Shape = Shape { n_layer: 24, n_embd: 2048, n_head: 16, vocab_size: 49280, n_positions: 2048 };
 pub const SMOKE: Shape = Shape { n_layer: 2, n_embd: 256, n_head: 4, vocab_size: 1000, n_positions: 512 };
+
+/// Where the benchmarks' random checkpoints live, and which shape they have.
+#[derive(clap::Args, Debug)]
+pub struct CheckpointArgs {
+    /// Where the random checkpoints are written (and reused).
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("onehead-bench"))]
+    pub dir: std::path::PathBuf,
+    /// Smaller shapes, for a quick check that the benchmark runs.
+    #[arg(long)]
+    pub smoke: bool,
+}
+
+impl CheckpointArgs {
+    /// The folder of the SantaCoder-shaped checkpoint (`multi_query` or not), written on first use.
+    pub fn checkpoint(&self, multi_query: bool) -> anyhow::Result<std::path::PathBuf> {
+        let (shape, suffix) = if self.smoke { (SMOKE, "-smoke") } else { (SANTACODER, "") };
+        let name = if multi_query { "mqa" } else { "mha" };
+        let dir = self.dir.join(format!("santacoder-{name}{suffix}"));
+        write_checkpoint(&dir, &shape, multi_query)?;
+        Ok(dir)
+    }
+}
 
 /// The median of `xs` (the upper one for an even count).
 pub fn median(xs: &[f64]) -> f64 {
@@ -43,22 +67,10 @@ pub fn write_checkpoint(dir: &Path, shape: &Shape, multi_query: bool) -> anyhow:
         ("transformer.ln_f.weight".into(), randn(&[n_embd]) + 1.0),
         ("transformer.ln_f.bias".into(), randn(&[n_embd])),
     ];
-    for i in 0..n_layer {
-        let p = format!("transformer.h.{i}");
-        for (name, out_dim, in_dim) in [
-            ("attn.c_attn", n_embd + 2 * kv_dim, n_embd),
-            ("attn.c_proj", n_embd, n_embd),
-            ("mlp.c_fc", 4 * n_embd, n_embd),
-            ("mlp.c_proj", n_embd, 4 * n_embd),
-        ] {
-            tensors.push((format!("{p}.{name}.weight"), randn(&[out_dim, in_dim])));
-            tensors.push((format!("{p}.{name}.bias"), randn(&[out_dim])));
-        }
-        for ln in ["ln_1", "ln_2"] {
-            tensors.push((format!("{p}.{ln}.weight"), randn(&[n_embd]) + 1.0));
-            tensors.push((format!("{p}.{ln}.bias"), randn(&[n_embd])));
-        }
-    }
+    tensors.extend(random_blocks(n_layer, n_embd, kv_dim, |part, shape| match part {
+        Part::NormWeight => randn(shape) + 1.0,
+        _ => randn(shape),
+    }));
     Tensor::write_safetensors(&tensors, dir.join("model.safetensors"))?;
     let config = serde_json::json!({
         "model_type": "gpt_bigcode", "architectures": ["GPTBigCodeForCausalLM"],
@@ -121,7 +133,7 @@ impl DecoderSpec {
     /// K/V heads shard `rank` of `world` caches: the one head of MQA on every shard; else the
     /// heads that go with its query heads.
     pub fn kv_heads(&self, rank: usize, world: usize) -> i64 {
-        if self.n_kv_heads == 1 { 1 } else { crate::comm::split(self.n_kv_heads, rank, world).1 }
+        crate::comm::shard_kv_heads(self.n_kv_heads, rank, world)
     }
 
     /// Weight elements one forward pass reads on shard `rank` of `world` (the LM head whole,

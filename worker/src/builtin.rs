@@ -89,25 +89,50 @@ fn write_tiny(dir: &Path) -> Result<()> {
         ("transformer.ln_f.bias".into(), randn(&[N_EMBD], 0.02).index_fill(0, &Tensor::from_slice(&[0i64]), 4.0)),
         ("lm_head.weight".into(), lm_head(randn(&[VOCAB, N_EMBD], 0.3))),
     ];
-    for i in 0..N_LAYER {
-        let p = format!("transformer.h.{i}");
-        let linears = [
-            ("attn.c_attn", N_EMBD + 2 * head_dim, N_EMBD),
-            ("attn.c_proj", N_EMBD, N_EMBD),
-            ("mlp.c_fc", 4 * N_EMBD, N_EMBD),
-            ("mlp.c_proj", N_EMBD, 4 * N_EMBD),
-        ];
-        for (name, out_dim, in_dim) in linears {
-            tensors.push((format!("{p}.{name}.weight"), randn(&[out_dim, in_dim], 1.0 / (in_dim as f64).sqrt())));
-            tensors.push((format!("{p}.{name}.bias"), randn(&[out_dim], 0.02)));
-        }
-        for ln in ["ln_1", "ln_2"] {
-            tensors.push((format!("{p}.{ln}.weight"), Tensor::ones([N_EMBD], (Kind::Float, tch::Device::Cpu))));
-            tensors.push((format!("{p}.{ln}.bias"), randn(&[N_EMBD], 0.02)));
-        }
-    }
+    tensors.extend(random_blocks(N_LAYER, N_EMBD, head_dim, |part, shape| match part {
+        Part::Weight { fan_in } => randn(shape, 1.0 / (fan_in as f64).sqrt()),
+        Part::NormWeight => Tensor::ones(shape, (Kind::Float, tch::Device::Cpu)),
+        Part::Bias | Part::NormBias => randn(shape, 0.02),
+    }));
     Tensor::write_safetensors(&tensors, dir.join("model.safetensors"))?;
     Ok(())
+}
+
+/// What a tensor of a GPTBigCode block is, for random initialisation.
+pub(crate) enum Part {
+    Weight { fan_in: i64 },
+    Bias,
+    NormWeight,
+    NormBias,
+}
+
+/// The tensors of `n_layer` random GPTBigCode blocks (`kv_dim`: head_dim for multi-query,
+/// `n_embd` for multi-head), named as in Hugging Face checkpoints, drawn by `init` in a fixed
+/// order. Shared by the built-in model and the benchmarks' checkpoints.
+pub(crate) fn random_blocks(
+    n_layer: i64,
+    n_embd: i64,
+    kv_dim: i64,
+    mut init: impl FnMut(Part, &[i64]) -> Tensor,
+) -> Vec<(String, Tensor)> {
+    let mut tensors = Vec::new();
+    for i in 0..n_layer {
+        let p = format!("transformer.h.{i}");
+        for (name, out_dim, in_dim) in [
+            ("attn.c_attn", n_embd + 2 * kv_dim, n_embd),
+            ("attn.c_proj", n_embd, n_embd),
+            ("mlp.c_fc", 4 * n_embd, n_embd),
+            ("mlp.c_proj", n_embd, 4 * n_embd),
+        ] {
+            tensors.push((format!("{p}.{name}.weight"), init(Part::Weight { fan_in: in_dim }, &[out_dim, in_dim])));
+            tensors.push((format!("{p}.{name}.bias"), init(Part::Bias, &[out_dim])));
+        }
+        for ln in ["ln_1", "ln_2"] {
+            tensors.push((format!("{p}.{ln}.weight"), init(Part::NormWeight, &[n_embd])));
+            tensors.push((format!("{p}.{ln}.bias"), init(Part::NormBias, &[n_embd])));
+        }
+    }
+    tensors
 }
 
 /// Sets column 0 of the LM head to +1 for printable ASCII (and newline) and -1 for the rest.

@@ -185,6 +185,12 @@ impl Communicator for CpuComm {
     }
 }
 
+/// The K/V heads shard `rank` of `world` caches: the one head of a multi-query model on every
+/// shard; otherwise its share, split like the query heads.
+pub fn shard_kv_heads(n_kv_heads: i64, rank: usize, world: usize) -> i64 {
+    if n_kv_heads == 1 { 1 } else { split(n_kv_heads, rank, world).1 }
+}
+
 /// The part `[start, start + len)` of `n` items that shard `rank` of `world` takes: the first
 /// `n % world` shards take one more, so any `n` splits (71 heads over 4 shards: 18, 18, 18, 17).
 pub fn split(n: i64, rank: usize, world: usize) -> (i64, i64) {

@@ -36,7 +36,6 @@ impl KvShape {
 pub struct KvPool {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
-    capacity_tokens: i64,
 }
 
 impl KvPool {
@@ -45,11 +44,7 @@ impl KvPool {
         let alloc = || Tensor::f_zeros(dims, (kind, device));
         let k = (0..shape.n_layers).map(|_| alloc()).collect::<Result<_, _>>()?;
         let v = (0..shape.n_layers).map(|_| alloc()).collect::<Result<_, _>>()?;
-        Ok(KvPool { k, v, capacity_tokens })
-    }
-
-    pub fn capacity_tokens(&self) -> i64 {
-        self.capacity_tokens
+        Ok(KvPool { k, v })
     }
 
     /// Stores `k` and `v`, each `(n_kv_heads, n_new, head_dim)`, at positions `pos..pos + n_new`

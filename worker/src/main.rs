@@ -277,9 +277,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             .encode(text)?,
         (None, None) => unreachable!("clap requires one"),
     };
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-    });
+    let seed = args.seed.unwrap_or_else(onehead_worker::sampling::clock_seed);
     let sampling = SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,

@@ -7,7 +7,7 @@
 
 use onehead_telemetry::{Counter, Gauge, Histogram, Registry, SECONDS_BUCKETS};
 
-use crate::comm::split;
+use crate::comm::{shard_kv_heads, split};
 use crate::kv_cache::KvShape;
 use crate::models::ModelShape;
 use crate::scheduler::{Finished, LoadSnapshot, StepPlan};
@@ -43,7 +43,7 @@ impl ShardBytes {
                 let per_head = 2 * kv.n_layers * kv.head_dim * dtype_bytes;
                 // A multi-head model split like this one gives each shard its query heads' K/V.
                 let q_heads = split(shape.n_heads, rank, tp).1;
-                let kv_heads = if shape.n_kv_heads == 1 { 1 } else { split(shape.n_kv_heads, rank, tp).1 };
+                let kv_heads = shard_kv_heads(shape.n_kv_heads, rank, tp);
                 ShardBytes {
                     weight_bytes,
                     kv_bytes_per_token: per_head * kv_heads,

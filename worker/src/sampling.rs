@@ -124,6 +124,11 @@ impl Sampler {
     }
 }
 
+/// A seed from the clock, for requests that give none.
+pub fn clock_seed() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// Index of the largest value; the first one on ties, as `torch.argmax`.
 pub fn argmax(xs: &[f32]) -> usize {
     let mut best = 0;

@@ -17,7 +17,7 @@ use crate::engine::EngineHandle;
 use crate::error::Error;
 use crate::generate::{FinishReason, StoppingCriteria, validate_request};
 use crate::models::ModelShape;
-use crate::sampling::{Choice, SamplingParams};
+use crate::sampling::{Choice, SamplingParams, clock_seed};
 use crate::scheduler::{self, Event};
 
 /// What `Info` reports; fixed at startup.
@@ -86,10 +86,6 @@ impl WorkerService {
             arrived,
         })
     }
-}
-
-fn clock_seed() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn to_proto(event: Event) -> pb::GenerateResponse {

@@ -2,59 +2,30 @@
 //! process on 127.0.0.1 and a real gRPC client.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use onehead_proto::worker::v1 as pb;
+use onehead_tests::Proc;
 use onehead_worker::generate::{StoppingCriteria, generate};
 use onehead_worker::loader::{LoadOptions, load_model};
 use onehead_worker::sampling::SamplingParams;
 use pb::worker_client::WorkerClient;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
 
 fn fixture(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name).to_string_lossy().into_owned()
 }
 
-/// A running `onehead-worker serve`, killed on drop.
+/// A running `onehead-worker serve` (killed on drop) and a client for it.
 struct Server {
-    child: tokio::process::Child,
+    _process: Proc,
     client: WorkerClient<Channel>,
 }
 
 impl Server {
     async fn start(model: &str, flags: &[&str]) -> Server {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_onehead-worker"))
-            .args(["serve", "--model", model, "--listen", "127.0.0.1:0", "--threads", "1"])
-            .args(flags)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(addr) = line.strip_prefix("listening on ") {
-                    return addr.to_owned();
-                }
-            }
-            panic!("the server exited before listening")
-        })
-        .await
-        .expect("server start");
-        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let status = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
-            if status.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "never became SERVING");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Server { child, client: WorkerClient::new(channel) }
+        let process = onehead_tests::worker_with_model(model, flags).await;
+        Server { client: WorkerClient::new(process.channel().await), _process: process }
     }
 
     async fn load(&self) -> pb::Load {
@@ -72,12 +43,6 @@ impl Server {
             assert!(Instant::now() < deadline, "timed out waiting for {what}: {load:?}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use onehead_worker::bench::{SANTACODER, SMOKE, median, write_checkpoint};
+use onehead_worker::bench::{CheckpointArgs, median};
 use onehead_worker::config::Dtype;
 use onehead_worker::generate::StoppingCriteria;
 use onehead_worker::kv_cache::KvSlot;
@@ -24,9 +24,8 @@ use tch::Kind;
 
 #[derive(Parser)]
 struct Args {
-    /// Where the random checkpoints are written (and reused).
-    #[arg(long, default_value_os_t = std::env::temp_dir().join("onehead-bench"))]
-    dir: PathBuf,
+    #[command(flatten)]
+    checkpoints: CheckpointArgs,
     /// Prompt tokens of each request in the throughput runs.
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
@@ -47,9 +46,6 @@ struct Args {
     /// per step, OTLP off) costs per step at batch 32, and exit.
     #[arg(long)]
     telemetry_overhead: bool,
-    /// Smaller shapes, for a quick check that the benchmark runs.
-    #[arg(long)]
-    smoke: bool,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -59,18 +55,15 @@ fn main() -> anyhow::Result<()> {
     if args.telemetry_overhead {
         return telemetry_overhead();
     }
-    let shape = if args.smoke { SMOKE } else { SANTACODER };
-    let suffix = if args.smoke { "-smoke" } else { "" };
-    let load = |name: &str, multi_query: bool| -> anyhow::Result<LoadedModel> {
-        let dir = args.dir.join(format!("santacoder-{name}{suffix}"));
-        write_checkpoint(&dir, &shape, multi_query)?;
+    let load = |multi_query: bool| -> anyhow::Result<LoadedModel> {
+        let dir = args.checkpoints.checkpoint(multi_query)?;
         let options = LoadOptions { dtype: Some(Dtype::Bf16), ..Default::default() };
         Ok(load_model(dir.to_str().unwrap(), &options)?)
     };
     println!("onehead-batch-bench: {} LibTorch threads", tch::get_num_threads());
     let mut report = serde_json::json!({"threads": tch::get_num_threads()});
 
-    let mut mqa = load("mqa", true)?;
+    let mut mqa = load(true)?;
     let mut throughput = Vec::new();
     for &c in &args.concurrency {
         let r = throughput_run(&mut mqa, c, &args)?;
@@ -85,7 +78,7 @@ fn main() -> anyhow::Result<()> {
 
     let mqa_step = compare_run(&mut mqa, &args)?;
     drop(mqa);
-    let mut mha = load("mha", false)?;
+    let mut mha = load(false)?;
     let mha_step = compare_run(&mut mha, &args)?;
     let predicted = mha_step.bytes as f64 / mqa_step.bytes as f64;
     let measured = mha_step.ms / mqa_step.ms;

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use onehead_worker::bandwidth::{device_copy_gbs, streaming_read_gbs};
-use onehead_worker::bench::{SANTACODER, SMOKE, median, write_checkpoint};
+use onehead_worker::bench::{CheckpointArgs, median};
 use onehead_worker::config::Dtype;
 use onehead_worker::kv_cache::KvSlot;
 use onehead_worker::loader::{LoadOptions, load_model};
@@ -22,9 +22,8 @@ use tch::{Kind, Tensor};
 
 #[derive(Parser)]
 struct Args {
-    /// Where the random checkpoints are written (and reused).
-    #[arg(long, default_value_os_t = std::env::temp_dir().join("onehead-bench"))]
-    dir: PathBuf,
+    #[command(flatten)]
+    checkpoints: CheckpointArgs,
     /// Prompt tokens before the timed decode steps.
     #[arg(long, default_value_t = 128)]
     context: i64,
@@ -45,9 +44,6 @@ struct Args {
     /// Print the computed per-shard bytes of SantaCoder and Falcon-7B at TP 1, 2, 4, 8 and exit.
     #[arg(long)]
     shard_table: bool,
-    /// Smaller shapes, for a quick check that the benchmark runs.
-    #[arg(long)]
-    smoke: bool,
     /// Also write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -59,7 +55,6 @@ fn main() -> anyhow::Result<()> {
         print_shard_table();
         return Ok(());
     }
-    let shape = if args.smoke { SMOKE } else { SANTACODER };
     let threads = tch::get_num_threads();
     println!("onehead-engine-bench: {threads} LibTorch threads, context {}, {} timed steps", args.context, args.steps);
 
@@ -83,8 +78,7 @@ fn main() -> anyhow::Result<()> {
     let mut results = Vec::new();
     for multi_query in [true, false] {
         let name = if multi_query { "mqa" } else { "mha" };
-        let dir = args.dir.join(format!("santacoder-{name}{}", if args.smoke { "-smoke" } else { "" }));
-        write_checkpoint(&dir, &shape, multi_query)?;
+        let dir = args.checkpoints.checkpoint(multi_query)?;
         let r = bench_model(&dir, &args, stream_n, device)?;
         println!(
             "{name}: {:.1} ms/step engine | {:.1} ms kernels alone ({:.1} GB/s) -> engine overhead {:+.1}% | roofline {:.1} ms ({:.0}% of it) | {:.3} GB weights + {:.1} MB KV read per step",

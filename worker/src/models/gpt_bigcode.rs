@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tch::{Device, Tensor};
 
 use super::{Batch, CausalLm, LayerNorm, Linear, ModelShape, attend, tensor_bytes};
-use crate::comm::{Communicator, split};
+use crate::comm::{Communicator, shard_kv_heads, split};
 use crate::config::{Activation, Dtype, GptBigCodeConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvPool;
@@ -87,7 +87,8 @@ impl GptBigCode {
         let (inner_start, n_inner) = split(c.n_inner, rank, world);
         let (vocab_start, vocab_len) = split(c.vocab_size, rank, world);
         let multi_query = c.n_kv_heads == 1;
-        let part = ShardPart { n_heads, n_kv_heads: if multi_query { 1 } else { n_heads }, vocab_start, vocab_len };
+        let n_kv_heads = shard_kv_heads(c.n_kv_heads, rank, world);
+        let part = ShardPart { n_heads, n_kv_heads, vocab_start, vocab_len };
         let rows =
             |name: &str, shape: &[i64], start: i64, len: i64| ckpt.get_part(name, shape, 0, start, len, dtype, device);
         let cols =
