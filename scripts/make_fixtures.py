@@ -6,17 +6,18 @@ far from uniform) plus `reference.json`: the greedy continuation of a fixed prom
 `transformers` with its KV cache, the logprob of each chosen token (log-softmax of the raw
 logits), and the logprob of every next token of the whole sequence from one full forward.
 
-Run it with the project's torch environment plus transformers:
+Run it with the project's torch environment plus transformers (names limit it to those cases):
     .venv/bin/pip install transformers==5.24.0
-    .venv/bin/python scripts/make_fixtures.py
+    .venv/bin/python scripts/make_fixtures.py [CASE ...]
 """
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+from transformers import FalconConfig, FalconForCausalLM, GPTBigCodeConfig, GPTBigCodeForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 NEW_TOKENS = 20
@@ -28,7 +29,7 @@ def widen(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if "ln" in name and name.endswith("weight"):
+            if ("ln" in name or "layernorm" in name) and name.endswith("weight"):
                 p.copy_(1.0 + 0.2 * noise)
             elif name.endswith("bias"):
                 p.copy_(0.1 * noise)
@@ -61,21 +62,45 @@ def reference(model, prompt_ids):
     return new_ids, logprobs, seq_logprobs
 
 
-def case(name, *, seed, prompt_len, dtype=torch.float32, max_shard_size=None, **config):
-    torch.manual_seed(seed)
+def gpt_bigcode(**config):
     cfg = GPTBigCodeConfig(n_positions=64, n_layer=2, bos_token_id=0, eos_token_id=1, **config)
-    model = GPTBigCodeForCausalLM(cfg).eval()
+    return GPTBigCodeForCausalLM(cfg)
+
+
+def falcon(**config):
+    cfg = FalconConfig(max_position_embeddings=64, num_hidden_layers=2, bos_token_id=0, eos_token_id=1, **config)
+    return FalconForCausalLM(cfg)
+
+
+# The RefinedWeb code's names for FalconConfig's (tiiuae's original config.json files).
+REFINED_WEB_NAMES = {"num_attention_heads": "n_head", "num_hidden_layers": "n_layer", "num_kv_heads": "n_head_kv"}
+
+
+def refined_web(out: Path, model_type: str, drop: tuple) -> None:
+    """Rewrites a saved Falcon config.json in the RefinedWeb dialect, without the keys `drop`."""
+    path = out / "config.json"
+    config = json.loads(path.read_text())
+    config = {REFINED_WEB_NAMES.get(k, k): v for k, v in config.items() if k not in drop}
+    config["model_type"] = model_type
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def case(name, model, *, seed, prompt_len, dtype=torch.float32, max_shard_size=None, dialect=None):
+    torch.manual_seed(seed)
+    model = model().eval()
     widen(model, seed)
     model = model.to(dtype)
     out = ROOT / name
     shutil.rmtree(out, ignore_errors=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, safe_serialization=True, **kwargs)
+    if dialect:
+        refined_web(out, *dialect)
     # The reference runs in f32 on exactly the stored weights (bf16 ones are upcast exactly).
     ref_model = model.float().eval()
     g = torch.Generator().manual_seed(seed + 1)
     # Avoid the EOS id in the prompt; the continuation is greedy and ignores EOS.
-    prompt_ids = [int(t) for t in torch.randint(2, cfg.vocab_size, (prompt_len,), generator=g)]
+    prompt_ids = [int(t) for t in torch.randint(2, model.config.vocab_size, (prompt_len,), generator=g)]
     new_ids, logprobs, seq_logprobs = reference(ref_model, prompt_ids)
     ref = {
         "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
@@ -89,17 +114,52 @@ def case(name, *, seed, prompt_len, dtype=torch.float32, max_shard_size=None, **
     print(f"{name}: {size / 1024:.0f} KiB, new_ids {new_ids}")
 
 
-def main():
+def cases():
     common = dict(n_embd=32, n_head=4, vocab_size=97)
-    case("mqa_f32", seed=1, prompt_len=7, multi_query=True, activation_function="gelu_pytorch_tanh", **common)
-    case("mha_f32", seed=2, prompt_len=9, multi_query=False, activation_function="gelu", **common)
+    yield "mqa_f32", dict(seed=1, prompt_len=7), lambda: gpt_bigcode(
+        multi_query=True, activation_function="gelu_pytorch_tanh", **common)
+    yield "mha_f32", dict(seed=2, prompt_len=9), lambda: gpt_bigcode(
+        multi_query=False, activation_function="gelu", **common)
     # head_dim 12, 7 heads (no split of 2, 3 or 4 is even), untied LM head, unscaled attention.
-    case("mqa_hd12_untied", seed=3, prompt_len=5, multi_query=True, n_embd=84, n_head=7, n_inner=96,
-         vocab_size=101, tie_word_embeddings=False, scale_attn_weights=False, layer_norm_epsilon=1e-4,
-         activation_function="gelu_pytorch_tanh")
-    case("mqa_sharded", seed=4, prompt_len=11, multi_query=True, n_embd=48, n_head=6, vocab_size=89,
-         max_shard_size="40KB", activation_function="gelu_new")
-    case("mqa_bf16", seed=5, prompt_len=6, dtype=torch.bfloat16, multi_query=True, **common)
+    yield "mqa_hd12_untied", dict(seed=3, prompt_len=5), lambda: gpt_bigcode(
+        multi_query=True, n_embd=84, n_head=7, n_inner=96, vocab_size=101, tie_word_embeddings=False,
+        scale_attn_weights=False, layer_norm_epsilon=1e-4, activation_function="gelu_pytorch_tanh")
+    yield "mqa_sharded", dict(seed=4, prompt_len=11, max_shard_size="40KB"), lambda: gpt_bigcode(
+        multi_query=True, n_embd=48, n_head=6, vocab_size=89, activation_function="gelu_new")
+    yield "mqa_bf16", dict(seed=5, prompt_len=6, dtype=torch.bfloat16), lambda: gpt_bigcode(
+        multi_query=True, **common)
+    # Falcon-7B's layout: multi-query, parallel attention and MLP on one norm, 7 heads (odd).
+    yield "falcon_mqa", dict(seed=11, prompt_len=9), lambda: falcon(
+        hidden_size=56, num_attention_heads=7, vocab_size=103, multi_query=True, parallel_attn=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    # Falcon-40B's: the new decoder architecture, 4 K/V groups of 2 (3 shards split a group),
+    # two norms, biases.
+    yield "falcon_gqa", dict(seed=12, prompt_len=8), lambda: falcon(
+        hidden_size=64, num_attention_heads=8, num_kv_heads=4, vocab_size=107, new_decoder_architecture=True,
+        bias=True, ffn_hidden_size=96)
+    # The new decoder architecture on one norm, 3 groups of 2 query heads, untied LM head.
+    yield "falcon_gqa_one_ln", dict(seed=13, prompt_len=6), lambda: falcon(
+        hidden_size=48, num_attention_heads=6, num_kv_heads=3, vocab_size=89, new_decoder_architecture=True,
+        num_ln_in_parallel_attn=1, tie_word_embeddings=False, activation="gelu_pytorch_tanh")
+    # tiiuae's original Falcon-7B dialect (RefinedWebModel), here with multi-head attention run
+    # sequentially (attention, then MLP, each on its own norm).
+    yield "falcon_rw_mha_sequential", dict(
+        seed=14, prompt_len=7, dialect=("RefinedWebModel", ("rope_parameters", "num_kv_heads"))), lambda: falcon(
+        hidden_size=32, num_attention_heads=4, vocab_size=97, multi_query=False, parallel_attn=False)
+    # tiiuae's original Falcon-40B dialect (RefinedWeb): n_head_kv groups, and no
+    # new_decoder_architecture key (the dialect implies it).
+    yield "falcon_rw40b", dict(
+        seed=15, prompt_len=7,
+        dialect=("RefinedWeb", ("rope_parameters", "new_decoder_architecture", "num_ln_in_parallel_attn"))),\
+        lambda: falcon(hidden_size=48, num_attention_heads=6, num_kv_heads=2, vocab_size=97,
+                       new_decoder_architecture=True)
+
+
+def main():
+    wanted = set(sys.argv[1:])
+    for name, options, model in cases():
+        if not wanted or name in wanted:
+            case(name, model, **options)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-//! Shared pieces of the benchmark binaries: SantaCoder-shaped random checkpoints and medians.
-//! Not used by the engine itself.
+//! Shared pieces of the benchmark binaries: SantaCoder- and Falcon-7B-shaped random checkpoints
+//! and medians. Not used by the engine itself.
 
 use std::path::Path;
 
@@ -31,6 +31,14 @@ pub struct CheckpointArgs {
 }
 
 impl CheckpointArgs {
+    /// The folder of the Falcon-7B-shaped checkpoint (about 14.5 GB), written on first use.
+    pub fn falcon_checkpoint(&self) -> anyhow::Result<std::path::PathBuf> {
+        let (shape, name) = if self.smoke { (FALCON_SMOKE, "falcon-7b-smoke") } else { (FALCON_7B, "falcon-7b") };
+        let dir = self.dir.join(name);
+        write_falcon_checkpoint(&dir, &shape)?;
+        Ok(dir)
+    }
+
     /// The folder of the SantaCoder-shaped checkpoint (`multi_query` or not), written on first use.
     pub fn checkpoint(&self, multi_query: bool) -> anyhow::Result<std::path::PathBuf> {
         let (shape, suffix) = if self.smoke { (SMOKE, "-smoke") } else { (SANTACODER, "") };
@@ -83,6 +91,84 @@ pub fn write_checkpoint(dir: &Path, shape: &Shape, multi_query: bool) -> anyhow:
     Ok(())
 }
 
+/// The Falcon-7B shape (tiiuae/falcon-7b): multi-query, 71 heads of 64, parallel attention
+/// and MLP on one norm, no biases.
+pub const FALCON_7B: Shape = Shape { n_layer: 32, n_embd: 4544, n_head: 71, vocab_size: 65024, n_positions: 2048 };
+pub const FALCON_SMOKE: Shape = Shape { n_layer: 2, n_embd: 284, n_head: 71, vocab_size: 1000, n_positions: 512 };
+
+/// Random bf16 values (normal, std 0.02, plus `offset`) of a checkpoint tensor, made only when
+/// the safetensors writer asks for its bytes: a checkpoint larger than memory is written one
+/// tensor at a time.
+struct RandomTensor {
+    shape: Vec<usize>,
+    seed: i64,
+    offset: f64,
+}
+
+impl safetensors::View for RandomTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::BF16
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        tch::manual_seed(self.seed);
+        let dims: Vec<i64> = self.shape.iter().map(|&d| d as i64).collect();
+        let t = (Tensor::randn(&dims, (Kind::Float, tch::Device::Cpu)) * 0.02 + self.offset).to_kind(Kind::BFloat16);
+        let mut bytes = vec![0u8; self.data_len()];
+        t.copy_data_u8(&mut bytes, t.numel());
+        bytes.into()
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * 2
+    }
+}
+
+/// Writes a random bf16 Falcon checkpoint of `shape` (multi-query, Falcon-7B's layout) to
+/// `dir`, unless one is there.
+pub fn write_falcon_checkpoint(dir: &Path, shape: &Shape) -> anyhow::Result<()> {
+    if dir.join("model.safetensors").exists() {
+        return Ok(());
+    }
+    println!("writing {} ...", dir.display());
+    std::fs::create_dir_all(dir)?;
+    let Shape { n_layer, n_embd, n_head, vocab_size, n_positions } = *shape;
+    let (hidden, head_dim) = (n_embd as usize, (n_embd / n_head) as usize);
+    let mut tensors: Vec<(String, Vec<usize>, f64)> = vec![
+        ("transformer.word_embeddings.weight".into(), vec![vocab_size as usize, hidden], 0.0),
+        ("transformer.ln_f.weight".into(), vec![hidden], 1.0),
+        ("transformer.ln_f.bias".into(), vec![hidden], 0.0),
+    ];
+    for i in 0..n_layer {
+        let b = format!("transformer.h.{i}");
+        tensors.extend([
+            (format!("{b}.input_layernorm.weight"), vec![hidden], 1.0),
+            (format!("{b}.input_layernorm.bias"), vec![hidden], 0.0),
+            (format!("{b}.self_attention.query_key_value.weight"), vec![hidden + 2 * head_dim, hidden], 0.0),
+            (format!("{b}.self_attention.dense.weight"), vec![hidden, hidden], 0.0),
+            (format!("{b}.mlp.dense_h_to_4h.weight"), vec![4 * hidden, hidden], 0.0),
+            (format!("{b}.mlp.dense_4h_to_h.weight"), vec![hidden, 4 * hidden], 0.0),
+        ]);
+    }
+    let views = tensors
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, shape, offset))| (name, RandomTensor { shape, seed: i as i64 + 1, offset }));
+    let partial = dir.join("model.safetensors.partial");
+    safetensors::serialize_to_file(views, None, &partial)?;
+    std::fs::rename(&partial, dir.join("model.safetensors"))?;
+    let config = serde_json::json!({
+        "model_type": "falcon", "architectures": ["FalconForCausalLM"],
+        "hidden_size": n_embd, "num_attention_heads": n_head, "num_hidden_layers": n_layer,
+        "vocab_size": vocab_size, "max_position_embeddings": n_positions, "multi_query": true,
+        "new_decoder_architecture": false, "parallel_attn": true, "bias": false, "alibi": false,
+        "layer_norm_epsilon": 1e-5, "bos_token_id": 11, "eos_token_id": 11, "dtype": "bfloat16",
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    Ok(())
+}
+
 /// The shape of a decoder for per-shard byte arithmetic: what tensor parallelism splits
 /// (query heads, MLP width, vocabulary) and what it replicates (norms, output biases, and the
 /// one K/V head of multi-query attention).
@@ -129,11 +215,24 @@ pub const FALCON_7B_SPEC: DecoderSpec = DecoderSpec {
     norms_per_layer: 1,
 };
 
+/// Falcon-40B (grouped K/V: 128 query heads in 8 groups, two norms per block).
+pub const FALCON_40B_SPEC: DecoderSpec = DecoderSpec {
+    name: "Falcon-40B",
+    n_layers: 60,
+    hidden: 8192,
+    n_heads: 128,
+    n_kv_heads: 8,
+    head_dim: 64,
+    ffn: 32768,
+    vocab: 65024,
+    bias: false,
+    norms_per_layer: 2,
+};
+
 impl DecoderSpec {
-    /// K/V heads shard `rank` of `world` caches: the one head of MQA on every shard; else the
-    /// heads that go with its query heads.
+    /// K/V heads shard `rank` of `world` caches: the ones its query heads read.
     pub fn kv_heads(&self, rank: usize, world: usize) -> i64 {
-        crate::comm::shard_kv_heads(self.n_kv_heads, rank, world)
+        crate::comm::ShardHeads::new(self.n_heads, self.n_kv_heads, rank, world).n_kv_heads
     }
 
     /// Weight elements one forward pass reads on shard `rank` of `world` (the LM head whole,

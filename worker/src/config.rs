@@ -168,7 +168,11 @@ pub struct GptBigCodeConfig {
 #[derive(Clone, Debug)]
 pub enum ModelConfig {
     GptBigCode(GptBigCodeConfig),
+    Falcon(FalconConfig),
 }
+
+/// The `model_type`s read, and the architecture each means.
+const MODEL_TYPES: &str = "\"gpt_bigcode\", \"falcon\", \"RefinedWebModel\", \"RefinedWeb\"";
 
 impl ModelConfig {
     /// Reads `config.json` in `dir`, dispatching on `model_type`.
@@ -186,17 +190,34 @@ impl ModelConfig {
                     .map_err(|source| Error::Json { path: path.clone(), source })?;
                 Ok(ModelConfig::GptBigCode(GptBigCodeConfig::validate(raw, &path)?))
             }
+            // Falcon's own dialect, and the two of the original RefinedWeb code: `RefinedWebModel`
+            // (Falcon-7B) and `RefinedWeb` (Falcon-40B, always the new decoder architecture).
+            "falcon" | "RefinedWebModel" | "RefinedWeb" => {
+                let raw: RawFalconConfig = serde_json::from_value(value.clone())
+                    .map_err(|source| Error::Json { path: path.clone(), source })?;
+                Ok(ModelConfig::Falcon(FalconConfig::validate(raw, model_type == "RefinedWeb", &path)?))
+            }
             other => Err(Error::Config {
                 path,
                 field: "model_type".into(),
-                message: format!("unsupported model type {other:?} (supported: \"gpt_bigcode\")"),
+                message: format!("unsupported model type {other:?} (supported: {MODEL_TYPES})"),
             }),
         }
     }
 
+    /// The architecture, as the current Hugging Face `model_type` names it.
     pub fn model_type(&self) -> &'static str {
         match self {
             ModelConfig::GptBigCode(_) => "gpt_bigcode",
+            ModelConfig::Falcon(_) => "falcon",
+        }
+    }
+
+    /// Query heads: the most tensor-parallel shards the model splits into.
+    pub fn n_heads(&self) -> i64 {
+        match self {
+            ModelConfig::GptBigCode(c) => c.n_head,
+            ModelConfig::Falcon(c) => c.num_attention_heads,
         }
     }
 
@@ -204,6 +225,7 @@ impl ModelConfig {
     pub fn eos_token_ids(&self) -> &[u32] {
         match self {
             ModelConfig::GptBigCode(c) => &c.eos_token_ids,
+            ModelConfig::Falcon(c) => &c.eos_token_ids,
         }
     }
 }
@@ -261,6 +283,221 @@ impl GptBigCodeConfig {
     }
 }
 
+/// Serde mirror of a Falcon `config.json` in either dialect: `FalconConfig`'s names, or the
+/// RefinedWeb code's (`n_embed`, `n_head`, `n_layer`, `n_head_kv`) as aliases. Defaults are
+/// those of `FalconConfig`.
+#[derive(Debug, Deserialize)]
+struct RawFalconConfig {
+    #[serde(alias = "n_embed")]
+    hidden_size: Option<i64>,
+    #[serde(alias = "n_head")]
+    num_attention_heads: Option<i64>,
+    #[serde(alias = "n_layer")]
+    num_hidden_layers: Option<i64>,
+    #[serde(alias = "n_head_kv")]
+    num_kv_heads: Option<i64>,
+    vocab_size: Option<i64>,
+    ffn_hidden_size: Option<i64>,
+    #[serde(default = "yes")]
+    multi_query: bool,
+    new_decoder_architecture: Option<bool>,
+    #[serde(default = "yes")]
+    parallel_attn: bool,
+    num_ln_in_parallel_attn: Option<i64>,
+    #[serde(default)]
+    bias: bool,
+    #[serde(default)]
+    alibi: bool,
+    #[serde(default)]
+    apply_residual_connection_post_layernorm: bool,
+    #[serde(default = "default_eps")]
+    layer_norm_epsilon: f64,
+    #[serde(default = "default_falcon_positions")]
+    max_position_embeddings: i64,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RopeParameters>,
+    rope_scaling: Option<RopeParameters>,
+    #[serde(default = "default_falcon_activation")]
+    activation: String,
+    #[serde(default = "yes")]
+    tie_word_embeddings: bool,
+    #[serde(default)]
+    eos_token_id: TokenIds,
+}
+
+/// `rope_parameters` (transformers 5) or `rope_scaling` (4.x).
+#[derive(Debug, Deserialize)]
+struct RopeParameters {
+    #[serde(alias = "type")]
+    rope_type: Option<String>,
+    rope_theta: Option<f64>,
+}
+
+fn default_falcon_positions() -> i64 {
+    2048
+}
+fn default_falcon_activation() -> String {
+    "gelu".into()
+}
+
+/// Where a Falcon block normalises its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FalconNorms {
+    /// Attention then MLP, each after its own norm (`input_layernorm`, `post_attention_layernorm`).
+    Sequential,
+    /// Attention and MLP in parallel on one norm (`input_layernorm`): Falcon-7B.
+    ParallelOne,
+    /// Attention and MLP in parallel, each on its own norm (`ln_attn`, `ln_mlp`): Falcon-40B/180B.
+    ParallelTwo,
+}
+
+/// A validated Falcon configuration (Falcon-7B: multi-query; Falcon-40B/180B: grouped K/V).
+#[derive(Clone, Debug)]
+pub struct FalconConfig {
+    pub hidden_size: i64,
+    pub num_attention_heads: i64,
+    /// 1 for the original architecture with `multi_query`; the groups of the new decoder
+    /// architecture; else `num_attention_heads`.
+    pub num_kv_heads: i64,
+    pub head_dim: i64,
+    pub num_hidden_layers: i64,
+    pub vocab_size: i64,
+    pub ffn_hidden_size: i64,
+    pub norms: FalconNorms,
+    /// Linear layers carry biases.
+    pub bias: bool,
+    pub layer_norm_epsilon: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: i64,
+    pub activation: Activation,
+    pub tie_word_embeddings: bool,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl FalconConfig {
+    /// `refined_web_40b`: the `RefinedWeb` dialect, whose code always had the new decoder
+    /// architecture, so that is its default.
+    fn validate(raw: RawFalconConfig, refined_web_40b: bool, path: &Path) -> Result<Self> {
+        let bad = |field: &str, message: String| Error::Config { path: path.to_owned(), field: field.into(), message };
+        let positive = |field: &str, v: Option<i64>| match v {
+            Some(v) if v > 0 => Ok(v),
+            Some(v) => Err(bad(field, format!("must be positive, found {v}"))),
+            None => Err(bad(field, "missing".into())),
+        };
+        let hidden_size = positive("hidden_size", raw.hidden_size)?;
+        let n_heads = positive("num_attention_heads", raw.num_attention_heads)?;
+        let num_hidden_layers = positive("num_hidden_layers", raw.num_hidden_layers)?;
+        let vocab_size = positive("vocab_size", raw.vocab_size)?;
+        let max_position_embeddings = positive("max_position_embeddings", Some(raw.max_position_embeddings))?;
+        let ffn_hidden_size = match raw.ffn_hidden_size {
+            None => 4 * hidden_size,
+            v => positive("ffn_hidden_size", v)?,
+        };
+        if hidden_size % n_heads != 0 {
+            return Err(bad(
+                "num_attention_heads",
+                format!("hidden_size {hidden_size} is not a multiple of num_attention_heads {n_heads}"),
+            ));
+        }
+        if raw.alibi {
+            return Err(bad(
+                "alibi",
+                "ALiBi position biases are not supported; onehead runs rotary Falcon models".into(),
+            ));
+        }
+        if raw.apply_residual_connection_post_layernorm {
+            return Err(bad("apply_residual_connection_post_layernorm", "true is not supported".into()));
+        }
+        let new_decoder = raw.new_decoder_architecture.unwrap_or(refined_web_40b);
+        // As `FalconAttention`: the new decoder reads `num_kv_heads` whatever `multi_query`
+        // says; the original one has one K/V head with `multi_query`, else one per query head.
+        let num_kv_heads = if new_decoder {
+            let n = positive("num_kv_heads", Some(raw.num_kv_heads.unwrap_or(n_heads)))?;
+            if n_heads % n != 0 {
+                return Err(bad("num_kv_heads", format!("{n} does not divide num_attention_heads {n_heads}")));
+            }
+            n
+        } else if raw.multi_query {
+            1
+        } else {
+            match raw.num_kv_heads {
+                Some(n) if n != n_heads => {
+                    return Err(bad(
+                        "num_kv_heads",
+                        format!(
+                            "{n} K/V heads need new_decoder_architecture: true (without it and without \
+                             multi_query, every query head has its own, {n_heads})"
+                        ),
+                    ));
+                }
+                _ => n_heads,
+            }
+        };
+        // The block layouts `FalconDecoderLayer` can run; the others fail inside the reference.
+        let norms = match (new_decoder, raw.parallel_attn, raw.num_ln_in_parallel_attn) {
+            (true, true, None | Some(2)) => FalconNorms::ParallelTwo,
+            (true, true, Some(1)) | (false, true, None | Some(1)) => FalconNorms::ParallelOne,
+            (false, false, _) => FalconNorms::Sequential,
+            (true, false, _) => {
+                return Err(bad("parallel_attn", "the new decoder architecture needs parallel attention".into()));
+            }
+            (true, true, Some(n)) => return Err(bad("num_ln_in_parallel_attn", format!("must be 1 or 2, found {n}"))),
+            (false, true, Some(n)) => {
+                return Err(bad(
+                    "num_ln_in_parallel_attn",
+                    format!("{n} needs new_decoder_architecture: true (the original architecture has one norm)"),
+                ));
+            }
+        };
+        let default_rope = |p: &RopeParameters| p.rope_type.as_deref().is_none_or(|t| t == "default");
+        if let Some(p) = raw.rope_parameters.as_ref().filter(|p| !default_rope(p)) {
+            return Err(bad(
+                "rope_parameters",
+                format!("rope_type {:?} is not supported (only \"default\")", p.rope_type.as_deref().unwrap_or("")),
+            ));
+        }
+        if let Some(p) = raw.rope_scaling.as_ref().filter(|p| !default_rope(p)) {
+            return Err(bad(
+                "rope_scaling",
+                format!("{:?} scaling is not supported", p.rope_type.as_deref().unwrap_or("")),
+            ));
+        }
+        let rope_theta = raw.rope_parameters.and_then(|p| p.rope_theta).or(raw.rope_theta).unwrap_or(10_000.0);
+        if !(rope_theta > 0.0) {
+            return Err(bad("rope_theta", format!("must be positive, found {rope_theta}")));
+        }
+        if !(raw.layer_norm_epsilon > 0.0) {
+            return Err(bad("layer_norm_epsilon", format!("must be positive, found {}", raw.layer_norm_epsilon)));
+        }
+        let activation = Activation::from_hf(&raw.activation).ok_or_else(|| {
+            bad(
+                "activation",
+                format!(
+                    "unsupported activation {:?} (supported: gelu, gelu_pytorch_tanh, gelu_new, gelu_fast, relu)",
+                    raw.activation
+                ),
+            )
+        })?;
+        Ok(FalconConfig {
+            hidden_size,
+            num_attention_heads: n_heads,
+            num_kv_heads,
+            head_dim: hidden_size / n_heads,
+            num_hidden_layers,
+            vocab_size,
+            ffn_hidden_size,
+            norms,
+            bias: raw.bias,
+            layer_norm_epsilon: raw.layer_norm_epsilon,
+            rope_theta,
+            max_position_embeddings,
+            activation,
+            tie_word_embeddings: raw.tie_word_embeddings,
+            eos_token_ids: raw.eos_token_id.to_vec(),
+        })
+    }
+}
+
 /// The part of `generation_config.json` the engine uses.
 #[derive(Debug, Default, Deserialize)]
 pub struct GenerationConfig {
@@ -288,14 +525,88 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T
 mod tests {
     use super::*;
 
-    fn check(json: &str, expected_err: &str) {
-        let dir = std::env::temp_dir().join(format!("onehead-config-{}-{}", std::process::id(), expected_err.len()));
+    /// Reads `json` as a model folder's `config.json`.
+    fn parse(json: &str) -> Result<ModelConfig> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("onehead-config-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("config.json"), json).unwrap();
-        let err = ModelConfig::from_dir(&dir).unwrap_err().to_string();
+        let config = ModelConfig::from_dir(&dir);
         std::fs::remove_dir_all(&dir).unwrap();
+        config
+    }
+
+    fn check(json: &str, expected_err: &str) {
+        let err = parse(json).unwrap_err().to_string();
         assert!(err.contains(expected_err), "{err:?} does not contain {expected_err:?}");
         assert!(err.contains("config.json"), "{err:?} does not name the file");
+    }
+
+    fn falcon(json: &str) -> FalconConfig {
+        match parse(json).unwrap() {
+            ModelConfig::Falcon(c) => c,
+            other => panic!("not falcon: {other:?}"),
+        }
+    }
+
+    /// tiiuae's original config.json files (RefinedWeb code) and transformers' own, side by side.
+    #[test]
+    fn falcon_reads_both_dialects() {
+        // Falcon-7B as first published.
+        let c = falcon(
+            r#"{"model_type": "RefinedWebModel", "hidden_size": 4544, "n_head": 71, "n_layer": 32,
+                "multi_query": true, "parallel_attn": true, "bias": false, "alibi": false, "vocab_size": 65024,
+                "eos_token_id": 11}"#,
+        );
+        assert_eq!((c.num_attention_heads, c.num_kv_heads, c.head_dim, c.num_hidden_layers), (71, 1, 64, 32));
+        assert_eq!((c.norms, c.ffn_hidden_size, c.rope_theta), (FalconNorms::ParallelOne, 18176, 10_000.0));
+        assert_eq!((c.max_position_embeddings, c.eos_token_ids.as_slice()), (2048, &[11][..]));
+        // Falcon-40B as first published: the dialect implies the new decoder architecture.
+        let c = falcon(
+            r#"{"model_type": "RefinedWeb", "hidden_size": 8192, "n_head": 128, "n_head_kv": 8, "n_layer": 60,
+                "parallel_attn": true, "vocab_size": 65024}"#,
+        );
+        assert_eq!((c.num_kv_heads, c.norms), (8, FalconNorms::ParallelTwo));
+        // transformers' dialect: the new decoder reads num_kv_heads even with multi_query: true;
+        // the original architecture has one K/V head with it, whatever num_kv_heads says.
+        let base = r#""model_type": "falcon", "hidden_size": 64, "num_attention_heads": 8, "num_hidden_layers": 2,
+                     "vocab_size": 100, "multi_query": true, "num_kv_heads": 4"#;
+        let c = falcon(&format!(r#"{{{base}, "new_decoder_architecture": true, "num_ln_in_parallel_attn": 1}}"#));
+        assert_eq!((c.num_kv_heads, c.norms), (4, FalconNorms::ParallelOne));
+        let c = falcon(&format!(r#"{{{base}, "rope_theta": 500.0}}"#));
+        assert_eq!((c.num_kv_heads, c.rope_theta), (1, 500.0));
+        let c = falcon(&format!(
+            r#"{{{base}, "parallel_attn": false, "rope_parameters": {{"rope_type": "default", "rope_theta": 42.0}}}}"#
+        ));
+        assert_eq!((c.norms, c.rope_theta), (FalconNorms::Sequential, 42.0));
+    }
+
+    #[test]
+    fn falcon_refuses_what_it_cannot_run_by_field() {
+        let base = r#""model_type": "falcon", "hidden_size": 64, "num_attention_heads": 8, "num_hidden_layers": 2,
+                     "vocab_size": 100"#;
+        let bad = |extra: &str, expected: &str| check(&format!("{{{base}, {extra}}}"), expected);
+        bad(r#""alibi": true"#, "field `alibi`: ALiBi");
+        bad(r#""new_decoder_architecture": true, "num_kv_heads": 3"#, "field `num_kv_heads`: 3 does not divide");
+        bad(r#""multi_query": false, "num_kv_heads": 2"#, "field `num_kv_heads`: 2 K/V heads need new_decoder");
+        bad(r#""new_decoder_architecture": true, "parallel_attn": false"#, "field `parallel_attn`");
+        bad(r#""num_ln_in_parallel_attn": 2"#, "field `num_ln_in_parallel_attn`: 2 needs new_decoder");
+        bad(
+            r#""rope_parameters": {"rope_type": "yarn", "factor": 4.0}"#,
+            "field `rope_parameters`: rope_type \"yarn\"",
+        );
+        bad(r#""rope_scaling": {"type": "linear", "factor": 2.0}"#, "field `rope_scaling`");
+        bad(r#""activation": "swiglu""#, "field `activation`");
+        bad(r#""apply_residual_connection_post_layernorm": true"#, "apply_residual_connection_post_layernorm");
+        check(
+            r#"{"model_type": "RefinedWebModel", "n_layer": 2, "hidden_size": 64, "vocab_size": 9}"#,
+            "field `num_attention_heads`: missing",
+        );
+        check(
+            r#"{"model_type": "falcon", "hidden_size": 60, "num_attention_heads": 8, "num_hidden_layers": 2, "vocab_size": 9}"#,
+            "field `num_attention_heads`: hidden_size 60 is not a multiple",
+        );
     }
 
     const GOOD: &str = r#""n_embd": 32, "n_head": 4, "n_layer": 2, "n_positions": 64, "vocab_size": 97"#;
@@ -333,7 +644,7 @@ mod tests {
             format!(r#"{{"model_type": "gpt_bigcode", {GOOD}, "eos_token_id": [5, 6]}}"#),
         )
         .unwrap();
-        let ModelConfig::GptBigCode(c) = ModelConfig::from_dir(&dir).unwrap();
+        let ModelConfig::GptBigCode(c) = ModelConfig::from_dir(&dir).unwrap() else { panic!("not gpt_bigcode") };
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!((c.n_kv_heads, c.head_dim, c.n_inner), (1, 8, 128));
         assert_eq!(c.activation, Activation::GeluTanh);

@@ -182,7 +182,9 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
     }
     let lm = args.model.load()?;
     let shape = lm.runner.shape().clone();
-    let kv_shape = lm.runner.shard_kv_shape();
+    // Every shard's pool holds the same tokens; the shard with the most K/V heads sizes them.
+    let kv_shapes = lm.runner.shard_kv_shapes();
+    let kv_shape = *kv_shapes.iter().max_by_key(|s| s.n_kv_heads).expect("at least one shard");
     let bytes_per_token = kv_shape.bytes_per_token(lm.runner.dtype().kind());
     let kv_cache_tokens = match (args.kv_cache_tokens, args.kv_cache_bytes) {
         (Some(tokens), _) => tokens,
@@ -223,7 +225,7 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
     };
     let registry = onehead_telemetry::Registry::default();
     let dtype_bytes = lm.runner.dtype().size_bytes() as i64;
-    let shard_bytes = ShardBytes::all(&lm.runner.shard_weight_bytes(), kv_shape, lm.runner.shape(), dtype_bytes);
+    let shard_bytes = ShardBytes::all(&lm.runner.shard_weight_bytes(), &kv_shapes, lm.runner.shape(), dtype_bytes);
     let peak_gbs = args.peak_memory_bandwidth_gbs.or_else(|| {
         if !args.measure_peak_bandwidth {
             return None;

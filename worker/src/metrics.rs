@@ -7,7 +7,7 @@
 
 use onehead_telemetry::{Counter, Gauge, Histogram, Registry, SECONDS_BUCKETS};
 
-use crate::comm::{shard_kv_heads, split};
+use crate::comm::ShardHeads;
 use crate::kv_cache::KvShape;
 use crate::models::ModelShape;
 use crate::scheduler::{Finished, LoadSnapshot, StepPlan};
@@ -33,20 +33,20 @@ pub struct ShardBytes {
 }
 
 impl ShardBytes {
-    /// Every shard's byte model: `weight_bytes` by rank, the shard's K/V shape, the model shape.
-    pub fn all(weight_bytes: &[i64], kv: KvShape, shape: &ModelShape, dtype_bytes: i64) -> Vec<ShardBytes> {
+    /// Every shard's byte model from its weight bytes and K/V shape (by rank) and the model shape.
+    pub fn all(weight_bytes: &[i64], kv_shapes: &[KvShape], shape: &ModelShape, dtype_bytes: i64) -> Vec<ShardBytes> {
         let tp = weight_bytes.len();
         weight_bytes
             .iter()
+            .zip(kv_shapes)
             .enumerate()
-            .map(|(rank, &weight_bytes)| {
+            .map(|(rank, (&weight_bytes, kv))| {
                 let per_head = 2 * kv.n_layers * kv.head_dim * dtype_bytes;
                 // A multi-head model split like this one gives each shard its query heads' K/V.
-                let q_heads = split(shape.n_heads, rank, tp).1;
-                let kv_heads = shard_kv_heads(shape.n_kv_heads, rank, tp);
+                let q_heads = ShardHeads::new(shape.n_heads, shape.n_kv_heads, rank, tp).n_heads;
                 ShardBytes {
                     weight_bytes,
-                    kv_bytes_per_token: per_head * kv_heads,
+                    kv_bytes_per_token: per_head * kv.n_kv_heads,
                     mha_kv_bytes_per_token: per_head * q_heads,
                 }
             })
@@ -241,7 +241,7 @@ mod tests {
         for (n_kv_heads, tp, kv_heads_per_shard) in [(1, 1, 1), (1, 2, 1), (16, 1, 16), (16, 2, 8)] {
             let weights: Vec<i64> = (0..tp).map(|r| 1_000_000 + r as i64).collect();
             let kv = KvShape { n_layers: 24, n_kv_heads: kv_heads_per_shard, head_dim: 128 };
-            let shards = ShardBytes::all(&weights, kv, &shape(n_kv_heads), 2);
+            let shards = ShardBytes::all(&weights, &vec![kv; tp], &shape(n_kv_heads), 2);
             for (rank, s) in shards.iter().enumerate() {
                 let b = s.step_for(chunks.iter().copied());
                 let formula = 2 * 24 * context * kv_heads_per_shard * 128 * 2;

@@ -25,8 +25,8 @@ pub trait Runner: Send {
     fn tp_degree(&self) -> usize;
     /// Weight bytes each shard reads per forward pass, by rank.
     fn shard_weight_bytes(&self) -> Vec<i64>;
-    /// The K/V heads each shard caches (the same on every shard).
-    fn shard_kv_shape(&self) -> KvShape;
+    /// The K/V heads each shard caches, by rank.
+    fn shard_kv_shapes(&self) -> Vec<KvShape>;
     /// Allocates (or reallocates) every shard's KV pool for `capacity_tokens` tokens.
     fn allocate_kv(&mut self, capacity_tokens: i64) -> Result<()>;
     /// One forward pass: f32 logits of the wanted rows, `n_rows * vocab_size`, row after row.
@@ -61,8 +61,8 @@ impl Runner for Local {
     fn shard_weight_bytes(&self) -> Vec<i64> {
         vec![self.model.weight_bytes()]
     }
-    fn shard_kv_shape(&self) -> KvShape {
-        self.model.kv_shape()
+    fn shard_kv_shapes(&self) -> Vec<KvShape> {
+        vec![self.model.kv_shape()]
     }
 
     fn allocate_kv(&mut self, capacity_tokens: i64) -> Result<()> {
@@ -108,6 +108,7 @@ pub struct TensorParallel {
     leader_comm: Arc<dyn Communicator>,
     followers: Vec<Follower>,
     weight_bytes: Vec<i64>,
+    kv_shapes: Vec<KvShape>,
 }
 
 /// How to load a model's shards.
@@ -123,9 +124,7 @@ pub struct ShardOptions {
 
 /// Loads the model in `dir` as `options.tp` shards and returns its runner.
 pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions) -> Result<Box<dyn Runner>> {
-    let shape_heads = match config {
-        ModelConfig::GptBigCode(c) => c.n_head,
-    };
+    let shape_heads = config.n_heads();
     if options.tp == 0 || options.tp as i64 > shape_heads {
         return Err(Error::invalid(
             "tp",
@@ -171,7 +170,7 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
                 let model = Checkpoint::open(&dir).and_then(|ckpt| models::load(&config, &ckpt, dtype, device, comm));
                 let mut shard = match model {
                     Ok(model) => {
-                        let _ = loaded_tx.send(Ok(model.weight_bytes()));
+                        let _ = loaded_tx.send(Ok((model.weight_bytes(), model.kv_shape())));
                         Local::new(model)
                     }
                     Err(e) => {
@@ -212,11 +211,13 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
     tch::set_num_threads(threads);
     let ckpt = Checkpoint::open(dir)?;
     let leader = Local::new(models::load(config, &ckpt, options.dtype, device_of(0), leader_comm.clone())?);
-    let mut weight_bytes = vec![leader.model.weight_bytes()];
+    let (mut weight_bytes, mut kv_shapes) = (vec![leader.model.weight_bytes()], vec![leader.model.kv_shape()]);
     for rx in loaded {
-        weight_bytes.push(rx.recv().map_err(|_| Error::EngineStopped)??);
+        let (bytes, kv) = rx.recv().map_err(|_| Error::EngineStopped)??;
+        weight_bytes.push(bytes);
+        kv_shapes.push(kv);
     }
-    Ok(Box::new(TensorParallel { leader, leader_comm, followers, weight_bytes }))
+    Ok(Box::new(TensorParallel { leader, leader_comm, followers, weight_bytes, kv_shapes }))
 }
 
 impl TensorParallel {
@@ -264,8 +265,8 @@ impl Runner for TensorParallel {
     fn shard_weight_bytes(&self) -> Vec<i64> {
         self.weight_bytes.clone()
     }
-    fn shard_kv_shape(&self) -> KvShape {
-        self.leader.shard_kv_shape()
+    fn shard_kv_shapes(&self) -> Vec<KvShape> {
+        self.kv_shapes.clone()
     }
 
     fn allocate_kv(&mut self, capacity_tokens: i64) -> Result<()> {

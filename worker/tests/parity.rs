@@ -135,6 +135,30 @@ macro_rules! parity {
 }
 
 parity!(mqa_f32, mha_f32, mqa_hd12_untied, mqa_sharded, mqa_bf16);
+parity!(falcon_mqa, falcon_gqa, falcon_gqa_one_ln, falcon_rw_mha_sequential, falcon_rw40b);
+
+/// Falcon's K/V heads per shard: the one multi-query head on every shard; grouped K/V split by
+/// whole groups where the shard count divides them, else the straddled groups on both shards.
+#[test]
+fn falcon_shards_hold_the_kv_heads_their_queries_read() {
+    for (name, tp, kv_heads_per_shard) in [
+        ("falcon_mqa", 1, vec![1]),
+        ("falcon_mqa", 3, vec![1, 1, 1]),
+        ("falcon_gqa", 1, vec![4]),
+        ("falcon_gqa", 2, vec![2, 2]),
+        ("falcon_gqa", 4, vec![1, 1, 1, 1]),
+        // 8 query heads in 4 groups of 2 over 3 shards: heads 0-2, 3-5, 6-7.
+        ("falcon_gqa", 3, vec![2, 2, 1]),
+        ("falcon_rw40b", 2, vec![1, 1]),
+        // 6 heads in 2 groups of 3 over 4 shards: heads 0-1, 2-3, 4, 5.
+        ("falcon_rw40b", 4, vec![1, 2, 1, 1]),
+        ("falcon_rw_mha_sequential", 3, vec![2, 1, 1]),
+    ] {
+        let (lm, _) = load_tp(name, tp);
+        let found: Vec<i64> = lm.runner.shard_kv_shapes().iter().map(|s| s.n_kv_heads).collect();
+        assert_eq!(found, kv_heads_per_shard, "{name} at TP {tp}");
+    }
+}
 
 #[test]
 fn the_cache_holds_one_kv_head_for_mqa_and_all_for_mha() {
@@ -143,13 +167,13 @@ fn the_cache_holds_one_kv_head_for_mqa_and_all_for_mha() {
     assert_eq!((mqa.runner.shape().n_heads, mqa.runner.shape().n_kv_heads), (4, 1));
     assert_eq!((mha.runner.shape().n_heads, mha.runner.shape().n_kv_heads), (4, 4));
     // 2 layers x K and V x head_dim 8 x 4 bytes: 128 bytes a token for MQA, 4x that for MHA.
-    assert_eq!(mqa.runner.shard_kv_shape().bytes_per_token(tch::Kind::Float), 128);
-    assert_eq!(mha.runner.shard_kv_shape().bytes_per_token(tch::Kind::Float), 512);
+    assert_eq!(mqa.runner.shard_kv_shapes()[0].bytes_per_token(tch::Kind::Float), 128);
+    assert_eq!(mha.runner.shard_kv_shapes()[0].bytes_per_token(tch::Kind::Float), 512);
     // Sharded: MQA replicates its one K/V head on every shard; MHA splits its heads (4 over 3: 2, 1, 1).
     let (mqa3, _) = load_tp("mqa_f32", 3);
     let (mha3, _) = load_tp("mha_f32", 3);
-    assert_eq!(mqa3.runner.shard_kv_shape().n_kv_heads, 1);
-    assert_eq!(mha3.runner.shard_kv_shape().n_kv_heads, 2, "rank 0 of 3 holds 2 of the 4 heads");
+    assert_eq!(mqa3.runner.shard_kv_shapes()[0].n_kv_heads, 1);
+    assert_eq!(mha3.runner.shard_kv_shapes()[0].n_kv_heads, 2, "rank 0 of 3 holds 2 of the 4 heads");
     // Each shard reads about a third of the split weights, plus the replicated ones.
     let (whole, parts) = (mqa.runner.shard_weight_bytes()[0], mqa3.runner.shard_weight_bytes());
     assert_eq!(parts.len(), 3);
@@ -228,9 +252,14 @@ fn a_bad_tp_is_refused_clearly() {
 #[test]
 fn shard_weight_bytes_match_the_formula() {
     use onehead_worker::bench::DecoderSpec;
-    for (name, kv_heads, hidden, heads, ffn, vocab) in
-        [("mqa_f32", 1, 32, 4, 128, 97), ("mha_f32", 4, 32, 4, 128, 97), ("mqa_hd12_untied", 1, 84, 7, 96, 101)]
-    {
+    for (name, kv_heads, hidden, heads, ffn, vocab, bias, norms_per_layer) in [
+        ("mqa_f32", 1, 32, 4, 128, 97, true, 2),
+        ("mha_f32", 4, 32, 4, 128, 97, true, 2),
+        ("mqa_hd12_untied", 1, 84, 7, 96, 101, true, 2),
+        ("falcon_mqa", 1, 56, 7, 224, 103, false, 1),
+        ("falcon_gqa", 4, 64, 8, 96, 107, true, 2),
+        ("falcon_rw_mha_sequential", 4, 32, 4, 128, 97, false, 2),
+    ] {
         let spec = DecoderSpec {
             name: "fixture",
             n_layers: 2,
@@ -240,15 +269,15 @@ fn shard_weight_bytes_match_the_formula() {
             head_dim: hidden / heads,
             ffn,
             vocab,
-            bias: true,
-            norms_per_layer: 2,
+            bias,
+            norms_per_layer,
         };
         for tp in 1..=3 {
             let (lm, _) = load_tp(name, tp);
             let expected: Vec<i64> = (0..tp).map(|r| 4 * spec.shard_weight_elements(r, tp)).collect();
             assert_eq!(lm.runner.shard_weight_bytes(), expected, "{name} at TP {tp}");
             assert_eq!(
-                lm.runner.shard_kv_shape().bytes_per_token(tch::Kind::Float),
+                lm.runner.shard_kv_shapes()[0].bytes_per_token(tch::Kind::Float),
                 spec.shard_kv_bytes_per_token(tp, 4)
             );
         }

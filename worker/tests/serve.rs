@@ -173,6 +173,22 @@ async fn batched_equals_alone_mha() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_equals_alone_falcon_mqa() {
+    check_batched_equals_alone("falcon_mqa", "1").await;
+}
+
+/// Grouped K/V over 3 shards: groups split between shards (their K/V head on both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_equals_alone_falcon_gqa_tp3() {
+    check_batched_equals_alone("falcon_gqa", "3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_equals_alone_falcon_sequential_mha_tp2() {
+    check_batched_equals_alone("falcon_rw_mha_sequential", "2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_frees_the_kv_of_running_and_queued_requests() {
     let server = Server::start("builtin:tiny", &["--max-batch-size", "1", "--kv-cache-tokens", "3000"]).await;
     let mut client = server.client.clone();

@@ -186,7 +186,7 @@ fn compare_run(lm: &mut LoadedModel, args: &Args) -> anyhow::Result<Step> {
         }
     }
     let mid_context = start + n_steps / 2 + 1;
-    let kv_bytes = b * mid_context * model.shard_kv_shape().bytes_per_token(Kind::BFloat16);
+    let kv_bytes = b * mid_context * model.shard_kv_shapes()[0].bytes_per_token(Kind::BFloat16);
     let weight_bytes = model.shard_weight_bytes()[0];
     Ok(Step { ms: median(&times), bytes: weight_bytes + kv_bytes, weight_bytes, kv_bytes })
 }
@@ -206,7 +206,7 @@ fn telemetry_overhead() -> anyhow::Result<()> {
         vocab_size: 49280,
         max_context: 2048,
     };
-    let metrics = WorkerMetrics::new(&registry, ShardBytes::all(&[2_241_000_000], kv, &shape, 2), Some(25e9));
+    let metrics = WorkerMetrics::new(&registry, ShardBytes::all(&[2_241_000_000], &[kv], &shape, 2), Some(25e9));
     let config = SchedulerConfig { max_batch_size: 32, max_step_tokens: 4096, prefill_chunk: 512 };
     let mut scheduler = Scheduler::new(config, 32 * 300, vec![]);
     for i in 0..32 {

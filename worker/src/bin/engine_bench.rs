@@ -1,7 +1,7 @@
 //! `onehead-engine-bench`: batch-1 decode speed of the engine on SantaCoder-shaped random
-//! checkpoints (MQA, and the same with `multi_query: false`), against two ceilings measured in
-//! the same run: the machine's streaming-read bandwidth (the roofline) and the bytes/s that
-//! LibTorch's own matrix-vector kernels reach on the same weights.
+//! checkpoints (MQA, and the same with `multi_query: false`) or a Falcon-7B-shaped one, against
+//! two ceilings measured in the same run: the machine's streaming-read bandwidth (the roofline)
+//! and the bytes/s that LibTorch's own matrix-vector kernels reach on the same weights.
 //!
 //! A benchmark, not a test: run it with `scripts/bench-engine.sh`, which also times Hugging
 //! Face `transformers` on the same checkpoints.
@@ -41,7 +41,15 @@ struct Args {
     /// host streaming read.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Print the computed per-shard bytes of SantaCoder and Falcon-7B at TP 1, 2, 4, 8 and exit.
+    /// santacoder (its MQA and MHA variants) or falcon-7b.
+    #[arg(long, default_value = "santacoder")]
+    model: String,
+    /// Layers whose matrices the kernel-only pass runs (its bytes/s then stands for the whole
+    /// model): a second copy of Falcon-7B's 14.5 GB would not fit in this machine's memory.
+    #[arg(long)]
+    kernel_layers: Option<usize>,
+    /// Print the computed per-shard bytes of SantaCoder, Falcon-7B and Falcon-40B at TP 1, 2, 4,
+    /// 8 and exit.
     #[arg(long)]
     shard_table: bool,
     /// Also write the results here as JSON.
@@ -75,10 +83,13 @@ fn main() -> anyhow::Result<()> {
         (stream_1, stream_n)
     };
 
+    let checkpoints = match args.model.as_str() {
+        "santacoder" => vec![("mqa", args.checkpoints.checkpoint(true)?), ("mha", args.checkpoints.checkpoint(false)?)],
+        "falcon-7b" => vec![("falcon-7b", args.checkpoints.falcon_checkpoint()?)],
+        other => anyhow::bail!("--model {other}: expected santacoder or falcon-7b"),
+    };
     let mut results = Vec::new();
-    for multi_query in [true, false] {
-        let name = if multi_query { "mqa" } else { "mha" };
-        let dir = args.checkpoints.checkpoint(multi_query)?;
+    for (name, dir) in checkpoints {
         let r = bench_model(&dir, &args, stream_n, device)?;
         println!(
             "{name}: {:.1} ms/step engine | {:.1} ms kernels alone ({:.1} GB/s) -> engine overhead {:+.1}% | roofline {:.1} ms ({:.0}% of it) | {:.3} GB weights + {:.1} MB KV read per step",
@@ -131,7 +142,7 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
     let mut logits = model.step(&[ChunkInput { token_ids: &prompt, slot, n_cached: 0, logits: Logits::Last }])?;
     // Engine steps and kernel-only passes alternate, so that drift in the machine's speed
     // (other tenants, frequency) hits both alike.
-    let kernels = KernelPass::load(dir, device)?;
+    let kernels = KernelPass::load(dir, device, args.kernel_layers)?;
     let mut times = Vec::new();
     let mut kernel_times = Vec::new();
     for (step, n_cached) in (0..args.steps + 3).zip(args.context..) {
@@ -149,8 +160,8 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
     // Rank 0's bytes: every shard reads about as much, at the same time.
     let weight_bytes = model.shard_weight_bytes()[0];
     let mid_context = args.context + args.steps as i64 / 2;
-    let kv_read_bytes = mid_context * model.shard_kv_shape().bytes_per_token(Kind::BFloat16);
-    let kernel_ms = median(&kernel_times);
+    let kv_read_bytes = mid_context * model.shard_kv_shapes()[0].bytes_per_token(Kind::BFloat16);
+    let kernel_ms = median(&kernel_times) * kernels.scale;
     Ok(ModelResult {
         step_ms: median(&times),
         step_ms_mean: times.iter().sum::<f64>() / times.len() as f64,
@@ -163,22 +174,33 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
 }
 
 /// LibTorch's matrix-vector products alone over the model's own weight matrices (every
-/// layer's four, then the LM head), one row at a time, in model order.
+/// layer's four, or the first `max_layers` layers', then the LM head), one row at a time, in
+/// model order.
 struct KernelPass {
     /// (weight, bias, a one-row input of the right width)
     layers: Vec<(Tensor, Option<Tensor>, Tensor)>,
+    /// The whole model's matrices over those the pass runs: what its times are scaled by.
+    scale: f64,
 }
 
 impl KernelPass {
-    fn load(dir: &Path, device: tch::Device) -> anyhow::Result<Self> {
+    fn load(dir: &Path, device: tch::Device, max_layers: Option<usize>) -> anyhow::Result<Self> {
         let ckpt = Checkpoint::open(dir)?;
+        let (matrices, head) = if ckpt.contains("transformer.h.0.attn.c_attn.weight") {
+            (["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], "transformer.wte")
+        } else {
+            let falcon =
+                ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"];
+            (falcon, "transformer.word_embeddings")
+        };
         let mut names = Vec::new();
-        for l in (0..).take_while(|l| ckpt.contains(&format!("transformer.h.{l}.attn.c_attn.weight"))) {
-            for name in ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"] {
-                names.push(format!("transformer.h.{l}.{name}"));
-            }
+        let layers = (0..).take_while(|l| ckpt.contains(&format!("transformer.h.{l}.{}.weight", matrices[0])));
+        for l in layers {
+            names.extend(matrices.iter().map(|m| format!("transformer.h.{l}.{m}")));
         }
-        names.push("transformer.wte".into());
+        let all_names = names.clone();
+        names.truncate(matrices.len() * max_layers.unwrap_or(usize::MAX));
+        names.push(head.into());
         let layers = names
             .iter()
             .map(|name| {
@@ -186,8 +208,12 @@ impl KernelPass {
                 let x = Tensor::ones([1, w.size()[1]], (Kind::BFloat16, device));
                 Ok((w, b, x))
             })
-            .collect::<anyhow::Result<_>>()?;
-        Ok(KernelPass { layers })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let elements = |names: &[String]| -> anyhow::Result<i64> {
+            names.iter().map(|n| Ok(ckpt.shape(&format!("{n}.weight"))?.iter().product::<i64>())).sum()
+        };
+        let scale = (elements(&all_names)? + elements(&[head.into()])?) as f64 / elements(&names)? as f64;
+        Ok(KernelPass { layers, scale })
     }
 
     fn run_ms(&self) -> f64 {
@@ -219,12 +245,12 @@ fn load_matrix(ckpt: &Checkpoint, prefix: &str, device: tch::Device) -> anyhow::
 
 /// Per-shard weight bytes (rank 0, the largest) and K/V bytes per decode step, bf16, computed.
 fn print_shard_table() {
-    use onehead_worker::bench::{FALCON_7B_SPEC, SANTACODER_SPEC};
+    use onehead_worker::bench::{FALCON_7B_SPEC, FALCON_40B_SPEC, SANTACODER_SPEC};
     println!(
         "| model | TP | weights / shard (rank 0) | replicated part | K/V bytes / token / shard | K/V read / step, batch 1, context 2048 |"
     );
     println!("|---|---|---|---|---|---|");
-    for spec in [SANTACODER_SPEC, FALCON_7B_SPEC] {
+    for spec in [SANTACODER_SPEC, FALCON_7B_SPEC, FALCON_40B_SPEC] {
         let whole = spec.shard_weight_elements(0, 1) * 2;
         for tp in [1usize, 2, 4, 8] {
             let shard = spec.shard_weight_elements(0, tp) * 2;

@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use tch::{Device, Tensor};
 
-use super::{Batch, CausalLm, LayerNorm, Linear, ModelShape, attend, tensor_bytes};
-use crate::comm::{Communicator, shard_kv_heads, split};
+use super::parallel::{ShardLoader, VocabShard, row_parallel, split_qkv};
+use super::{Batch, CausalLm, LayerNorm, Linear, ModelShape, cached_attention, tensor_bytes};
+use crate::comm::{Communicator, ShardHeads, split};
 use crate::config::{Activation, Dtype, GptBigCodeConfig};
 use crate::error::{Error, Result};
-use crate::kv_cache::KvPool;
-use crate::kv_cache::KvShape;
+use crate::kv_cache::{KvPool, KvShape};
 use crate::weights::Checkpoint;
 
 pub struct GptBigCode {
@@ -27,19 +27,12 @@ pub struct GptBigCode {
     dtype: Dtype,
     device: Device,
     scale: f64,
-    /// This shard's part: query heads, K/V heads, MLP columns and vocabulary rows.
-    part: ShardPart,
+    /// This shard's query and K/V heads.
+    heads: ShardHeads,
+    queries_per_kv_head: Vec<i64>,
+    /// This shard's rows of `wte` and `lm_head`.
+    vocab: VocabShard,
     comm: Arc<dyn Communicator>,
-}
-
-/// What one shard holds of the split dimensions.
-#[derive(Clone, Copy, Debug)]
-struct ShardPart {
-    n_heads: i64,
-    n_kv_heads: i64,
-    /// First vocabulary row of `wte` / `lm_head` here.
-    vocab_start: i64,
-    vocab_len: i64,
 }
 
 struct Block {
@@ -50,10 +43,10 @@ struct Block {
 }
 
 struct Attention {
-    /// Fused projection: for multi-query `[q (n_embd) | k (head_dim) | v (head_dim)]`; for
-    /// multi-head, per head `[q | k | v]` (`view(n_head, 3 * head_dim)`), as the reference lays it
-    /// out. A shard holds the rows of its query heads and of its K/V heads (the one K/V head of
-    /// a multi-query model on every shard).
+    /// Fused projection, stored for multi-query as `[q (n_embd) | k (head_dim) | v (head_dim)]`
+    /// and for multi-head per head `[q | k | v]`; a shard keeps its query heads' rows and its
+    /// K/V heads' rows (the one K/V head of a multi-query model on every shard), in
+    /// `ShardLoader::fused_qkv`'s order.
     c_attn: Linear,
     /// Row-parallel: this shard's input columns; the bias is added once, after the all-reduce.
     c_proj: Linear,
@@ -83,90 +76,40 @@ impl GptBigCode {
         let p =
             if ckpt.contains("transformer.wte.weight") || !ckpt.contains("wte.weight") { "transformer." } else { "" };
         let hd = c.head_dim;
-        let (head_start, n_heads) = split(c.n_head, rank, world);
-        let (inner_start, n_inner) = split(c.n_inner, rank, world);
-        let (vocab_start, vocab_len) = split(c.vocab_size, rank, world);
-        let multi_query = c.n_kv_heads == 1;
-        let n_kv_heads = shard_kv_heads(c.n_kv_heads, rank, world);
-        let part = ShardPart { n_heads, n_kv_heads, vocab_start, vocab_len };
-        let rows =
-            |name: &str, shape: &[i64], start: i64, len: i64| ckpt.get_part(name, shape, 0, start, len, dtype, device);
-        let cols =
-            |name: &str, shape: &[i64], start: i64, len: i64| ckpt.get_part(name, shape, 1, start, len, dtype, device);
-        let full = |name: &str, shape: &[i64]| ckpt.get(name, shape, dtype, device);
+        let heads = ShardHeads::new(c.n_head, c.n_kv_heads, rank, world);
+        let inner = split(c.n_inner, rank, world);
+        let vocab = VocabShard::new(c.vocab_size, comm.as_ref());
+        let w = ShardLoader { ckpt, dtype, device };
+        let norm = |name: &str| LayerNorm::load(ckpt, name, c.n_embd, c.layer_norm_epsilon, dtype, device);
         let h = (0..c.n_layer)
             .map(|i| {
                 let b = format!("{p}h.{i}");
-                let (w, bias) = (format!("{b}.attn.c_attn.weight"), format!("{b}.attn.c_attn.bias"));
-                let c_attn = if multi_query {
-                    // This shard's query rows, then the shared K and V rows.
-                    let shape = [c.n_embd + 2 * hd, c.n_embd];
-                    let q_rows = (head_start * hd, n_heads * hd);
-                    Linear {
-                        weight: Tensor::cat(
-                            &[rows(&w, &shape, q_rows.0, q_rows.1)?, rows(&w, &shape, c.n_embd, 2 * hd)?],
-                            0,
-                        ),
-                        bias: Some(Tensor::cat(
-                            &[
-                                rows(&bias, &shape[..1], q_rows.0, q_rows.1)?,
-                                rows(&bias, &shape[..1], c.n_embd, 2 * hd)?,
-                            ],
-                            0,
-                        )),
-                    }
-                } else {
-                    // Per head [q | k | v]: this shard's heads are one block of rows.
-                    let shape = [3 * c.n_embd, c.n_embd];
-                    Linear {
-                        weight: rows(&w, &shape, head_start * 3 * hd, n_heads * 3 * hd)?,
-                        bias: Some(rows(&bias, &shape[..1], head_start * 3 * hd, n_heads * 3 * hd)?),
-                    }
-                };
                 Ok(Block {
-                    ln_1: LayerNorm::load(ckpt, &format!("{b}.ln_1"), c.n_embd, c.layer_norm_epsilon, dtype, device)?,
+                    ln_1: norm(&format!("{b}.ln_1"))?,
                     attn: Attention {
-                        c_attn,
-                        c_proj: Linear {
-                            weight: cols(
-                                &format!("{b}.attn.c_proj.weight"),
-                                &[c.n_embd, c.n_embd],
-                                head_start * hd,
-                                n_heads * hd,
-                            )?,
-                            bias: Some(full(&format!("{b}.attn.c_proj.bias"), &[c.n_embd])?),
-                        },
+                        c_attn: w.fused_qkv(&format!("{b}.attn.c_attn"), c.n_embd, c.n_kv_heads, &heads, hd, true)?,
+                        c_proj: w.row_linear(
+                            &format!("{b}.attn.c_proj"),
+                            [c.n_embd, c.n_embd],
+                            (heads.head_start * hd, heads.n_heads * hd),
+                            true,
+                        )?,
                     },
-                    ln_2: LayerNorm::load(ckpt, &format!("{b}.ln_2"), c.n_embd, c.layer_norm_epsilon, dtype, device)?,
+                    ln_2: norm(&format!("{b}.ln_2"))?,
                     mlp: Mlp {
-                        c_fc: Linear {
-                            weight: rows(
-                                &format!("{b}.mlp.c_fc.weight"),
-                                &[c.n_inner, c.n_embd],
-                                inner_start,
-                                n_inner,
-                            )?,
-                            bias: Some(rows(&format!("{b}.mlp.c_fc.bias"), &[c.n_inner], inner_start, n_inner)?),
-                        },
-                        c_proj: Linear {
-                            weight: cols(
-                                &format!("{b}.mlp.c_proj.weight"),
-                                &[c.n_embd, c.n_inner],
-                                inner_start,
-                                n_inner,
-                            )?,
-                            bias: Some(full(&format!("{b}.mlp.c_proj.bias"), &[c.n_embd])?),
-                        },
+                        c_fc: w.column_linear(&format!("{b}.mlp.c_fc"), [c.n_inner, c.n_embd], inner, true)?,
+                        c_proj: w.row_linear(&format!("{b}.mlp.c_proj"), [c.n_embd, c.n_inner], inner, true)?,
                         act: c.activation,
                     },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let wte = rows(&format!("{p}wte.weight"), &[c.vocab_size, c.n_embd], vocab_start, vocab_len)?;
+        let vocab_rows = (vocab.start, vocab.len);
+        let wte = w.rows(&format!("{p}wte.weight"), &[c.vocab_size, c.n_embd], vocab_rows)?;
         let lm_head = if c.tie_word_embeddings {
             wte.shallow_clone()
         } else if ckpt.contains("lm_head.weight") {
-            rows("lm_head.weight", &[c.vocab_size, c.n_embd], vocab_start, vocab_len)?
+            w.rows("lm_head.weight", &[c.vocab_size, c.n_embd], vocab_rows)?
         } else {
             return Err(Error::Tensor {
                 name: "lm_head.weight".into(),
@@ -174,10 +117,10 @@ impl GptBigCode {
             });
         };
         Ok(GptBigCode {
-            wpe: full(&format!("{p}wpe.weight"), &[c.n_positions, c.n_embd])?,
+            wpe: w.full(&format!("{p}wpe.weight"), &[c.n_positions, c.n_embd])?,
             wte,
             h,
-            ln_f: LayerNorm::load(ckpt, &format!("{p}ln_f"), c.n_embd, c.layer_norm_epsilon, dtype, device)?,
+            ln_f: norm(&format!("{p}ln_f"))?,
             lm_head,
             shape: ModelShape {
                 n_layers: c.n_layer,
@@ -190,33 +133,10 @@ impl GptBigCode {
             dtype,
             device,
             scale: if c.scale_attn_weights { 1.0 / (c.head_dim as f64).sqrt() } else { 1.0 },
-            part,
+            queries_per_kv_head: heads.queries_per_kv_head(),
+            heads,
+            vocab,
             comm,
-        })
-    }
-
-    /// `(n_tokens, n_embd)` embeddings of `ids`. With the vocabulary split, each shard embeds
-    /// the ids in its rows (zeros elsewhere) and the all-reduce adds the shards' parts.
-    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        if self.comm.world_size() == 1 {
-            return Ok(self.wte.f_index_select(0, ids)?);
-        }
-        let local = ids - self.part.vocab_start;
-        let here = local.ge(0).logical_and(&local.lt(self.part.vocab_len));
-        let rows = self.wte.f_index_select(0, &local.clamp(0, self.part.vocab_len - 1))?;
-        self.comm.all_reduce_sum(&(rows * here.unsqueeze(1).to_kind(self.dtype.kind())))
-    }
-
-    /// A row-parallel layer: this shard's partial product, summed over shards, plus the bias once.
-    fn row_parallel(&self, x: &Tensor, layer: &Linear) -> Result<Tensor> {
-        if self.comm.world_size() == 1 {
-            return Ok(layer.forward(x));
-        }
-        let partial = x.linear::<Tensor>(&layer.weight, None);
-        let sum = self.comm.all_reduce_sum(&partial)?;
-        Ok(match &layer.bias {
-            Some(b) => sum + b,
-            None => sum,
         })
     }
 }
@@ -234,12 +154,12 @@ impl CausalLm for GptBigCode {
         self.device
     }
 
-    /// This shard's matrices and norms of every layer, and its rows of the LM head; of the
-    /// embeddings only a few rows are read per step, so they are not counted.
     fn kv_shape(&self) -> KvShape {
-        KvShape { n_layers: self.shape.n_layers, n_kv_heads: self.part.n_kv_heads, head_dim: self.shape.head_dim }
+        KvShape { n_layers: self.shape.n_layers, n_kv_heads: self.heads.n_kv_heads, head_dim: self.shape.head_dim }
     }
 
+    /// This shard's matrices and norms of every layer, and its rows of the LM head; of the
+    /// embeddings only a few rows are read per step, so they are not counted.
     fn weight_bytes(&self) -> i64 {
         let blocks: i64 = self
             .h
@@ -257,51 +177,26 @@ impl CausalLm for GptBigCode {
     }
 
     fn forward(&self, batch: &Batch, kv: &KvPool) -> Result<Tensor> {
+        let comm = self.comm.as_ref();
         // (n_tokens, n_embd)
-        let mut x = self.embed(&batch.token_ids)? + self.wpe.f_index_select(0, &batch.positions)?;
+        let mut x =
+            self.vocab.embed(&self.wte, &batch.token_ids, comm)? + self.wpe.f_index_select(0, &batch.positions)?;
         for (layer, block) in self.h.iter().enumerate() {
             let y = self.attention(layer, &block.attn, &block.ln_1.forward(&x), batch, kv);
-            x = &x + self.row_parallel(&y, &block.attn.c_proj)?;
+            x = &x + row_parallel(comm, &[(&y, &block.attn.c_proj)])?;
             let y = block.mlp.act.apply(&block.mlp.c_fc.forward(&block.ln_2.forward(&x)));
-            x = &x + self.row_parallel(&y, &block.mlp.c_proj)?;
+            x = &x + row_parallel(comm, &[(&y, &block.mlp.c_proj)])?;
         }
-        // (n_rows, n_embd) -> (n_rows, vocab_size): each shard's vocabulary rows, gathered.
+        // (n_rows, n_embd) -> (n_rows, vocab_size)
         let x = self.ln_f.forward(&x.index_select(0, &batch.logit_rows));
-        let logits = x.linear::<Tensor>(&self.lm_head, None).to_kind(tch::Kind::Float);
-        self.comm.all_gather(&logits, 1)
+        self.vocab.logits(&self.lm_head, &x, comm)
     }
 }
 
 impl GptBigCode {
     /// This shard's heads of attention: `(n_tokens, n_heads_here * head_dim)`, before `c_proj`.
     fn attention(&self, layer: usize, attn: &Attention, x: &Tensor, batch: &Batch, kv: &KvPool) -> Tensor {
-        let ShardPart { n_heads, n_kv_heads, .. } = self.part;
-        let head_dim = self.shape.head_dim;
-        let n_tokens = x.size()[0];
-        let qkv = attn.c_attn.forward(x);
-        // q: (n_tokens, n_heads, head_dim); k, v: (n_tokens, n_kv_heads, head_dim)
-        let (q, k, v) = if n_kv_heads == 1 {
-            let n_embd = n_heads * head_dim;
-            (
-                qkv.narrow(1, 0, n_embd).view([n_tokens, n_heads, head_dim]),
-                qkv.narrow(1, n_embd, head_dim).unsqueeze(1),
-                qkv.narrow(1, n_embd + head_dim, head_dim).unsqueeze(1),
-            )
-        } else {
-            let qkv = qkv.view([n_tokens, n_heads, 3 * head_dim]);
-            (qkv.narrow(2, 0, head_dim), qkv.narrow(2, head_dim, head_dim), qkv.narrow(2, 2 * head_dim, head_dim))
-        };
-        let mut outputs = Vec::with_capacity(batch.chunks.len());
-        let mut row = 0;
-        for chunk in &batch.chunks {
-            let rows = |t: &Tensor| t.narrow(0, row, chunk.n_new);
-            // The cache is (n_kv_heads, n_tokens, head_dim).
-            kv.write(layer, chunk.slot, chunk.n_cached, &rows(&k).transpose(0, 1), &rows(&v).transpose(0, 1));
-            let (k_all, v_all) = kv.view(layer, chunk.slot, chunk.n_cached + chunk.n_new);
-            outputs.push(attend(&rows(&q), &k_all, &v_all, chunk.n_cached, self.scale));
-            row += chunk.n_new;
-        }
-        // (n_tokens, n_heads_here * head_dim)
-        if outputs.len() == 1 { outputs.pop().unwrap() } else { Tensor::cat(&outputs, 0) }
+        let (q, k, v) = split_qkv(&attn.c_attn.forward(x), &self.heads, self.shape.head_dim);
+        cached_attention(layer, (&q, &k, &v), batch, kv, &self.queries_per_kv_head, self.scale)
     }
 }

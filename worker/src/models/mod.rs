@@ -6,7 +6,9 @@
 //! after the tokens it already has in the KV cache. The dense layers run over all tokens
 //! together; attention runs per sequence over its own cache range.
 
+pub mod falcon;
 pub mod gpt_bigcode;
+mod parallel;
 
 use tch::{Device, Kind, Tensor};
 
@@ -120,7 +122,34 @@ pub fn load(
 ) -> Result<Box<dyn CausalLm>> {
     match config {
         ModelConfig::GptBigCode(c) => Ok(Box::new(gpt_bigcode::GptBigCode::load(c, checkpoint, dtype, device, comm)?)),
+        ModelConfig::Falcon(c) => Ok(Box::new(falcon::Falcon::load(c, checkpoint, dtype, device, comm)?)),
     }
+}
+
+/// Attention of a batch's new tokens, each over its own sequence's cache, after storing their
+/// keys and values in it. `q` is `(n_tokens, n_heads, head_dim)` and `k`, `v` are
+/// `(n_tokens, n_kv_heads, head_dim)`, this shard's heads; `queries_per_kv_head` says how many
+/// consecutive query heads read each K/V head (`ShardHeads::queries_per_kv_head`). Returns
+/// `(n_tokens, n_heads * head_dim)`, heads in order.
+pub(crate) fn cached_attention(
+    layer: usize,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    batch: &Batch,
+    kv: &KvPool,
+    queries_per_kv_head: &[i64],
+    scale: f64,
+) -> Tensor {
+    let mut outputs = Vec::with_capacity(batch.chunks.len());
+    let mut row = 0;
+    for chunk in &batch.chunks {
+        let rows = |t: &Tensor| t.narrow(0, row, chunk.n_new);
+        // The cache is (n_kv_heads, n_tokens, head_dim).
+        kv.write(layer, chunk.slot, chunk.n_cached, &rows(k).transpose(0, 1), &rows(v).transpose(0, 1));
+        let (k_all, v_all) = kv.view(layer, chunk.slot, chunk.n_cached + chunk.n_new);
+        outputs.push(attend(&rows(q), &k_all, &v_all, chunk.n_cached, scale, queries_per_kv_head));
+        row += chunk.n_new;
+    }
+    if outputs.len() == 1 { outputs.pop().unwrap() } else { Tensor::cat(&outputs, 0) }
 }
 
 /// Causal attention of one sequence's new queries over its cached keys and values.
@@ -128,13 +157,32 @@ pub fn load(
 /// `q` is `(n_new, n_heads, head_dim)`; `k` and `v` are `(n_kv_heads, n_cached + n_new, head_dim)`
 /// views of the cache. The query heads that share a K/V head are stacked as the query rows of
 /// that head, so a shared head is read once for all of them and never repeated: for multi-query
-/// attention all `n_heads` queries meet the single K/V head in one call. Returns
-/// `(n_new, n_heads * head_dim)`, heads in order.
+/// attention all `n_heads` queries meet the single K/V head in one call. When a shard holds
+/// different numbers of queries per K/V head (a group split between shards), each K/V head is
+/// attended on its own. Returns `(n_new, n_heads * head_dim)`, heads in order.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scale: f64, queries_per_kv_head: &[i64]) -> Tensor {
+    if queries_per_kv_head.windows(2).all(|w| w[0] == w[1]) {
+        return attend_groups(q, k, v, n_cached, scale);
+    }
+    let mut first = 0;
+    let outputs: Vec<Tensor> = queries_per_kv_head
+        .iter()
+        .enumerate()
+        .map(|(kv_idx, &n)| {
+            let (kv_idx, q) = (kv_idx as i64, q.narrow(1, first, n));
+            first += n;
+            attend_groups(&q, &k.narrow(0, kv_idx, 1), &v.narrow(0, kv_idx, 1), n_cached, scale)
+        })
+        .collect();
+    Tensor::cat(&outputs, 1)
+}
+
+/// `attend` for equal groups: `n_heads / n_kv_heads` consecutive query heads per K/V head.
 ///
 /// LibTorch's fused CPU attention is used rather than `bmm`: a bf16 `bmm` goes through oneDNN,
 /// which compiles a kernel for every new shape, and the key length changes every decode step
 /// (1.3 ms against 0.06 ms per call on the development machine).
-pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scale: f64) -> Tensor {
+fn attend_groups(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scale: f64) -> Tensor {
     let [n_new, n_heads, head_dim] = q.size()[..] else { unreachable!("q must be 3-d") };
     let n_kv_heads = k.size()[0];
     let group = n_heads / n_kv_heads;
@@ -212,4 +260,38 @@ impl LayerNorm {
 
 pub(crate) fn tensor_bytes(t: &Tensor) -> i64 {
     t.numel() as i64 * t.kind().elt_size_in_bytes() as i64
+}
+
+/// Rotary position embeddings (RoPE) as Hugging Face computes them: the rotated halves are
+/// `[x1, x2] -> [-x2, x1]`, and cos/sin are computed in f32 and cast to the activations' dtype.
+pub(crate) struct Rotary {
+    /// `(max_positions, head_dim)` f32 tables.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    pub fn new(head_dim: i64, theta: f64, max_positions: i64, device: Device) -> Self {
+        let f32 = (Kind::Float, device);
+        // inv_freq = 1 / theta^(2i / head_dim), as the reference's `compute_default_rope_parameters`.
+        let exponent = Tensor::arange_start_step(0, head_dim, 2, f32) / head_dim as f64;
+        let inv_freq = Tensor::pow_scalar(theta, &exponent).reciprocal();
+        // (max_positions, head_dim / 2) -> (max_positions, head_dim)
+        let freqs = Tensor::arange(max_positions, f32).unsqueeze(1) * inv_freq.unsqueeze(0);
+        let emb = Tensor::cat(&[&freqs, &freqs], 1);
+        Rotary { cos: emb.cos(), sin: emb.sin() }
+    }
+
+    /// cos and sin at `positions` `(n_tokens,)`: each `(n_tokens, 1, head_dim)` in `kind`.
+    pub fn at(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let pick = |t: &Tensor| t.index_select(0, positions).to_kind(kind).unsqueeze(1);
+        (pick(&self.cos), pick(&self.sin))
+    }
+
+    /// Rotates `x` `(n_tokens, n_heads, head_dim)` by the angles `at` returned.
+    pub fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Tensor {
+        let half = x.size()[2] / 2;
+        let rotated = Tensor::cat(&[-x.narrow(2, half, half), x.narrow(2, 0, half)], 2);
+        x * cos + rotated * sin
+    }
 }

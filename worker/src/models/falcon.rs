@@ -1,0 +1,331 @@
+//! Falcon (Falcon-7B: multi-query, 71 heads; Falcon-40B/180B: grouped K/V, the "new decoder
+//! architecture"): rotary positions, and attention and MLP side by side on one or two norms.
+//!
+//! Mirrors `transformers/models/falcon/modeling_falcon.py`. Field names are the checkpoint's
+//! tensor names (`transformer.h.{i}.self_attention.query_key_value`, ...).
+
+use std::sync::Arc;
+
+use tch::{Device, Tensor};
+
+use super::parallel::{ShardLoader, VocabShard, row_parallel, split_qkv};
+use super::{Batch, CausalLm, LayerNorm, Linear, ModelShape, Rotary, cached_attention, tensor_bytes};
+use crate::comm::{Communicator, ShardHeads, split};
+use crate::config::{Activation, Dtype, FalconConfig, FalconNorms};
+use crate::error::{Error, Result};
+use crate::kv_cache::{KvPool, KvShape};
+use crate::weights::Checkpoint;
+
+pub struct Falcon {
+    /// This shard's rows of the token embedding (all of it at TP 1).
+    word_embeddings: Tensor,
+    h: Vec<DecoderLayer>,
+    ln_f: LayerNorm,
+    /// This shard's rows of `lm_head.weight`, or of `word_embeddings` when they are tied.
+    lm_head: Tensor,
+    rotary: Rotary,
+    shape: ModelShape,
+    dtype: Dtype,
+    device: Device,
+    /// This shard's query and K/V heads.
+    heads: ShardHeads,
+    queries_per_kv_head: Vec<i64>,
+    /// This shard's rows of `word_embeddings` and `lm_head`.
+    vocab: VocabShard,
+    comm: Arc<dyn Communicator>,
+}
+
+struct DecoderLayer {
+    norms: Norms,
+    self_attention: Attention,
+    mlp: Mlp,
+}
+
+/// A block's layer norms, by `FalconNorms`.
+enum Norms {
+    Sequential { input_layernorm: LayerNorm, post_attention_layernorm: LayerNorm },
+    ParallelOne { input_layernorm: LayerNorm },
+    ParallelTwo { ln_attn: LayerNorm, ln_mlp: LayerNorm },
+}
+
+struct Attention {
+    /// Fused projection, stored as K/V groups of `[q x group_size, k, v]` (one group for
+    /// Falcon-7B's multi-query layout); a shard keeps its heads' rows in
+    /// `ShardLoader::fused_qkv`'s order.
+    query_key_value: Linear,
+    /// Row-parallel: this shard's input columns.
+    dense: Linear,
+}
+
+struct Mlp {
+    /// Column-parallel: this shard's output rows.
+    dense_h_to_4h: Linear,
+    /// Row-parallel: this shard's input columns.
+    dense_4h_to_h: Linear,
+    act: Activation,
+}
+
+impl Falcon {
+    /// Loads shard `comm.rank()` of `comm.world_size()`: only this shard's slices are read.
+    pub fn load(
+        config: &FalconConfig,
+        ckpt: &Checkpoint,
+        dtype: Dtype,
+        device: Device,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
+        let c = config;
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let (hidden, hd) = (c.hidden_size, c.head_dim);
+        let heads = ShardHeads::new(c.num_attention_heads, c.num_kv_heads, rank, world);
+        let ffn = split(c.ffn_hidden_size, rank, world);
+        let vocab = VocabShard::new(c.vocab_size, comm.as_ref());
+        let w = ShardLoader { ckpt, dtype, device };
+        let norm = |name: String| LayerNorm::load(ckpt, &name, hidden, c.layer_norm_epsilon, dtype, device);
+        let h = (0..c.num_hidden_layers)
+            .map(|i| {
+                let b = format!("transformer.h.{i}");
+                let norms = match c.norms {
+                    FalconNorms::Sequential => Norms::Sequential {
+                        input_layernorm: norm(format!("{b}.input_layernorm"))?,
+                        post_attention_layernorm: norm(format!("{b}.post_attention_layernorm"))?,
+                    },
+                    FalconNorms::ParallelOne => {
+                        Norms::ParallelOne { input_layernorm: norm(format!("{b}.input_layernorm"))? }
+                    }
+                    FalconNorms::ParallelTwo => Norms::ParallelTwo {
+                        ln_attn: norm(format!("{b}.ln_attn"))?,
+                        ln_mlp: norm(format!("{b}.ln_mlp"))?,
+                    },
+                };
+                let a = format!("{b}.self_attention");
+                Ok(DecoderLayer {
+                    norms,
+                    self_attention: Attention {
+                        query_key_value: w.fused_qkv(
+                            &format!("{a}.query_key_value"),
+                            hidden,
+                            c.num_kv_heads,
+                            &heads,
+                            hd,
+                            c.bias,
+                        )?,
+                        dense: w.row_linear(
+                            &format!("{a}.dense"),
+                            [hidden, hidden],
+                            (heads.head_start * hd, heads.n_heads * hd),
+                            c.bias,
+                        )?,
+                    },
+                    mlp: Mlp {
+                        dense_h_to_4h: w.column_linear(
+                            &format!("{b}.mlp.dense_h_to_4h"),
+                            [c.ffn_hidden_size, hidden],
+                            ffn,
+                            c.bias,
+                        )?,
+                        dense_4h_to_h: w.row_linear(
+                            &format!("{b}.mlp.dense_4h_to_h"),
+                            [hidden, c.ffn_hidden_size],
+                            ffn,
+                            c.bias,
+                        )?,
+                        act: c.activation,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let vocab_rows = (vocab.start, vocab.len);
+        let word_embeddings = w.rows("transformer.word_embeddings.weight", &[c.vocab_size, hidden], vocab_rows)?;
+        let lm_head = if c.tie_word_embeddings {
+            word_embeddings.shallow_clone()
+        } else if ckpt.contains("lm_head.weight") {
+            w.rows("lm_head.weight", &[c.vocab_size, hidden], vocab_rows)?
+        } else {
+            return Err(Error::Tensor {
+                name: "lm_head.weight".into(),
+                message: "missing from the checkpoint, and config.json sets tie_word_embeddings: false".into(),
+            });
+        };
+        Ok(Falcon {
+            word_embeddings,
+            h,
+            ln_f: norm("transformer.ln_f".into())?,
+            lm_head,
+            rotary: Rotary::new(hd, c.rope_theta, c.max_position_embeddings, device),
+            shape: ModelShape {
+                n_layers: c.num_hidden_layers,
+                n_heads: c.num_attention_heads,
+                n_kv_heads: c.num_kv_heads,
+                head_dim: hd,
+                vocab_size: c.vocab_size,
+                max_context: c.max_position_embeddings,
+            },
+            dtype,
+            device,
+            queries_per_kv_head: heads.queries_per_kv_head(),
+            heads,
+            vocab,
+            comm,
+        })
+    }
+
+    /// This shard's heads of attention: `(n_tokens, n_heads_here * head_dim)`, before `dense`.
+    fn attention(&self, layer: usize, x: &Tensor, angles: &(Tensor, Tensor), batch: &Batch, kv: &KvPool) -> Tensor {
+        let head_dim = self.shape.head_dim;
+        let (q, k, v) = split_qkv(&self.h[layer].self_attention.query_key_value.forward(x), &self.heads, head_dim);
+        let (q, k) = (Rotary::rotate(&q, angles), Rotary::rotate(&k, angles));
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        cached_attention(layer, (&q, &k, &v), batch, kv, &self.queries_per_kv_head, scale)
+    }
+}
+
+impl Mlp {
+    /// The MLP's hidden activations, before the row-parallel `dense_4h_to_h`.
+    fn up(&self, x: &Tensor) -> Tensor {
+        self.act.apply(&self.dense_h_to_4h.forward(x))
+    }
+}
+
+impl CausalLm for Falcon {
+    fn shape(&self) -> &ModelShape {
+        &self.shape
+    }
+
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn kv_shape(&self) -> KvShape {
+        KvShape { n_layers: self.shape.n_layers, n_kv_heads: self.heads.n_kv_heads, head_dim: self.shape.head_dim }
+    }
+
+    /// This shard's matrices and norms of every layer, and its rows of the LM head; of the
+    /// embeddings only a few rows are read per step, so they are not counted.
+    fn weight_bytes(&self) -> i64 {
+        let blocks: i64 = self
+            .h
+            .iter()
+            .map(|b| {
+                let norms = match &b.norms {
+                    Norms::Sequential { input_layernorm, post_attention_layernorm } => {
+                        input_layernorm.bytes() + post_attention_layernorm.bytes()
+                    }
+                    Norms::ParallelOne { input_layernorm } => input_layernorm.bytes(),
+                    Norms::ParallelTwo { ln_attn, ln_mlp } => ln_attn.bytes() + ln_mlp.bytes(),
+                };
+                norms
+                    + b.self_attention.query_key_value.bytes()
+                    + b.self_attention.dense.bytes()
+                    + b.mlp.dense_h_to_4h.bytes()
+                    + b.mlp.dense_4h_to_h.bytes()
+            })
+            .sum();
+        blocks + self.ln_f.bytes() + tensor_bytes(&self.lm_head)
+    }
+
+    fn forward(&self, batch: &Batch, kv: &KvPool) -> Result<Tensor> {
+        let comm = self.comm.as_ref();
+        // (n_tokens, hidden_size)
+        let mut x = self.vocab.embed(&self.word_embeddings, &batch.token_ids, comm)?;
+        let angles = self.rotary.at(&batch.positions, self.dtype.kind());
+        for (layer, block) in self.h.iter().enumerate() {
+            let (attn, mlp) = (&block.self_attention, &block.mlp);
+            x = match &block.norms {
+                // x + dense(attn(ln(x))) + mlp(ln(x)): one all-reduce for both.
+                Norms::ParallelOne { input_layernorm } => {
+                    let y = input_layernorm.forward(&x);
+                    let a = self.attention(layer, &y, &angles, batch, kv);
+                    &x + row_parallel(comm, &[(&mlp.up(&y), &mlp.dense_4h_to_h), (&a, &attn.dense)])?
+                }
+                Norms::ParallelTwo { ln_attn, ln_mlp } => {
+                    let a = self.attention(layer, &ln_attn.forward(&x), &angles, batch, kv);
+                    let m = mlp.up(&ln_mlp.forward(&x));
+                    &x + row_parallel(comm, &[(&m, &mlp.dense_4h_to_h), (&a, &attn.dense)])?
+                }
+                Norms::Sequential { input_layernorm, post_attention_layernorm } => {
+                    let a = self.attention(layer, &input_layernorm.forward(&x), &angles, batch, kv);
+                    let x = &x + row_parallel(comm, &[(&a, &attn.dense)])?;
+                    let m = mlp.up(&post_attention_layernorm.forward(&x));
+                    &x + row_parallel(comm, &[(&m, &mlp.dense_4h_to_h)])?
+                }
+            };
+        }
+        // (n_rows, hidden_size) -> (n_rows, vocab_size)
+        let x = self.ln_f.forward(&x.index_select(0, &batch.logit_rows));
+        self.vocab.logits(&self.lm_head, &x, comm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::comm::CpuComm;
+    use crate::config::ModelConfig;
+    use crate::kv_cache::KvSlot;
+    use crate::models::{ChunkInput, Logits};
+
+    /// A communicator that counts its all-reduces.
+    struct Counting {
+        inner: CpuComm,
+        all_reduces: AtomicUsize,
+    }
+
+    impl Communicator for Counting {
+        fn rank(&self) -> usize {
+            self.inner.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.inner.world_size()
+        }
+        fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+            self.all_reduces.fetch_add(1, Ordering::Relaxed);
+            self.inner.all_reduce_sum(t)
+        }
+        fn all_gather(&self, t: &Tensor, dim: i64) -> Result<Tensor> {
+            self.inner.all_gather(t, dim)
+        }
+        fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+            self.inner.broadcast(t, root)
+        }
+    }
+
+    /// All-reduces in one forward pass of fixture `name` at TP 2, per shard.
+    fn all_reduces_per_forward(name: &str) -> Vec<usize> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name);
+        let ModelConfig::Falcon(config) = ModelConfig::from_dir(&dir).unwrap() else { panic!("{name}: not falcon") };
+        let shards: Vec<_> = CpuComm::group(2)
+            .into_iter()
+            .map(|inner| {
+                let (config, dir) = (config.clone(), dir.clone());
+                std::thread::spawn(move || {
+                    let _guard = tch::no_grad_guard();
+                    let comm = Arc::new(Counting { inner, all_reduces: AtomicUsize::new(0) });
+                    let ckpt = Checkpoint::open(&dir).unwrap();
+                    let model = Falcon::load(&config, &ckpt, Dtype::F32, Device::Cpu, comm.clone()).unwrap();
+                    let kv = KvPool::new(model.kv_shape(), 8, tch::Kind::Float, Device::Cpu).unwrap();
+                    let slot = KvSlot { start: 0, capacity: 8 };
+                    let input = ChunkInput { token_ids: &[3, 4, 5], slot, n_cached: 0, logits: Logits::Last };
+                    let _logits = model.forward(&Batch::new(&[input], Device::Cpu), &kv).unwrap();
+                    comm.all_reduces.load(Ordering::Relaxed)
+                })
+            })
+            .collect();
+        shards.into_iter().map(|s| s.join().unwrap()).collect()
+    }
+
+    /// One for the embedding, then per layer one when attention and MLP run side by side (their
+    /// partial sums are added before a single all-reduce), two when they run one after the other.
+    #[test]
+    fn parallel_attention_and_mlp_share_one_all_reduce_per_layer() {
+        assert_eq!(all_reduces_per_forward("falcon_mqa"), [1 + 2, 1 + 2]);
+        assert_eq!(all_reduces_per_forward("falcon_gqa"), [1 + 2, 1 + 2]);
+        assert_eq!(all_reduces_per_forward("falcon_rw_mha_sequential"), [1 + 2 * 2, 1 + 2 * 2]);
+    }
+}
