@@ -106,7 +106,8 @@ async fn load_model_view(
         }
     };
     if json.is_empty() {
-        tracing::error!(worker = url, "the model has no tokenizer.json; text prompts cannot be served");
+        tracing::warn!(worker = url, "the model has no tokenizer.json: serving token-id prompts only, without text");
+        *model.write().unwrap() = Some(Arc::new(ModelView { tokenizer: Tokenizer::none(), info }));
         return;
     }
     match Tokenizer::from_json(&json) {

@@ -170,6 +170,12 @@ impl Router {
                 format!("each stop sequence must be 1 to {MAX_STOP_BYTES} bytes, got {}", s.len()),
             ));
         }
+        if !p.stop.is_empty() && !model.tokenizer.has_text() {
+            return Err(invalid(
+                "stop",
+                "the model has no tokenizer.json, so there is no text to match: use stop_token_ids",
+            ));
+        }
         if let Some(bad) = p.stop_token_ids.iter().find(|&&t| t >= info.vocab_size) {
             return Err(invalid(
                 "stop_token_ids",

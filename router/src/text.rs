@@ -3,9 +3,11 @@
 
 use std::str::FromStr;
 
-/// A Hugging Face tokenizer, from its `tokenizer.json`.
+/// A Hugging Face tokenizer, from its `tokenizer.json`; or none, for a model folder without one
+/// (a benchmark checkpoint, say): it then serves token-id prompts, and its completions carry ids
+/// but no text.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Option<tokenizers::Tokenizer>,
 }
 
 /// A token of encoded text.
@@ -18,11 +20,24 @@ pub struct EncodedToken {
 
 impl Tokenizer {
     pub fn from_json(json: &str) -> Result<Self, String> {
-        tokenizers::Tokenizer::from_str(json).map(|inner| Tokenizer { inner }).map_err(|e| e.to_string())
+        tokenizers::Tokenizer::from_str(json).map(|inner| Tokenizer { inner: Some(inner) }).map_err(|e| e.to_string())
+    }
+
+    /// No tokenizer: token ids only.
+    pub fn none() -> Self {
+        Tokenizer { inner: None }
+    }
+
+    /// Whether text can be encoded and decoded.
+    pub fn has_text(&self) -> bool {
+        self.inner.is_some()
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<EncodedToken>, String> {
-        let encoding = self.inner.encode(text, false).map_err(|e| e.to_string())?;
+        let Some(inner) = &self.inner else {
+            return Err("the model has no tokenizer.json, so text cannot be tokenized: send token ids".into());
+        };
+        let encoding = inner.encode(text, false).map_err(|e| e.to_string())?;
         Ok(encoding
             .get_ids()
             .iter()
@@ -36,8 +51,9 @@ impl Tokenizer {
             .collect())
     }
 
+    /// The text of `ids`; empty without a tokenizer.
     pub fn decode(&self, ids: &[u32]) -> String {
-        self.inner.decode(ids, true).unwrap_or_default()
+        self.inner.as_ref().and_then(|t| t.decode(ids, true).ok()).unwrap_or_default()
     }
 }
 

@@ -496,3 +496,30 @@ async fn sigterm_drains_in_flight_streams_then_exits_cleanly() {
     let refused = Channel::from_shared(r.url()).unwrap().connect().await;
     assert!(refused.is_err(), "a stopped router accepts no connection");
 }
+
+/// A model folder without tokenizer.json (a benchmark checkpoint, a test fixture) is served for
+/// token-id prompts, its completions as ids without text; what needs text is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_without_a_tokenizer_serves_token_ids_and_refuses_text_by_name() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mqa_f32");
+    let w = onehead_tests::worker_with_model(fixture.to_str().unwrap(), &[]).await;
+    let r = router(&[&w], &[]).await;
+    let mut client = pb::text_generation_client::TextGenerationClient::new(r.channel().await);
+    let ids_request = |stop: Vec<String>| pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: vec![5, 6, 7] })),
+        parameters: Some(pb::Parameters { max_new_tokens: Some(6), ignore_eos: true, stop, ..Default::default() }),
+    };
+    let s = stream(&mut client, ids_request(vec![])).await;
+    assert_eq!(s.text(), "", "no tokenizer, no text");
+    let done = s.done.expect("token ids are served");
+    assert_eq!((s.ids.len(), done.usage.unwrap().generated_tokens), (6, 6));
+    for (request, field) in
+        [(onehead_tests::text_request("hello", 4), "`prompt.text`"), (ids_request(vec!["x".into()]), "`stop`")]
+    {
+        let status = client.generate(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains(field) && status.message().contains("no tokenizer"), "{status:?}");
+    }
+    let status = client.tokenize(pb::TokenizeRequest { text: "hello".into() }).await.unwrap_err();
+    assert!(status.message().contains("no tokenizer"), "{status:?}");
+}
