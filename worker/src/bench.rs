@@ -35,7 +35,16 @@ impl CheckpointArgs {
     pub fn falcon_checkpoint(&self) -> anyhow::Result<std::path::PathBuf> {
         let (shape, name) = if self.smoke { (FALCON_SMOKE, "falcon-7b-smoke") } else { (FALCON_7B, "falcon-7b") };
         let dir = self.dir.join(name);
-        write_falcon_checkpoint(&dir, &shape)?;
+        write_falcon_checkpoint(&dir, &shape, None)?;
+        Ok(dir)
+    }
+
+    /// The folder of a checkpoint of SantaCoder's width and depth in Falcon's new decoder
+    /// layout with `n_kv_heads` K/V heads (16: multi-head, 1: multi-query), written on first use.
+    pub fn kv_heads_checkpoint(&self, n_kv_heads: i64) -> anyhow::Result<std::path::PathBuf> {
+        let (shape, suffix) = if self.smoke { (SMOKE, "-smoke") } else { (SANTACODER, "") };
+        let dir = self.dir.join(format!("width-{}-kv{n_kv_heads}{suffix}", shape.n_embd));
+        write_falcon_checkpoint(&dir, &shape, Some(n_kv_heads))?;
         Ok(dir)
     }
 
@@ -125,9 +134,10 @@ impl safetensors::View for RandomTensor {
     }
 }
 
-/// Writes a random bf16 Falcon checkpoint of `shape` (multi-query, Falcon-7B's layout) to
-/// `dir`, unless one is there.
-pub fn write_falcon_checkpoint(dir: &Path, shape: &Shape) -> anyhow::Result<()> {
+/// Writes a random bf16 Falcon checkpoint of `shape` to `dir`, unless one is there: Falcon-7B's
+/// layout (multi-query, one norm) without `kv_groups`, else the new decoder architecture with
+/// that many K/V groups (two norms).
+pub fn write_falcon_checkpoint(dir: &Path, shape: &Shape, kv_groups: Option<i64>) -> anyhow::Result<()> {
     if dir.join("model.safetensors").exists() {
         return Ok(());
     }
@@ -135,6 +145,10 @@ pub fn write_falcon_checkpoint(dir: &Path, shape: &Shape) -> anyhow::Result<()> 
     std::fs::create_dir_all(dir)?;
     let Shape { n_layer, n_embd, n_head, vocab_size, n_positions } = *shape;
     let (hidden, head_dim) = (n_embd as usize, (n_embd / n_head) as usize);
+    let (norms, kv_heads) = match kv_groups {
+        None => (&["input_layernorm"][..], 1),
+        Some(g) => (&["ln_attn", "ln_mlp"][..], g as usize),
+    };
     let mut tensors: Vec<(String, Vec<usize>, f64)> = vec![
         ("transformer.word_embeddings.weight".into(), vec![vocab_size as usize, hidden], 0.0),
         ("transformer.ln_f.weight".into(), vec![hidden], 1.0),
@@ -142,10 +156,13 @@ pub fn write_falcon_checkpoint(dir: &Path, shape: &Shape) -> anyhow::Result<()> 
     ];
     for i in 0..n_layer {
         let b = format!("transformer.h.{i}");
+        for norm in norms {
+            tensors.push((format!("{b}.{norm}.weight"), vec![hidden], 1.0));
+            tensors.push((format!("{b}.{norm}.bias"), vec![hidden], 0.0));
+        }
+        let qkv_rows = hidden + 2 * kv_heads * head_dim;
         tensors.extend([
-            (format!("{b}.input_layernorm.weight"), vec![hidden], 1.0),
-            (format!("{b}.input_layernorm.bias"), vec![hidden], 0.0),
-            (format!("{b}.self_attention.query_key_value.weight"), vec![hidden + 2 * head_dim, hidden], 0.0),
+            (format!("{b}.self_attention.query_key_value.weight"), vec![qkv_rows, hidden], 0.0),
             (format!("{b}.self_attention.dense.weight"), vec![hidden, hidden], 0.0),
             (format!("{b}.mlp.dense_h_to_4h.weight"), vec![4 * hidden, hidden], 0.0),
             (format!("{b}.mlp.dense_4h_to_h.weight"), vec![hidden, 4 * hidden], 0.0),
@@ -161,8 +178,9 @@ pub fn write_falcon_checkpoint(dir: &Path, shape: &Shape) -> anyhow::Result<()> 
     let config = serde_json::json!({
         "model_type": "falcon", "architectures": ["FalconForCausalLM"],
         "hidden_size": n_embd, "num_attention_heads": n_head, "num_hidden_layers": n_layer,
-        "vocab_size": vocab_size, "max_position_embeddings": n_positions, "multi_query": true,
-        "new_decoder_architecture": false, "parallel_attn": true, "bias": false, "alibi": false,
+        "vocab_size": vocab_size, "max_position_embeddings": n_positions, "multi_query": kv_groups.is_none(),
+        "new_decoder_architecture": kv_groups.is_some(), "num_kv_heads": kv_heads,
+        "parallel_attn": true, "bias": false, "alibi": false,
         "layer_norm_epsilon": 1e-5, "bos_token_id": 11, "eos_token_id": 11, "dtype": "bfloat16",
     });
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
@@ -254,5 +272,33 @@ impl DecoderSpec {
     /// KV-cache bytes one token takes on each shard: 2 (K, V) x layers x K/V heads x head_dim.
     pub fn shard_kv_bytes_per_token(&self, world: usize, dtype_bytes: i64) -> i64 {
         2 * self.n_layers * self.kv_heads(0, world) * self.head_dim * dtype_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::{LoadOptions, load_model};
+
+    /// The benchmarks' random Falcon checkpoints load and run: Falcon-7B's layout with its 71
+    /// heads (smoke width) at TP 1 and 3, and the new decoder layout with 2 K/V groups.
+    #[test]
+    fn random_falcon_checkpoints_load_and_decode() {
+        let dir = std::env::temp_dir().join(format!("onehead-bench-test-{}", std::process::id()));
+        let args = CheckpointArgs { dir: dir.clone(), smoke: true };
+        let cases = [(args.falcon_checkpoint().unwrap(), 1, 3), (args.kv_heads_checkpoint(2).unwrap(), 2, 2)];
+        for (path, kv_heads, tp) in cases {
+            for tp in [1, tp] {
+                let options = LoadOptions { tp, threads_per_shard: Some(1), ..Default::default() };
+                let mut lm = load_model(path.to_str().unwrap(), &options).unwrap();
+                assert_eq!(lm.runner.shape().n_kv_heads, kv_heads);
+                let stopping =
+                    crate::generate::StoppingCriteria { max_new_tokens: 3, ignore_eos: true, ..Default::default() };
+                let sampling = crate::sampling::SamplingParams::default();
+                let g = crate::generate::generate(lm.runner.as_mut(), &[], &[1, 2, 3], &sampling, &stopping, |_| {});
+                assert_eq!(g.unwrap().new_ids.len(), 3, "{} at TP {tp}", path.display());
+            }
+        }
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -22,6 +22,14 @@ pub struct StepBytes {
     pub mha_kv_read: i64,
 }
 
+impl StepBytes {
+    /// Bytes moved: weights and K/V read, K/V written. Over the step's time, the bandwidth the
+    /// telemetry reports.
+    pub fn moved(&self) -> i64 {
+        self.weight_read + self.kv_read + self.kv_written
+    }
+}
+
 /// The byte model of one shard.
 #[derive(Clone, Debug)]
 pub struct ShardBytes {
@@ -191,7 +199,7 @@ impl WorkerMetrics {
             s.kv_read.add(b.kv_read as f64);
             s.kv_written.add(b.kv_written as f64);
             s.mha_kv_read.add(b.mha_kv_read as f64);
-            let per_sec = (b.weight_read + b.kv_read + b.kv_written) as f64 / secs.max(1e-9);
+            let per_sec = b.moved() as f64 / secs.max(1e-9);
             s.bandwidth.set(per_sec);
             if let Some(peak) = self.peak_bytes_per_sec {
                 s.bandwidth_fraction.set(per_sec / peak);

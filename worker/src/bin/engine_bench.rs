@@ -52,6 +52,9 @@ struct Args {
     /// 8 and exit.
     #[arg(long)]
     shard_table: bool,
+    /// Write the checkpoints of --model (if they are not there yet) and exit.
+    #[arg(long)]
+    write_checkpoints: bool,
     /// Also write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -61,6 +64,14 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.shard_table {
         print_shard_table();
+        return Ok(());
+    }
+    let checkpoints = match args.model.as_str() {
+        "santacoder" => vec![("mqa", args.checkpoints.checkpoint(true)?), ("mha", args.checkpoints.checkpoint(false)?)],
+        "falcon-7b" => vec![("falcon-7b", args.checkpoints.falcon_checkpoint()?)],
+        other => anyhow::bail!("--model {other}: expected santacoder or falcon-7b"),
+    };
+    if args.write_checkpoints {
         return Ok(());
     }
     let threads = tch::get_num_threads();
@@ -83,11 +94,6 @@ fn main() -> anyhow::Result<()> {
         (stream_1, stream_n)
     };
 
-    let checkpoints = match args.model.as_str() {
-        "santacoder" => vec![("mqa", args.checkpoints.checkpoint(true)?), ("mha", args.checkpoints.checkpoint(false)?)],
-        "falcon-7b" => vec![("falcon-7b", args.checkpoints.falcon_checkpoint()?)],
-        other => anyhow::bail!("--model {other}: expected santacoder or falcon-7b"),
-    };
     let mut results = Vec::new();
     for (name, dir) in checkpoints {
         let r = bench_model(&dir, &args, stream_n, device)?;

@@ -232,7 +232,7 @@ impl CausalLm for Falcon {
         let comm = self.comm.as_ref();
         // (n_tokens, hidden_size)
         let mut x = self.vocab.embed(&self.word_embeddings, &batch.token_ids, comm)?;
-        let angles = self.rotary.at(&batch.positions, self.dtype.kind());
+        let angles = self.rotary.at(&batch.positions, self.dtype.kind())?;
         for (layer, block) in self.h.iter().enumerate() {
             let (attn, mlp) = (&block.self_attention, &block.mlp);
             x = match &block.norms {

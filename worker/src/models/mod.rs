@@ -283,9 +283,9 @@ impl Rotary {
     }
 
     /// cos and sin at `positions` `(n_tokens,)`: each `(n_tokens, 1, head_dim)` in `kind`.
-    pub fn at(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
-        let pick = |t: &Tensor| t.index_select(0, positions).to_kind(kind).unsqueeze(1);
-        (pick(&self.cos), pick(&self.sin))
+    pub fn at(&self, positions: &Tensor, kind: Kind) -> Result<(Tensor, Tensor)> {
+        let pick = |t: &Tensor| -> Result<Tensor> { Ok(t.f_index_select(0, positions)?.to_kind(kind).unsqueeze(1)) };
+        Ok((pick(&self.cos)?, pick(&self.sin)?))
     }
 
     /// Rotates `x` `(n_tokens, n_heads, head_dim)` by the angles `at` returned.
