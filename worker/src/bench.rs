@@ -301,4 +301,34 @@ mod tests {
         }
         std::fs::remove_dir_all(dir).unwrap();
     }
+
+    /// Falcon-7B's 71 query heads split unevenly over 2, 3, 4 and 8 shards (the one K/V head on
+    /// each): the same greedy ids and logprobs as unsharded, in f32.
+    #[test]
+    fn seventy_one_heads_shard_over_up_to_8_and_agree() {
+        let dir = std::env::temp_dir().join(format!("onehead-bench-test71-{}", std::process::id()));
+        let path = CheckpointArgs { dir: dir.clone(), smoke: true }.falcon_checkpoint().unwrap();
+        let run = |tp| {
+            let options = LoadOptions {
+                tp,
+                dtype: Some(crate::config::Dtype::F32),
+                threads_per_shard: Some(1),
+                ..Default::default()
+            };
+            let mut lm = load_model(path.to_str().unwrap(), &options).unwrap();
+            let stopping =
+                crate::generate::StoppingCriteria { max_new_tokens: 8, ignore_eos: true, ..Default::default() };
+            let sampling = crate::sampling::SamplingParams::default();
+            crate::generate::generate(lm.runner.as_mut(), &[], &[5, 9, 2, 7], &sampling, &stopping, |_| {}).unwrap()
+        };
+        let alone = run(1);
+        for tp in [2, 3, 4, 8] {
+            let sharded = run(tp);
+            assert_eq!(sharded.new_ids, alone.new_ids, "TP {tp}");
+            for (a, b) in sharded.logprobs.iter().zip(&alone.logprobs) {
+                assert!((a - b).abs() < 1e-4, "TP {tp}: {a} vs {b}");
+            }
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

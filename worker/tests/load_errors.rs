@@ -96,3 +96,24 @@ fn a_missing_shard_or_a_corrupt_file_is_named() {
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     check(load_err(&dir), &["no model.safetensors"]);
 }
+
+/// Falcon: a grouped fused QKV whose groups do not match config.json, a missing norm of the
+/// two-norm layout, and ALiBi, each named.
+#[test]
+fn falcon_load_errors_name_the_tensor_or_field() {
+    let dir = copy_of("falcon_gqa", "falcon-groups");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    // 2 K/V groups instead of 4: the fused projection has 4 groups' rows, not 2 groups' of 6.
+    std::fs::write(dir.join("config.json"), config.replace("\"num_kv_heads\": 4", "\"num_kv_heads\": 2")).unwrap();
+    check(
+        load_err(&dir),
+        &["tensor transformer.h.0.self_attention.query_key_value.weight", "expected [96, 64]", "found [128, 64]"],
+    );
+    let dir = copy_of("falcon_gqa", "falcon-norm");
+    edit_tensors(&dir, |t| t.retain(|(n, _)| n != "transformer.h.1.ln_mlp.bias"));
+    check(load_err(&dir), &["tensor transformer.h.1.ln_mlp.bias: missing"]);
+    let dir = copy_of("falcon_mqa", "falcon-alibi");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(dir.join("config.json"), config.replace("\"alibi\": false", "\"alibi\": true")).unwrap();
+    check(load_err(&dir), &["config.json", "field `alibi`"]);
+}

@@ -12,7 +12,7 @@ use super::parallel::{ShardLoader, VocabShard, row_parallel, split_qkv};
 use super::{Batch, CausalLm, LayerNorm, Linear, ModelShape, Rotary, cached_attention, tensor_bytes};
 use crate::comm::{Communicator, ShardHeads, split};
 use crate::config::{Activation, Dtype, FalconConfig, FalconNorms};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kv_cache::{KvPool, KvShape};
 use crate::weights::Checkpoint;
 
@@ -137,16 +137,7 @@ impl Falcon {
             .collect::<Result<Vec<_>>>()?;
         let vocab_rows = (vocab.start, vocab.len);
         let word_embeddings = w.rows("transformer.word_embeddings.weight", &[c.vocab_size, hidden], vocab_rows)?;
-        let lm_head = if c.tie_word_embeddings {
-            word_embeddings.shallow_clone()
-        } else if ckpt.contains("lm_head.weight") {
-            w.rows("lm_head.weight", &[c.vocab_size, hidden], vocab_rows)?
-        } else {
-            return Err(Error::Tensor {
-                name: "lm_head.weight".into(),
-                message: "missing from the checkpoint, and config.json sets tie_word_embeddings: false".into(),
-            });
-        };
+        let lm_head = vocab.lm_head(&w, &word_embeddings, c.tie_word_embeddings, hidden)?;
         Ok(Falcon {
             word_embeddings,
             h,

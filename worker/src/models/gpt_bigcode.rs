@@ -11,7 +11,7 @@ use super::parallel::{ShardLoader, VocabShard, row_parallel, split_qkv};
 use super::{Batch, CausalLm, LayerNorm, Linear, ModelShape, cached_attention, tensor_bytes};
 use crate::comm::{Communicator, ShardHeads, split};
 use crate::config::{Activation, Dtype, GptBigCodeConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kv_cache::{KvPool, KvShape};
 use crate::weights::Checkpoint;
 
@@ -106,16 +106,7 @@ impl GptBigCode {
             .collect::<Result<Vec<_>>>()?;
         let vocab_rows = (vocab.start, vocab.len);
         let wte = w.rows(&format!("{p}wte.weight"), &[c.vocab_size, c.n_embd], vocab_rows)?;
-        let lm_head = if c.tie_word_embeddings {
-            wte.shallow_clone()
-        } else if ckpt.contains("lm_head.weight") {
-            w.rows("lm_head.weight", &[c.vocab_size, c.n_embd], vocab_rows)?
-        } else {
-            return Err(Error::Tensor {
-                name: "lm_head.weight".into(),
-                message: "missing from the checkpoint, and config.json sets tie_word_embeddings: false".into(),
-            });
-        };
+        let lm_head = vocab.lm_head(&w, &wte, c.tie_word_embeddings, c.n_embd)?;
         Ok(GptBigCode {
             wpe: w.full(&format!("{p}wpe.weight"), &[c.n_positions, c.n_embd])?,
             wte,

@@ -11,7 +11,7 @@ use tch::{Device, Tensor};
 use super::Linear;
 use crate::comm::{Communicator, ShardHeads, split};
 use crate::config::Dtype;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::weights::Checkpoint;
 
 /// Reads this shard's parts of checkpoint tensors in one dtype, onto one device.
@@ -131,6 +131,7 @@ pub(crate) fn split_qkv(qkv: &Tensor, heads: &ShardHeads, head_dim: i64) -> (Ten
 /// The vocabulary rows one shard holds of the embedding and the LM head.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct VocabShard {
+    pub vocab_size: i64,
     pub start: i64,
     pub len: i64,
 }
@@ -138,7 +139,22 @@ pub(crate) struct VocabShard {
 impl VocabShard {
     pub fn new(vocab_size: i64, comm: &dyn Communicator) -> Self {
         let (start, len) = split(vocab_size, comm.rank(), comm.world_size());
-        VocabShard { start, len }
+        VocabShard { vocab_size, start, len }
+    }
+
+    /// This shard's rows of the LM head `(vocab_size, hidden)`: the embedding's own rows when
+    /// the two are tied, else those of `lm_head.weight`.
+    pub fn lm_head(&self, w: &ShardLoader, embedding: &Tensor, tied: bool, hidden: i64) -> Result<Tensor> {
+        if tied {
+            return Ok(embedding.shallow_clone());
+        }
+        if !w.ckpt.contains("lm_head.weight") {
+            return Err(Error::Tensor {
+                name: "lm_head.weight".into(),
+                message: "missing from the checkpoint, and config.json sets tie_word_embeddings: false".into(),
+            });
+        }
+        w.rows("lm_head.weight", &[self.vocab_size, hidden], (self.start, self.len))
     }
 
     /// `(n_tokens, hidden)` embeddings of `ids` from this shard's rows `table`. With the
