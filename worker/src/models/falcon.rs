@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use tch::{Device, Tensor};
 
-use super::parallel::{ShardLoader, VocabShard, row_parallel, split_qkv};
-use super::{Batch, CausalLm, LayerNorm, Linear, ModelShape, Rotary, cached_attention, tensor_bytes};
-use crate::comm::{Communicator, ShardHeads, split};
+use super::parallel::{ShardLoader, row_parallel, split_qkv};
+use super::{Batch, CausalLm, LayerNorm, Linear, ModelShape, Rotary, Shard, cached_attention, tensor_bytes};
+use crate::comm::{Communicator, split};
 use crate::config::{Activation, Dtype, FalconConfig, FalconNorms};
 use crate::error::Result;
-use crate::kv_cache::{KvPool, KvShape};
+use crate::kv_cache::KvPool;
 use crate::weights::Checkpoint;
 
 pub struct Falcon {
@@ -24,15 +24,8 @@ pub struct Falcon {
     /// This shard's rows of `lm_head.weight`, or of `word_embeddings` when they are tied.
     lm_head: Tensor,
     rotary: Rotary,
-    shape: ModelShape,
-    dtype: Dtype,
-    device: Device,
-    /// This shard's query and K/V heads.
-    heads: ShardHeads,
-    queries_per_kv_head: Vec<i64>,
-    /// This shard's rows of `word_embeddings` and `lm_head`.
-    vocab: VocabShard,
-    comm: Arc<dyn Communicator>,
+    /// The shape, and this shard's heads, vocabulary rows and communicator.
+    shard: Shard,
 }
 
 struct DecoderLayer {
@@ -77,9 +70,17 @@ impl Falcon {
         let c = config;
         let (rank, world) = (comm.rank(), comm.world_size());
         let (hidden, hd) = (c.hidden_size, c.head_dim);
-        let heads = ShardHeads::new(c.num_attention_heads, c.num_kv_heads, rank, world);
+        let shape = ModelShape {
+            n_layers: c.num_hidden_layers,
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: hd,
+            vocab_size: c.vocab_size,
+            max_context: c.max_position_embeddings,
+        };
+        let shard = Shard::new(shape, dtype, device, comm);
+        let (heads, vocab) = (shard.heads, shard.vocab);
         let ffn = split(c.ffn_hidden_size, rank, world);
-        let vocab = VocabShard::new(c.vocab_size, comm.as_ref());
         let w = ShardLoader { ckpt, dtype, device };
         let norm = |name: String| LayerNorm::load(ckpt, &name, hidden, c.layer_norm_epsilon, dtype, device);
         let h = (0..c.num_hidden_layers)
@@ -144,30 +145,18 @@ impl Falcon {
             ln_f: norm("transformer.ln_f".into())?,
             lm_head,
             rotary: Rotary::new(hd, c.rope_theta, c.max_position_embeddings, device),
-            shape: ModelShape {
-                n_layers: c.num_hidden_layers,
-                n_heads: c.num_attention_heads,
-                n_kv_heads: c.num_kv_heads,
-                head_dim: hd,
-                vocab_size: c.vocab_size,
-                max_context: c.max_position_embeddings,
-            },
-            dtype,
-            device,
-            queries_per_kv_head: heads.queries_per_kv_head(),
-            heads,
-            vocab,
-            comm,
+            shard,
         })
     }
 
     /// This shard's heads of attention: `(n_tokens, n_heads_here * head_dim)`, before `dense`.
     fn attention(&self, layer: usize, x: &Tensor, angles: &(Tensor, Tensor), batch: &Batch, kv: &KvPool) -> Tensor {
-        let head_dim = self.shape.head_dim;
-        let (q, k, v) = split_qkv(&self.h[layer].self_attention.query_key_value.forward(x), &self.heads, head_dim);
+        let s = &self.shard;
+        let head_dim = s.shape.head_dim;
+        let (q, k, v) = split_qkv(&self.h[layer].self_attention.query_key_value.forward(x), &s.heads, head_dim);
         let (q, k) = (Rotary::rotate(&q, angles), Rotary::rotate(&k, angles));
         let scale = 1.0 / (head_dim as f64).sqrt();
-        cached_attention(layer, (&q, &k, &v), batch, kv, &self.queries_per_kv_head, scale)
+        cached_attention(layer, (&q, &k, &v), batch, kv, &s.queries_per_kv_head, scale)
     }
 }
 
@@ -179,20 +168,8 @@ impl Mlp {
 }
 
 impl CausalLm for Falcon {
-    fn shape(&self) -> &ModelShape {
-        &self.shape
-    }
-
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-
-    fn device(&self) -> Device {
-        self.device
-    }
-
-    fn kv_shape(&self) -> KvShape {
-        KvShape { n_layers: self.shape.n_layers, n_kv_heads: self.heads.n_kv_heads, head_dim: self.shape.head_dim }
+    fn shard(&self) -> &Shard {
+        &self.shard
     }
 
     /// This shard's matrices and norms of every layer, and its rows of the LM head; of the
@@ -220,10 +197,10 @@ impl CausalLm for Falcon {
     }
 
     fn forward(&self, batch: &Batch, kv: &KvPool) -> Result<Tensor> {
-        let comm = self.comm.as_ref();
+        let comm = self.shard.comm.as_ref();
         // (n_tokens, hidden_size)
-        let mut x = self.vocab.embed(&self.word_embeddings, &batch.token_ids, comm)?;
-        let angles = self.rotary.at(&batch.positions, self.dtype.kind())?;
+        let mut x = self.shard.vocab.embed(&self.word_embeddings, &batch.token_ids, comm)?;
+        let angles = self.rotary.at(&batch.positions, self.shard.dtype.kind())?;
         for (layer, block) in self.h.iter().enumerate() {
             let (attn, mlp) = (&block.self_attention, &block.mlp);
             x = match &block.norms {
@@ -248,7 +225,7 @@ impl CausalLm for Falcon {
         }
         // (n_rows, hidden_size) -> (n_rows, vocab_size)
         let x = self.ln_f.forward(&x.index_select(0, &batch.logit_rows));
-        self.vocab.logits(&self.lm_head, &x, comm)
+        self.shard.vocab.logits(&self.lm_head, &x, comm)
     }
 }
 

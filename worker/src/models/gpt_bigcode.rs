@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use tch::{Device, Tensor};
 
-use super::parallel::{ShardLoader, VocabShard, row_parallel, split_qkv};
-use super::{Batch, CausalLm, LayerNorm, Linear, ModelShape, cached_attention, tensor_bytes};
-use crate::comm::{Communicator, ShardHeads, split};
+use super::parallel::{ShardLoader, row_parallel, split_qkv};
+use super::{Batch, CausalLm, LayerNorm, Linear, ModelShape, Shard, cached_attention, tensor_bytes};
+use crate::comm::{Communicator, split};
 use crate::config::{Activation, Dtype, GptBigCodeConfig};
 use crate::error::Result;
-use crate::kv_cache::{KvPool, KvShape};
+use crate::kv_cache::KvPool;
 use crate::weights::Checkpoint;
 
 pub struct GptBigCode {
@@ -23,16 +23,9 @@ pub struct GptBigCode {
     ln_f: LayerNorm,
     /// This shard's rows of `lm_head.weight`, or of `wte` itself when the embeddings are tied.
     lm_head: Tensor,
-    shape: ModelShape,
-    dtype: Dtype,
-    device: Device,
     scale: f64,
-    /// This shard's query and K/V heads.
-    heads: ShardHeads,
-    queries_per_kv_head: Vec<i64>,
-    /// This shard's rows of `wte` and `lm_head`.
-    vocab: VocabShard,
-    comm: Arc<dyn Communicator>,
+    /// The shape, and this shard's heads, vocabulary rows and communicator.
+    shard: Shard,
 }
 
 struct Block {
@@ -76,9 +69,17 @@ impl GptBigCode {
         let p =
             if ckpt.contains("transformer.wte.weight") || !ckpt.contains("wte.weight") { "transformer." } else { "" };
         let hd = c.head_dim;
-        let heads = ShardHeads::new(c.n_head, c.n_kv_heads, rank, world);
+        let shape = ModelShape {
+            n_layers: c.n_layer,
+            n_heads: c.n_head,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            vocab_size: c.vocab_size,
+            max_context: c.n_positions,
+        };
+        let shard = Shard::new(shape, dtype, device, comm);
+        let (heads, vocab) = (shard.heads, shard.vocab);
         let inner = split(c.n_inner, rank, world);
-        let vocab = VocabShard::new(c.vocab_size, comm.as_ref());
         let w = ShardLoader { ckpt, dtype, device };
         let norm = |name: &str| LayerNorm::load(ckpt, name, c.n_embd, c.layer_norm_epsilon, dtype, device);
         let h = (0..c.n_layer)
@@ -113,40 +114,15 @@ impl GptBigCode {
             h,
             ln_f: norm(&format!("{p}ln_f"))?,
             lm_head,
-            shape: ModelShape {
-                n_layers: c.n_layer,
-                n_heads: c.n_head,
-                n_kv_heads: c.n_kv_heads,
-                head_dim: c.head_dim,
-                vocab_size: c.vocab_size,
-                max_context: c.n_positions,
-            },
-            dtype,
-            device,
             scale: if c.scale_attn_weights { 1.0 / (c.head_dim as f64).sqrt() } else { 1.0 },
-            queries_per_kv_head: heads.queries_per_kv_head(),
-            heads,
-            vocab,
-            comm,
+            shard,
         })
     }
 }
 
 impl CausalLm for GptBigCode {
-    fn shape(&self) -> &ModelShape {
-        &self.shape
-    }
-
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-
-    fn device(&self) -> Device {
-        self.device
-    }
-
-    fn kv_shape(&self) -> KvShape {
-        KvShape { n_layers: self.shape.n_layers, n_kv_heads: self.heads.n_kv_heads, head_dim: self.shape.head_dim }
+    fn shard(&self) -> &Shard {
+        &self.shard
     }
 
     /// This shard's matrices and norms of every layer, and its rows of the LM head; of the
@@ -168,10 +144,10 @@ impl CausalLm for GptBigCode {
     }
 
     fn forward(&self, batch: &Batch, kv: &KvPool) -> Result<Tensor> {
-        let comm = self.comm.as_ref();
+        let comm = self.shard.comm.as_ref();
         // (n_tokens, n_embd)
-        let mut x =
-            self.vocab.embed(&self.wte, &batch.token_ids, comm)? + self.wpe.f_index_select(0, &batch.positions)?;
+        let mut x = self.shard.vocab.embed(&self.wte, &batch.token_ids, comm)?
+            + self.wpe.f_index_select(0, &batch.positions)?;
         for (layer, block) in self.h.iter().enumerate() {
             let y = self.attention(layer, &block.attn, &block.ln_1.forward(&x), batch, kv);
             x = &x + row_parallel(comm, &[(&y, &block.attn.c_proj)])?;
@@ -180,14 +156,15 @@ impl CausalLm for GptBigCode {
         }
         // (n_rows, n_embd) -> (n_rows, vocab_size)
         let x = self.ln_f.forward(&x.index_select(0, &batch.logit_rows));
-        self.vocab.logits(&self.lm_head, &x, comm)
+        self.shard.vocab.logits(&self.lm_head, &x, comm)
     }
 }
 
 impl GptBigCode {
     /// This shard's heads of attention: `(n_tokens, n_heads_here * head_dim)`, before `c_proj`.
     fn attention(&self, layer: usize, attn: &Attention, x: &Tensor, batch: &Batch, kv: &KvPool) -> Tensor {
-        let (q, k, v) = split_qkv(&attn.c_attn.forward(x), &self.heads, self.shape.head_dim);
-        cached_attention(layer, (&q, &k, &v), batch, kv, &self.queries_per_kv_head, self.scale)
+        let s = &self.shard;
+        let (q, k, v) = split_qkv(&attn.c_attn.forward(x), &s.heads, s.shape.head_dim);
+        cached_attention(layer, (&q, &k, &v), batch, kv, &s.queries_per_kv_head, self.scale)
     }
 }

@@ -12,6 +12,9 @@ mod parallel;
 
 use tch::{Device, Kind, Tensor};
 
+use std::sync::Arc;
+
+use crate::comm::{Communicator, ShardHeads};
 use crate::config::{Dtype, ModelConfig};
 use crate::error::Result;
 use crate::kv_cache::{KvPool, KvShape, KvSlot};
@@ -97,14 +100,46 @@ pub struct ModelShape {
     pub max_context: i64,
 }
 
+/// A model's shape and this shard's part of it: its query and K/V heads, its vocabulary rows,
+/// and its end of the communicator group (a world of one at TP 1).
+pub struct Shard {
+    pub shape: ModelShape,
+    pub dtype: Dtype,
+    pub device: Device,
+    pub heads: ShardHeads,
+    /// `heads.queries_per_kv_head()`, for attention.
+    pub queries_per_kv_head: Vec<i64>,
+    pub(crate) vocab: parallel::VocabShard,
+    pub comm: Arc<dyn Communicator>,
+}
+
+impl Shard {
+    pub fn new(shape: ModelShape, dtype: Dtype, device: Device, comm: Arc<dyn Communicator>) -> Self {
+        let heads = ShardHeads::new(shape.n_heads, shape.n_kv_heads, comm.rank(), comm.world_size());
+        let vocab = parallel::VocabShard::new(shape.vocab_size, comm.as_ref());
+        Shard { queries_per_kv_head: heads.queries_per_kv_head(), shape, dtype, device, heads, vocab, comm }
+    }
+}
+
 /// A causal language model over a shared KV pool.
 pub trait CausalLm: Send {
-    fn shape(&self) -> &ModelShape;
-    fn dtype(&self) -> Dtype;
-    fn device(&self) -> Device;
+    /// The model's shape and this shard's part of it.
+    fn shard(&self) -> &Shard;
+    fn shape(&self) -> &ModelShape {
+        &self.shard().shape
+    }
+    fn dtype(&self) -> Dtype {
+        self.shard().dtype
+    }
+    fn device(&self) -> Device {
+        self.shard().device
+    }
     /// The K/V heads this shard caches (all of them at TP 1; for multi-query attention, the
     /// one head, on every shard).
-    fn kv_shape(&self) -> KvShape;
+    fn kv_shape(&self) -> KvShape {
+        let s = self.shard();
+        KvShape { n_layers: s.shape.n_layers, n_kv_heads: s.heads.n_kv_heads, head_dim: s.shape.head_dim }
+    }
     /// Bytes of weights one forward pass reads on this shard.
     fn weight_bytes(&self) -> i64;
     /// Runs `batch`, storing its K/V in `kv`; returns f32 logits `(n_rows, vocab_size)` for the
@@ -118,7 +153,7 @@ pub fn load(
     checkpoint: &Checkpoint,
     dtype: Dtype,
     device: Device,
-    comm: std::sync::Arc<dyn crate::comm::Communicator>,
+    comm: Arc<dyn Communicator>,
 ) -> Result<Box<dyn CausalLm>> {
     match config {
         ModelConfig::GptBigCode(c) => Ok(Box::new(gpt_bigcode::GptBigCode::load(c, checkpoint, dtype, device, comm)?)),
