@@ -7,7 +7,7 @@
 #     (4 requests), 8 and 32 (the 32 requests);
 #   - an f32 spot check: the greedy ids of 4 prompts (16 tokens) from both must be equal.
 #   - onehead's engine in process (onehead-batch-bench), for the same shape without gRPC.
-# Takes about 15 minutes on a 2-core machine. Results: $BENCH_DIR/peer/.
+# Takes about 20 minutes on a 2-core machine. Results: $BENCH_DIR/peer/.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -37,6 +37,9 @@ head -4 "$out/prompts.jsonl" | sed 's/"output_len": 128/"output_len": 16/' > "$o
 
 echo "== transformers"
 .venv/bin/python scripts/bench_hf_serving.py "$ckpt" "$out/prompts.jsonl" --spot-check 4 --json "$out/hf.json"
+# Its eager attention path (K/V repeated for every head), where the issue's figure comes from.
+.venv/bin/python scripts/bench_hf_serving.py "$ckpt" "$out/prompts.jsonl" --attn-implementation eager \
+    --json "$out/hf-eager.json"
 
 trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT
 serve() {  # serve DTYPE: a worker and a router, returns once the router answers
@@ -82,6 +85,8 @@ if not same:
 print(f"\n| system | concurrency | requests | generated tok/s | decode ms/step (TPOT median) | end to end s |")
 print("|---|---|---|---|---|---|")
 print(f"| transformers (static batch) | 32 | 32 | {hf['generated_tokens_per_s']:.1f} | {hf['decode_step_ms_median']:.0f} | {hf['e2e_s']:.1f} |")
+eager = json.load(open(f"{out}/hf-eager.json"))
+print(f"| transformers, eager attention | 32 | 32 | {eager['generated_tokens_per_s']:.1f} | {eager['decode_step_ms_median']:.0f} | {eager['e2e_s']:.1f} |")
 for c in (1, 8, 32):
     r = json.load(open(f"{out}/c{c}.json"))
     print(f"| onehead | {c} | {r['completed']} | {r['output_throughput']:.1f} | {r['median_tpot_ms']:.0f} | {r['duration']:.1f} |")
