@@ -232,39 +232,24 @@ impl ModelConfig {
 
 impl GptBigCodeConfig {
     fn validate(raw: RawGptBigCodeConfig, path: &Path) -> Result<Self> {
-        let bad = |field: &str, message: String| Error::Config { path: path.to_owned(), field: field.into(), message };
-        let positive = |field: &str, v: Option<i64>| match v {
-            Some(v) if v > 0 => Ok(v),
-            Some(v) => Err(bad(field, format!("must be positive, found {v}"))),
-            None => Err(bad(field, "missing".into())),
-        };
-        let n_embd = positive("n_embd", raw.n_embd)?;
-        let n_head = positive("n_head", raw.n_head)?;
-        let n_layer = positive("n_layer", raw.n_layer)?;
-        let n_positions = positive("n_positions", raw.n_positions)?;
-        let vocab_size = positive("vocab_size", raw.vocab_size)?;
+        let f = Fields { path };
+        let n_embd = f.positive("n_embd", raw.n_embd)?;
+        let n_head = f.positive("n_head", raw.n_head)?;
+        let n_layer = f.positive("n_layer", raw.n_layer)?;
+        let n_positions = f.positive("n_positions", raw.n_positions)?;
+        let vocab_size = f.positive("vocab_size", raw.vocab_size)?;
         let n_inner = match raw.n_inner {
             None => 4 * n_embd,
-            v => positive("n_inner", v)?,
+            v => f.positive("n_inner", v)?,
         };
         if n_embd % n_head != 0 {
-            return Err(bad("n_head", format!("n_embd {n_embd} is not a multiple of n_head {n_head}")));
+            return Err(f.bad("n_head", format!("n_embd {n_embd} is not a multiple of n_head {n_head}")));
         }
-        let activation = Activation::from_hf(&raw.activation_function).ok_or_else(|| {
-            bad(
-                "activation_function",
-                format!(
-                    "unsupported activation {:?} (supported: gelu, gelu_pytorch_tanh, gelu_new, gelu_fast, relu)",
-                    raw.activation_function
-                ),
-            )
-        })?;
+        let activation = f.activation("activation_function", &raw.activation_function)?;
         if raw.add_cross_attention {
-            return Err(bad("add_cross_attention", "cross-attention (encoder-decoder use) is not supported".into()));
+            return Err(f.bad("add_cross_attention", "cross-attention (encoder-decoder use) is not supported".into()));
         }
-        if !(raw.layer_norm_epsilon > 0.0) {
-            return Err(bad("layer_norm_epsilon", format!("must be positive, found {}", raw.layer_norm_epsilon)));
-        }
+        f.positive_f64("layer_norm_epsilon", raw.layer_norm_epsilon)?;
         Ok(GptBigCodeConfig {
             n_embd,
             n_head,
@@ -378,43 +363,37 @@ impl FalconConfig {
     /// `refined_web_40b`: the `RefinedWeb` dialect, whose code always had the new decoder
     /// architecture, so that is its default.
     fn validate(raw: RawFalconConfig, refined_web_40b: bool, path: &Path) -> Result<Self> {
-        let bad = |field: &str, message: String| Error::Config { path: path.to_owned(), field: field.into(), message };
-        let positive = |field: &str, v: Option<i64>| match v {
-            Some(v) if v > 0 => Ok(v),
-            Some(v) => Err(bad(field, format!("must be positive, found {v}"))),
-            None => Err(bad(field, "missing".into())),
-        };
-        let hidden_size = positive("hidden_size", raw.hidden_size)?;
-        let n_heads = positive("num_attention_heads", raw.num_attention_heads)?;
-        let num_hidden_layers = positive("num_hidden_layers", raw.num_hidden_layers)?;
-        let vocab_size = positive("vocab_size", raw.vocab_size)?;
-        let max_position_embeddings = positive("max_position_embeddings", Some(raw.max_position_embeddings))?;
+        let f = Fields { path };
+        let hidden_size = f.positive("hidden_size", raw.hidden_size)?;
+        let n_heads = f.positive("num_attention_heads", raw.num_attention_heads)?;
+        let num_hidden_layers = f.positive("num_hidden_layers", raw.num_hidden_layers)?;
+        let vocab_size = f.positive("vocab_size", raw.vocab_size)?;
+        let max_position_embeddings = f.positive("max_position_embeddings", Some(raw.max_position_embeddings))?;
         let ffn_hidden_size = match raw.ffn_hidden_size {
             None => 4 * hidden_size,
-            v => positive("ffn_hidden_size", v)?,
+            v => f.positive("ffn_hidden_size", v)?,
         };
         if hidden_size % n_heads != 0 {
-            return Err(bad(
+            return Err(f.bad(
                 "num_attention_heads",
                 format!("hidden_size {hidden_size} is not a multiple of num_attention_heads {n_heads}"),
             ));
         }
         if raw.alibi {
-            return Err(bad(
-                "alibi",
-                "ALiBi position biases are not supported; onehead runs rotary Falcon models".into(),
-            ));
+            return Err(
+                f.bad("alibi", "ALiBi position biases are not supported; onehead runs rotary Falcon models".into())
+            );
         }
         if raw.apply_residual_connection_post_layernorm {
-            return Err(bad("apply_residual_connection_post_layernorm", "true is not supported".into()));
+            return Err(f.bad("apply_residual_connection_post_layernorm", "true is not supported".into()));
         }
         let new_decoder = raw.new_decoder_architecture.unwrap_or(refined_web_40b);
         // As `FalconAttention`: the new decoder reads `num_kv_heads` whatever `multi_query`
         // says; the original one has one K/V head with `multi_query`, else one per query head.
         let num_kv_heads = if new_decoder {
-            let n = positive("num_kv_heads", Some(raw.num_kv_heads.unwrap_or(n_heads)))?;
+            let n = f.positive("num_kv_heads", Some(raw.num_kv_heads.unwrap_or(n_heads)))?;
             if n_heads % n != 0 {
-                return Err(bad("num_kv_heads", format!("{n} does not divide num_attention_heads {n_heads}")));
+                return Err(f.bad("num_kv_heads", format!("{n} does not divide num_attention_heads {n_heads}")));
             }
             n
         } else if raw.multi_query {
@@ -422,7 +401,7 @@ impl FalconConfig {
         } else {
             match raw.num_kv_heads {
                 Some(n) if n != n_heads => {
-                    return Err(bad(
+                    return Err(f.bad(
                         "num_kv_heads",
                         format!(
                             "{n} K/V heads need new_decoder_architecture: true (without it and without \
@@ -439,11 +418,11 @@ impl FalconConfig {
             (true, true, Some(1)) | (false, true, None | Some(1)) => FalconNorms::ParallelOne,
             (false, false, _) => FalconNorms::Sequential,
             (true, false, _) => {
-                return Err(bad("parallel_attn", "the new decoder architecture needs parallel attention".into()));
+                return Err(f.bad("parallel_attn", "the new decoder architecture needs parallel attention".into()));
             }
-            (true, true, Some(n)) => return Err(bad("num_ln_in_parallel_attn", format!("must be 1 or 2, found {n}"))),
+            (true, true, Some(n)) => return Err(f.bad("num_ln_in_parallel_attn", format!("must be 1 or 2, found {n}"))),
             (false, true, Some(n)) => {
-                return Err(bad(
+                return Err(f.bad(
                     "num_ln_in_parallel_attn",
                     format!("{n} needs new_decoder_architecture: true (the original architecture has one norm)"),
                 ));
@@ -451,33 +430,20 @@ impl FalconConfig {
         };
         let default_rope = |p: &RopeParameters| p.rope_type.as_deref().is_none_or(|t| t == "default");
         if let Some(p) = raw.rope_parameters.as_ref().filter(|p| !default_rope(p)) {
-            return Err(bad(
+            return Err(f.bad(
                 "rope_parameters",
                 format!("rope_type {:?} is not supported (only \"default\")", p.rope_type.as_deref().unwrap_or("")),
             ));
         }
         if let Some(p) = raw.rope_scaling.as_ref().filter(|p| !default_rope(p)) {
-            return Err(bad(
-                "rope_scaling",
-                format!("{:?} scaling is not supported", p.rope_type.as_deref().unwrap_or("")),
-            ));
+            return Err(
+                f.bad("rope_scaling", format!("{:?} scaling is not supported", p.rope_type.as_deref().unwrap_or("")))
+            );
         }
         let rope_theta = raw.rope_parameters.and_then(|p| p.rope_theta).or(raw.rope_theta).unwrap_or(10_000.0);
-        if !(rope_theta > 0.0) {
-            return Err(bad("rope_theta", format!("must be positive, found {rope_theta}")));
-        }
-        if !(raw.layer_norm_epsilon > 0.0) {
-            return Err(bad("layer_norm_epsilon", format!("must be positive, found {}", raw.layer_norm_epsilon)));
-        }
-        let activation = Activation::from_hf(&raw.activation).ok_or_else(|| {
-            bad(
-                "activation",
-                format!(
-                    "unsupported activation {:?} (supported: gelu, gelu_pytorch_tanh, gelu_new, gelu_fast, relu)",
-                    raw.activation
-                ),
-            )
-        })?;
+        f.positive_f64("rope_theta", rope_theta)?;
+        f.positive_f64("layer_norm_epsilon", raw.layer_norm_epsilon)?;
+        let activation = f.activation("activation", &raw.activation)?;
         Ok(FalconConfig {
             hidden_size,
             num_attention_heads: n_heads,
@@ -494,6 +460,42 @@ impl FalconConfig {
             activation,
             tie_word_embeddings: raw.tie_word_embeddings,
             eos_token_ids: raw.eos_token_id.to_vec(),
+        })
+    }
+}
+
+/// The errors a config validation returns, each naming `config.json` and the field.
+struct Fields<'a> {
+    path: &'a Path,
+}
+
+impl Fields<'_> {
+    fn bad(&self, field: &str, message: String) -> Error {
+        Error::Config { path: self.path.to_owned(), field: field.into(), message }
+    }
+
+    /// A count that must be there and be positive.
+    fn positive(&self, field: &str, value: Option<i64>) -> Result<i64> {
+        match value {
+            Some(v) if v > 0 => Ok(v),
+            Some(v) => Err(self.bad(field, format!("must be positive, found {v}"))),
+            None => Err(self.bad(field, "missing".into())),
+        }
+    }
+
+    /// A positive real (NaN is refused too).
+    fn positive_f64(&self, field: &str, value: f64) -> Result<f64> {
+        if !(value > 0.0) {
+            return Err(self.bad(field, format!("must be positive, found {value}")));
+        }
+        Ok(value)
+    }
+
+    /// The MLP activation by its Hugging Face name.
+    fn activation(&self, field: &str, name: &str) -> Result<Activation> {
+        Activation::from_hf(name).ok_or_else(|| {
+            let supported = "gelu, gelu_pytorch_tanh, gelu_new, gelu_fast, relu";
+            self.bad(field, format!("unsupported activation {name:?} (supported: {supported})"))
         })
     }
 }
