@@ -68,21 +68,19 @@ impl Falcon {
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
         let c = config;
-        let (rank, world) = (comm.rank(), comm.world_size());
-        let (hidden, hd) = (c.hidden_size, c.head_dim);
+        let hidden = c.hidden_size;
         let shape = ModelShape {
             n_layers: c.num_hidden_layers,
             n_heads: c.num_attention_heads,
             n_kv_heads: c.num_kv_heads,
-            head_dim: hd,
+            head_dim: c.head_dim,
             vocab_size: c.vocab_size,
             max_context: c.max_position_embeddings,
         };
         let shard = Shard::new(shape, dtype, device, comm);
-        let (heads, vocab) = (shard.heads, shard.vocab);
-        let ffn = split(c.ffn_hidden_size, rank, world);
-        let w = ShardLoader { ckpt, dtype, device };
-        let norm = |name: String| LayerNorm::load(ckpt, &name, hidden, c.layer_norm_epsilon, dtype, device);
+        let ffn = split(c.ffn_hidden_size, shard.comm.rank(), shard.comm.world_size());
+        let w = ShardLoader { ckpt, shard: &shard };
+        let norm = |name: String| w.layer_norm(&name, c.layer_norm_epsilon);
         let h = (0..c.num_hidden_layers)
             .map(|i| {
                 let b = format!("transformer.h.{i}");
@@ -103,20 +101,8 @@ impl Falcon {
                 Ok(DecoderLayer {
                     norms,
                     self_attention: Attention {
-                        query_key_value: w.fused_qkv(
-                            &format!("{a}.query_key_value"),
-                            hidden,
-                            c.num_kv_heads,
-                            &heads,
-                            hd,
-                            c.bias,
-                        )?,
-                        dense: w.row_linear(
-                            &format!("{a}.dense"),
-                            [hidden, hidden],
-                            (heads.head_start * hd, heads.n_heads * hd),
-                            c.bias,
-                        )?,
+                        query_key_value: w.fused_qkv(&format!("{a}.query_key_value"), c.bias)?,
+                        dense: w.attention_output(&format!("{a}.dense"), c.bias)?,
                     },
                     mlp: Mlp {
                         dense_h_to_4h: w.column_linear(
@@ -136,15 +122,15 @@ impl Falcon {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let vocab_rows = (vocab.start, vocab.len);
-        let word_embeddings = w.rows("transformer.word_embeddings.weight", &[c.vocab_size, hidden], vocab_rows)?;
-        let lm_head = vocab.lm_head(&w, &word_embeddings, c.tie_word_embeddings, hidden)?;
+        let word_embeddings = w.embedding("transformer.word_embeddings.weight")?;
+        let lm_head = w.lm_head(&word_embeddings, c.tie_word_embeddings)?;
+        let ln_f = norm("transformer.ln_f".into())?;
         Ok(Falcon {
             word_embeddings,
             h,
-            ln_f: norm("transformer.ln_f".into())?,
+            ln_f,
             lm_head,
-            rotary: Rotary::new(hd, c.rope_theta, c.max_position_embeddings, device),
+            rotary: Rotary::new(c.head_dim, c.rope_theta, c.max_position_embeddings, device),
             shard,
         })
     }
@@ -153,7 +139,7 @@ impl Falcon {
     fn attention(&self, layer: usize, x: &Tensor, angles: &(Tensor, Tensor), batch: &Batch, kv: &KvPool) -> Tensor {
         let s = &self.shard;
         let head_dim = s.shape.head_dim;
-        let (q, k, v) = split_qkv(&self.h[layer].self_attention.query_key_value.forward(x), &s.heads, head_dim);
+        let (q, k, v) = split_qkv(&self.h[layer].self_attention.query_key_value.forward(x), s);
         let (q, k) = (Rotary::rotate(&q, angles), Rotary::rotate(&k, angles));
         let scale = 1.0 / (head_dim as f64).sqrt();
         cached_attention(layer, (&q, &k, &v), batch, kv, &s.queries_per_kv_head, scale)

@@ -64,11 +64,9 @@ impl GptBigCode {
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
         let c = config;
-        let (rank, world) = (comm.rank(), comm.world_size());
         // Hugging Face checkpoints prefix the body with `transformer.`; some early exports do not.
         let p =
             if ckpt.contains("transformer.wte.weight") || !ckpt.contains("wte.weight") { "transformer." } else { "" };
-        let hd = c.head_dim;
         let shape = ModelShape {
             n_layers: c.n_layer,
             n_heads: c.n_head,
@@ -78,23 +76,17 @@ impl GptBigCode {
             max_context: c.n_positions,
         };
         let shard = Shard::new(shape, dtype, device, comm);
-        let (heads, vocab) = (shard.heads, shard.vocab);
-        let inner = split(c.n_inner, rank, world);
-        let w = ShardLoader { ckpt, dtype, device };
-        let norm = |name: &str| LayerNorm::load(ckpt, name, c.n_embd, c.layer_norm_epsilon, dtype, device);
+        let inner = split(c.n_inner, shard.comm.rank(), shard.comm.world_size());
+        let w = ShardLoader { ckpt, shard: &shard };
+        let norm = |name: &str| w.layer_norm(name, c.layer_norm_epsilon);
         let h = (0..c.n_layer)
             .map(|i| {
                 let b = format!("{p}h.{i}");
                 Ok(Block {
                     ln_1: norm(&format!("{b}.ln_1"))?,
                     attn: Attention {
-                        c_attn: w.fused_qkv(&format!("{b}.attn.c_attn"), c.n_embd, c.n_kv_heads, &heads, hd, true)?,
-                        c_proj: w.row_linear(
-                            &format!("{b}.attn.c_proj"),
-                            [c.n_embd, c.n_embd],
-                            (heads.head_start * hd, heads.n_heads * hd),
-                            true,
-                        )?,
+                        c_attn: w.fused_qkv(&format!("{b}.attn.c_attn"), true)?,
+                        c_proj: w.attention_output(&format!("{b}.attn.c_proj"), true)?,
                     },
                     ln_2: norm(&format!("{b}.ln_2"))?,
                     mlp: Mlp {
@@ -105,14 +97,15 @@ impl GptBigCode {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let vocab_rows = (vocab.start, vocab.len);
-        let wte = w.rows(&format!("{p}wte.weight"), &[c.vocab_size, c.n_embd], vocab_rows)?;
-        let lm_head = vocab.lm_head(&w, &wte, c.tie_word_embeddings, c.n_embd)?;
+        let wte = w.embedding(&format!("{p}wte.weight"))?;
+        let lm_head = w.lm_head(&wte, c.tie_word_embeddings)?;
+        let wpe = w.full(&format!("{p}wpe.weight"), &[c.n_positions, c.n_embd])?;
+        let ln_f = norm(&format!("{p}ln_f"))?;
         Ok(GptBigCode {
-            wpe: w.full(&format!("{p}wpe.weight"), &[c.n_positions, c.n_embd])?,
+            wpe,
             wte,
             h,
-            ln_f: norm(&format!("{p}ln_f"))?,
+            ln_f,
             lm_head,
             scale: if c.scale_attn_weights { 1.0 / (c.head_dim as f64).sqrt() } else { 1.0 },
             shard,
@@ -164,7 +157,7 @@ impl GptBigCode {
     /// This shard's heads of attention: `(n_tokens, n_heads_here * head_dim)`, before `c_proj`.
     fn attention(&self, layer: usize, attn: &Attention, x: &Tensor, batch: &Batch, kv: &KvPool) -> Tensor {
         let s = &self.shard;
-        let (q, k, v) = split_qkv(&attn.c_attn.forward(x), &s.heads, s.shape.head_dim);
+        let (q, k, v) = split_qkv(&attn.c_attn.forward(x), s);
         cached_attention(layer, (&q, &k, &v), batch, kv, &s.queries_per_kv_head, self.scale)
     }
 }

@@ -100,6 +100,13 @@ pub struct ModelShape {
     pub max_context: i64,
 }
 
+impl ModelShape {
+    /// The model's width: query heads x head_dim (`n_embd`, `hidden_size`).
+    pub fn hidden(&self) -> i64 {
+        self.n_heads * self.head_dim
+    }
+}
+
 /// A model's shape and this shard's part of it: its query and K/V heads, its vocabulary rows,
 /// and its end of the communicator group (a world of one at TP 1).
 pub struct Shard {
@@ -276,14 +283,6 @@ pub(crate) struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn load(ckpt: &Checkpoint, prefix: &str, dim: i64, eps: f64, dtype: Dtype, device: Device) -> Result<Self> {
-        Ok(LayerNorm {
-            weight: ckpt.get(&format!("{prefix}.weight"), &[dim], dtype, device)?,
-            bias: ckpt.get(&format!("{prefix}.bias"), &[dim], dtype, device)?,
-            eps,
-        })
-    }
-
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.layer_norm([self.weight.size()[0]], Some(&self.weight), Some(&self.bias), self.eps, false)
     }

@@ -6,30 +6,66 @@
 //! MLP width); a row-parallel layer keeps the matching input columns, and the shards' partial
 //! products are summed by an all-reduce, with the bias added once after it.
 
-use tch::{Device, Tensor};
+use tch::Tensor;
 
-use super::Linear;
-use crate::comm::{Communicator, ShardHeads, split};
-use crate::config::Dtype;
+use super::{LayerNorm, Linear, Shard};
+use crate::comm::{Communicator, split};
 use crate::error::{Error, Result};
 use crate::weights::Checkpoint;
 
-/// Reads this shard's parts of checkpoint tensors in one dtype, onto one device.
+/// Reads `shard`'s parts of checkpoint tensors, in its dtype, onto its device.
 pub(crate) struct ShardLoader<'a> {
     pub ckpt: &'a Checkpoint,
-    pub dtype: Dtype,
-    pub device: Device,
+    pub shard: &'a Shard,
 }
 
 impl ShardLoader<'_> {
     /// The whole tensor `name` of shape `shape`.
     pub fn full(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        self.ckpt.get(name, shape, self.dtype, self.device)
+        self.ckpt.get(name, shape, self.shard.dtype, self.shard.device)
     }
 
     /// Rows `[start, start + len)` of `name`.
     pub fn rows(&self, name: &str, shape: &[i64], (start, len): (i64, i64)) -> Result<Tensor> {
-        self.ckpt.get_part(name, shape, 0, start, len, self.dtype, self.device)
+        self.ckpt.get_part(name, shape, 0, start, len, self.shard.dtype, self.shard.device)
+    }
+
+    /// Layer norm `prefix` over the model's width (replicated on every shard).
+    pub fn layer_norm(&self, prefix: &str, eps: f64) -> Result<LayerNorm> {
+        let width = [self.shard.shape.hidden()];
+        Ok(LayerNorm {
+            weight: self.full(&format!("{prefix}.weight"), &width)?,
+            bias: self.full(&format!("{prefix}.bias"), &width)?,
+            eps,
+        })
+    }
+
+    /// This shard's vocabulary rows of the token embedding `name` `(vocab_size, hidden)`.
+    pub fn embedding(&self, name: &str) -> Result<Tensor> {
+        let VocabShard { vocab_size, start, len } = self.shard.vocab;
+        self.rows(name, &[vocab_size, self.shard.shape.hidden()], (start, len))
+    }
+
+    /// This shard's rows of the LM head: the embedding's own rows when the two are tied, else
+    /// those of `lm_head.weight`.
+    pub fn lm_head(&self, embedding: &Tensor, tied: bool) -> Result<Tensor> {
+        if tied {
+            return Ok(embedding.shallow_clone());
+        }
+        if !self.ckpt.contains("lm_head.weight") {
+            return Err(Error::Tensor {
+                name: "lm_head.weight".into(),
+                message: "missing from the checkpoint, and config.json sets tie_word_embeddings: false".into(),
+            });
+        }
+        self.embedding("lm_head.weight")
+    }
+
+    /// The attention's output projection `prefix` `(hidden, hidden)`: row-parallel over the
+    /// columns of this shard's query heads.
+    pub fn attention_output(&self, prefix: &str, bias: bool) -> Result<Linear> {
+        let (heads, hd, hidden) = (self.shard.heads, self.shard.shape.head_dim, self.shard.shape.hidden());
+        self.row_linear(prefix, [hidden, hidden], (heads.head_start * hd, heads.n_heads * hd), bias)
     }
 
     /// A column-parallel linear layer `prefix` (`weight` `(out, in)`, `bias` `(out,)` if `bias`):
@@ -56,31 +92,25 @@ impl ShardLoader<'_> {
                 1,
                 start,
                 len,
-                self.dtype,
-                self.device,
+                self.shard.dtype,
+                self.shard.device,
             )?,
             bias: bias.then(|| self.full(&format!("{prefix}.bias"), &[out])).transpose()?,
         })
     }
 
-    /// This shard's rows of a fused QKV projection `prefix` over `hidden` inputs, reordered as
+    /// This shard's rows of a fused QKV projection `prefix`, reordered as
     /// `[q of this shard's heads | k of its K/V heads | v of its K/V heads]` (see `split_qkv`).
     ///
     /// Every layout in the wild is `n_kv_heads` groups of `[q x group_size, k, v]`, `head_dim`
     /// rows each: multi-query attention is one group (`[q..., k, v]`: GPTBigCode, Falcon-7B),
     /// multi-head attention one group per head (`view(n_heads, 3, head_dim)`), and Falcon's new
     /// decoder architecture its K/V groups.
-    pub fn fused_qkv(
-        &self,
-        prefix: &str,
-        hidden: i64,
-        n_kv_heads: i64,
-        heads: &ShardHeads,
-        head_dim: i64,
-        bias: bool,
-    ) -> Result<Linear> {
+    pub fn fused_qkv(&self, prefix: &str, bias: bool) -> Result<Linear> {
+        let (heads, model) = (&self.shard.heads, &self.shard.shape);
+        let head_dim = model.head_dim;
         let group_rows = (heads.group_size + 2) * head_dim;
-        let shape = [n_kv_heads * group_rows, hidden];
+        let shape = [model.n_kv_heads * group_rows, model.hidden()];
         // Row ranges (start, len) in the checkpoint, in the order the shard keeps them.
         let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
         let mut head = heads.head_start;
@@ -118,7 +148,8 @@ fn coalesce(ranges: impl Iterator<Item = (i64, i64)>) -> Vec<(i64, i64)> {
 
 /// Splits the output of a projection `ShardLoader::fused_qkv` loaded, `(n_tokens, rows)`, into
 /// q `(n_tokens, n_heads, head_dim)` and k, v `(n_tokens, n_kv_heads, head_dim)` of this shard.
-pub(crate) fn split_qkv(qkv: &Tensor, heads: &ShardHeads, head_dim: i64) -> (Tensor, Tensor, Tensor) {
+pub(crate) fn split_qkv(qkv: &Tensor, shard: &Shard) -> (Tensor, Tensor, Tensor) {
+    let (heads, head_dim) = (&shard.heads, shard.shape.head_dim);
     let n_tokens = qkv.size()[0];
     let (q_cols, kv_cols) = (heads.n_heads * head_dim, heads.n_kv_heads * head_dim);
     (
@@ -140,21 +171,6 @@ impl VocabShard {
     pub fn new(vocab_size: i64, comm: &dyn Communicator) -> Self {
         let (start, len) = split(vocab_size, comm.rank(), comm.world_size());
         VocabShard { vocab_size, start, len }
-    }
-
-    /// This shard's rows of the LM head `(vocab_size, hidden)`: the embedding's own rows when
-    /// the two are tied, else those of `lm_head.weight`.
-    pub fn lm_head(&self, w: &ShardLoader, embedding: &Tensor, tied: bool, hidden: i64) -> Result<Tensor> {
-        if tied {
-            return Ok(embedding.shallow_clone());
-        }
-        if !w.ckpt.contains("lm_head.weight") {
-            return Err(Error::Tensor {
-                name: "lm_head.weight".into(),
-                message: "missing from the checkpoint, and config.json sets tie_word_embeddings: false".into(),
-            });
-        }
-        w.rows("lm_head.weight", &[self.vocab_size, hidden], (self.start, self.len))
     }
 
     /// `(n_tokens, hidden)` embeddings of `ids` from this shard's rows `table`. With the
