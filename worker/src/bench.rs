@@ -58,6 +58,56 @@ impl CheckpointArgs {
     }
 }
 
+/// Timed decode steps over caches that already hold about `context` tokens each.
+pub struct DecodeRun {
+    /// Tokens cached before the first step; step `s` (counting the 2 warm-up steps) has
+    /// `start + s`.
+    pub start: i64,
+    /// Times of the steps after the 2 warm-up steps, in ms.
+    pub times_ms: Vec<f64>,
+}
+
+impl DecodeRun {
+    /// Tokens cached before each timed step, in order.
+    pub fn n_cached(&self) -> impl Iterator<Item = i64> + '_ {
+        (0..self.times_ms.len() as i64).map(|i| self.start + 2 + i)
+    }
+}
+
+/// Decodes `batch` sequences whose caches hold about `context` tokens (the last step's position
+/// kept inside the model's): 2 warm-up steps, then `timed_steps`. The cached values are zeros,
+/// which does not change a step's time, so no prompt is prefilled. The KV pool is reallocated
+/// to fit.
+pub fn decode_over_full_caches(
+    model: &mut dyn crate::runner::Runner,
+    batch: i64,
+    context: i64,
+    timed_steps: i64,
+) -> anyhow::Result<DecodeRun> {
+    use crate::models::{ChunkInput, Logits};
+    let n_steps = timed_steps + 2;
+    let start = (context - n_steps / 2).min(model.shape().max_context - n_steps);
+    let capacity = start + n_steps;
+    model.allocate_kv(batch * capacity)?;
+    let slots: Vec<crate::kv_cache::KvSlot> =
+        (0..batch).map(|i| crate::kv_cache::KvSlot { start: i * capacity, capacity }).collect();
+    let mut times_ms = Vec::new();
+    for step in 0..n_steps {
+        let tokens: Vec<[u32; 1]> = (0..batch).map(|i| [(i * 31 + step) as u32 % 1000]).collect();
+        let inputs: Vec<ChunkInput<'_>> = slots
+            .iter()
+            .zip(&tokens)
+            .map(|(&slot, t)| ChunkInput { token_ids: t, slot, n_cached: start + step, logits: Logits::Last })
+            .collect();
+        let started = std::time::Instant::now();
+        model.step(&inputs)?;
+        if step >= 2 {
+            times_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(DecodeRun { start, times_ms })
+}
+
 /// The median of `xs` (the upper one for an even count).
 pub fn median(xs: &[f64]) -> f64 {
     let mut sorted = xs.to_vec();

@@ -12,12 +12,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use onehead_worker::bench::{CheckpointArgs, median};
+use onehead_worker::bench::{CheckpointArgs, decode_over_full_caches, median};
 use onehead_worker::config::Dtype;
 use onehead_worker::generate::StoppingCriteria;
-use onehead_worker::kv_cache::KvSlot;
 use onehead_worker::loader::{LoadOptions, LoadedModel, load_model};
-use onehead_worker::models::{ChunkInput, Logits};
 use onehead_worker::sampling::SamplingParams;
 use onehead_worker::scheduler::{Request, Scheduler, SchedulerConfig};
 use tch::Kind;
@@ -164,31 +162,11 @@ struct Step {
 fn compare_run(lm: &mut LoadedModel, args: &Args) -> anyhow::Result<Step> {
     let model = lm.runner.as_mut();
     let b = args.compare_batch;
-    let n_steps = args.compare_steps + 2;
-    let max_context = model.shape().max_context;
-    // The last step's context must stay inside the model's positions.
-    let start = (args.compare_context - n_steps / 2).min(max_context - n_steps);
-    model.allocate_kv(b * (start + n_steps))?;
-    let slots: Vec<KvSlot> =
-        (0..b).map(|i| KvSlot { start: i * (start + n_steps), capacity: start + n_steps }).collect();
-    let mut times = Vec::new();
-    for step in 0..n_steps {
-        let tokens: Vec<[u32; 1]> = (0..b).map(|i| [(i * 31 + step) as u32 % 1000]).collect();
-        let inputs: Vec<ChunkInput<'_>> = slots
-            .iter()
-            .zip(&tokens)
-            .map(|(&slot, t)| ChunkInput { token_ids: t, slot, n_cached: start + step, logits: Logits::Last })
-            .collect();
-        let started = Instant::now();
-        model.step(&inputs)?;
-        if step >= 2 {
-            times.push(started.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    let mid_context = start + n_steps / 2 + 1;
+    let run = decode_over_full_caches(model, b, args.compare_context, args.compare_steps)?;
+    let mid_context = run.start + (args.compare_steps + 2) / 2 + 1;
     let kv_bytes = b * mid_context * model.shard_kv_shapes()[0].bytes_per_token(Kind::BFloat16);
     let weight_bytes = model.shard_weight_bytes()[0];
-    Ok(Step { ms: median(&times), bytes: weight_bytes + kv_bytes, weight_bytes, kv_bytes })
+    Ok(Step { ms: median(&run.times_ms), bytes: weight_bytes + kv_bytes, weight_bytes, kv_bytes })
 }
 
 /// What the engine's per-step telemetry costs: the step span, the per-shard byte counters, the

@@ -11,15 +11,12 @@
 //! A benchmark, not a test: `scripts/bench-paper.sh` runs it.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use clap::Parser;
-use onehead_worker::bench::{CheckpointArgs, median};
+use onehead_worker::bench::{CheckpointArgs, decode_over_full_caches, median};
 use onehead_worker::config::Dtype;
-use onehead_worker::kv_cache::KvSlot;
 use onehead_worker::loader::{LoadOptions, load_model};
 use onehead_worker::metrics::ShardBytes;
-use onehead_worker::models::{ChunkInput, Logits};
 use onehead_worker::runner::Runner;
 
 #[derive(Parser)]
@@ -88,45 +85,23 @@ fn main() -> anyhow::Result<()> {
 
 /// Decode steps of `batch` sequences around `context` cached tokens each.
 fn decode_point(model: &mut dyn Runner, kv_heads: i64, batch: i64, context: i64, steps: i64) -> anyhow::Result<Point> {
-    let n_steps = steps + 2;
-    // Around `context`, but the last step's position inside the model's.
-    let first = (context - n_steps / 2).min(model.shape().max_context - n_steps);
-    let capacity = first + n_steps;
-    // The pool is sized to the point: freed and allocated again each time.
-    model.allocate_kv(batch * capacity)?;
-    let slots: Vec<KvSlot> = (0..batch).map(|i| KvSlot { start: i * capacity, capacity }).collect();
+    // The pool is sized to the point, then freed for the next one.
+    let run = decode_over_full_caches(model, batch, context, steps)?;
+    model.allocate_kv(1)?;
     let dtype_bytes = model.dtype().size_bytes() as i64;
     let bytes = ShardBytes::all(&model.shard_weight_bytes(), &model.shard_kv_shapes(), model.shape(), dtype_bytes)
         .swap_remove(0);
-    let (mut times, mut moved, mut kv_read) = (Vec::new(), Vec::new(), Vec::new());
-    for step in 0..n_steps {
-        let tokens: Vec<[u32; 1]> = (0..batch).map(|i| [(i * 31 + step) as u32 % 1000]).collect();
-        let n_cached = first + step;
-        let inputs: Vec<ChunkInput<'_>> = slots
-            .iter()
-            .zip(&tokens)
-            .map(|(&slot, t)| ChunkInput { token_ids: t, slot, n_cached, logits: Logits::Last })
-            .collect();
-        let started = Instant::now();
-        model.step(&inputs)?;
-        let secs = started.elapsed().as_secs_f64();
-        if step >= 2 {
-            let b = bytes.step_for((0..batch).map(|_| (n_cached, 1)));
-            times.push(secs * 1e3);
-            moved.push(b.moved());
-            kv_read.push(b.kv_read);
-        }
-    }
-    let step_ms = median(&times);
-    let bytes_moved = moved[moved.len() / 2];
-    model.allocate_kv(1)?;
+    let per_step: Vec<_> = run.n_cached().map(|n_cached| bytes.step_for((0..batch).map(|_| (n_cached, 1)))).collect();
+    let step_ms = median(&run.times_ms);
+    let middle = per_step[per_step.len() / 2];
+    let bytes_moved = middle.moved();
     Ok(Point {
         kv_heads,
         batch,
         context,
         step_ms,
         weight_bytes: bytes.weight_bytes,
-        kv_read_bytes: kv_read[kv_read.len() / 2],
+        kv_read_bytes: middle.kv_read,
         bytes_moved,
         gbs: bytes_moved as f64 / step_ms / 1e6,
         kv_bytes_per_token: bytes.kv_bytes_per_token,
