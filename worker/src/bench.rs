@@ -328,7 +328,25 @@ impl DecoderSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::generate::{Generation, StoppingCriteria, generate};
     use crate::loader::{LoadOptions, load_model};
+
+    /// Greedy decoding of `prompt` for `n` tokens with checkpoint `path` at `tp` shards; and
+    /// the model's K/V heads.
+    fn greedy(
+        path: &Path,
+        tp: usize,
+        dtype: Option<crate::config::Dtype>,
+        prompt: &[u32],
+        n: usize,
+    ) -> (i64, Generation) {
+        let options = LoadOptions { tp, dtype, threads_per_shard: Some(1), ..Default::default() };
+        let mut lm = load_model(path.to_str().unwrap(), &options).unwrap();
+        let stopping = StoppingCriteria { max_new_tokens: n, ignore_eos: true, ..Default::default() };
+        let sampling = crate::sampling::SamplingParams::default();
+        let g = generate(lm.runner.as_mut(), &[], prompt, &sampling, &stopping, |_| {}).unwrap();
+        (lm.runner.shape().n_kv_heads, g)
+    }
 
     /// The benchmarks' random Falcon checkpoints load and run: Falcon-7B's layout with its 71
     /// heads (smoke width) at TP 1 and 3, and the new decoder layout with 2 K/V groups.
@@ -339,14 +357,9 @@ mod tests {
         let cases = [(args.falcon_checkpoint().unwrap(), 1, 3), (args.kv_heads_checkpoint(2).unwrap(), 2, 2)];
         for (path, kv_heads, tp) in cases {
             for tp in [1, tp] {
-                let options = LoadOptions { tp, threads_per_shard: Some(1), ..Default::default() };
-                let mut lm = load_model(path.to_str().unwrap(), &options).unwrap();
-                assert_eq!(lm.runner.shape().n_kv_heads, kv_heads);
-                let stopping =
-                    crate::generate::StoppingCriteria { max_new_tokens: 3, ignore_eos: true, ..Default::default() };
-                let sampling = crate::sampling::SamplingParams::default();
-                let g = crate::generate::generate(lm.runner.as_mut(), &[], &[1, 2, 3], &sampling, &stopping, |_| {});
-                assert_eq!(g.unwrap().new_ids.len(), 3, "{} at TP {tp}", path.display());
+                let (n_kv_heads, g) = greedy(&path, tp, None, &[1, 2, 3], 3);
+                assert_eq!(n_kv_heads, kv_heads);
+                assert_eq!(g.new_ids.len(), 3, "{} at TP {tp}", path.display());
             }
         }
         std::fs::remove_dir_all(dir).unwrap();
@@ -358,19 +371,7 @@ mod tests {
     fn seventy_one_heads_shard_over_up_to_8_and_agree() {
         let dir = std::env::temp_dir().join(format!("onehead-bench-test71-{}", std::process::id()));
         let path = CheckpointArgs { dir: dir.clone(), smoke: true }.falcon_checkpoint().unwrap();
-        let run = |tp| {
-            let options = LoadOptions {
-                tp,
-                dtype: Some(crate::config::Dtype::F32),
-                threads_per_shard: Some(1),
-                ..Default::default()
-            };
-            let mut lm = load_model(path.to_str().unwrap(), &options).unwrap();
-            let stopping =
-                crate::generate::StoppingCriteria { max_new_tokens: 8, ignore_eos: true, ..Default::default() };
-            let sampling = crate::sampling::SamplingParams::default();
-            crate::generate::generate(lm.runner.as_mut(), &[], &[5, 9, 2, 7], &sampling, &stopping, |_| {}).unwrap()
-        };
+        let run = |tp| greedy(&path, tp, Some(crate::config::Dtype::F32), &[5, 9, 2, 7], 8).1;
         let alone = run(1);
         for tp in [2, 3, 4, 8] {
             let sharded = run(tp);
