@@ -17,6 +17,7 @@ pub mod loader;
 pub mod metrics;
 pub mod models;
 pub mod nccl;
+pub mod onednn;
 pub mod runner;
 pub mod sampling;
 pub mod scheduler;

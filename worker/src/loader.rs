@@ -21,11 +21,14 @@ pub struct LoadOptions {
     pub tp: usize,
     /// Intra-op threads per shard (default: cores / tp).
     pub threads_per_shard: Option<i32>,
+    /// On CPU, prepack weight matrices for oneDNN where it runs the dtype natively (default);
+    /// false keeps LibTorch's plain `linear`, for comparison.
+    pub pack_cpu_weights: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: None, device: tch::Device::Cpu, tp: 1, threads_per_shard: None }
+        LoadOptions { dtype: None, device: tch::Device::Cpu, tp: 1, threads_per_shard: None, pack_cpu_weights: true }
     }
 }
 
@@ -59,8 +62,13 @@ pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
     let stored = Checkpoint::open(&dir)?.stored_dtype();
     let dtype = options.dtype.or(stored).unwrap_or(Dtype::F32);
     let _guard = tch::no_grad_guard();
-    let shards =
-        ShardOptions { dtype, device: options.device, tp: options.tp, threads_per_shard: options.threads_per_shard };
+    let shards = ShardOptions {
+        dtype,
+        device: options.device,
+        tp: options.tp,
+        threads_per_shard: options.threads_per_shard,
+        pack_cpu_weights: options.pack_cpu_weights,
+    };
     let runner = runner::load(&config, &dir, &shards)?;
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() { Some(Tokenizer::from_file(&tokenizer_path)?) } else { None };

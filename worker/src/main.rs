@@ -90,6 +90,10 @@ struct ModelArgs {
     /// are threads; on CUDA shard r uses cuda:r.
     #[arg(long, env = "ONEHEAD_TP", default_value_t = 1)]
     tp: usize,
+    /// Keep CPU weight matrices as stored, for LibTorch's plain `linear`, instead of prepacking
+    /// them for oneDNN's kernels at load (the default where the CPU runs the dtype natively).
+    #[arg(long, env = "ONEHEAD_PLAIN_CPU_WEIGHTS")]
+    plain_cpu_weights: bool,
 }
 
 #[derive(Args)]
@@ -158,7 +162,13 @@ impl ModelArgs {
             bail!("--device {}: LibTorch reports no CUDA device", self.device);
         }
         let started = std::time::Instant::now();
-        let options = LoadOptions { dtype: self.dtype, device, tp: self.tp, threads_per_shard: self.threads };
+        let options = LoadOptions {
+            dtype: self.dtype,
+            device,
+            tp: self.tp,
+            threads_per_shard: self.threads,
+            pack_cpu_weights: !self.plain_cpu_weights,
+        };
         let lm = load_model(&self.model, &options).with_context(|| format!("loading model {}", self.model))?;
         let bytes = lm.runner.shard_weight_bytes();
         tracing::info!(model = %lm.id, dtype = %lm.runner.dtype(), tp = self.tp, secs = started.elapsed().as_secs_f64(), "model loaded");

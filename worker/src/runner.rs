@@ -13,7 +13,7 @@ use crate::comm::{Communicator, CpuComm, Solo};
 use crate::config::{Dtype, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvPool, KvShape, KvSlot};
-use crate::models::{self, Batch, CausalLm, ChunkInput, Logits, ModelShape};
+use crate::models::{self, Batch, CausalLm, ChunkInput, Logits, ModelShape, Placement};
 use crate::weights::Checkpoint;
 
 /// A model ready to run steps.
@@ -120,6 +120,8 @@ pub struct ShardOptions {
     pub tp: usize,
     /// Intra-op threads of each shard (default: cores / tp, at least 1).
     pub threads_per_shard: Option<i32>,
+    /// See `Placement::pack_cpu_weights`.
+    pub pack_cpu_weights: bool,
 }
 
 /// Loads the model in `dir` as `options.tp` shards and returns its runner.
@@ -135,16 +137,20 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
         (cores / options.tp as i32).max(1)
     });
-    let device_of = |rank: usize| match options.device {
-        Device::Cuda(_) => Device::Cuda(rank),
-        other => other,
+    let placement = |rank: usize| Placement {
+        dtype: options.dtype,
+        device: match options.device {
+            Device::Cuda(_) => Device::Cuda(rank),
+            other => other,
+        },
+        pack_cpu_weights: options.pack_cpu_weights,
     };
     if options.tp == 1 {
         if let Some(n) = options.threads_per_shard {
             tch::set_num_threads(n);
         }
         let ckpt = Checkpoint::open(dir)?;
-        let model = models::load(config, &ckpt, options.dtype, device_of(0), Arc::new(Solo))?;
+        let model = models::load(config, &ckpt, placement(0), Arc::new(Solo))?;
         return Ok(Box::new(Local::new(model)));
     }
     let comms: Vec<Arc<dyn Communicator>> = if options.device.is_cuda() {
@@ -161,13 +167,13 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
         let (commands, inbox) = mpsc::channel::<ShardCommand>();
         let (done_tx, done) = mpsc::channel();
         let (loaded_tx, loaded_rx) = mpsc::channel();
-        let (config, dir, dtype, device) = (config.clone(), dir.to_owned(), options.dtype, device_of(rank));
+        let (config, dir, placement) = (config.clone(), dir.to_owned(), placement(rank));
         let comm_for_poison = comm.clone();
         let thread = std::thread::Builder::new()
             .name(format!("onehead-shard-{rank}"))
             .spawn(move || {
                 tch::set_num_threads(threads);
-                let model = Checkpoint::open(&dir).and_then(|ckpt| models::load(&config, &ckpt, dtype, device, comm));
+                let model = Checkpoint::open(&dir).and_then(|ckpt| models::load(&config, &ckpt, placement, comm));
                 let mut shard = match model {
                     Ok(model) => {
                         let _ = loaded_tx.send(Ok((model.weight_bytes(), model.kv_shape())));
@@ -210,7 +216,7 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
     }
     tch::set_num_threads(threads);
     let ckpt = Checkpoint::open(dir)?;
-    let leader = Local::new(models::load(config, &ckpt, options.dtype, device_of(0), leader_comm.clone())?);
+    let leader = Local::new(models::load(config, &ckpt, placement(0), leader_comm.clone())?);
     let (mut weight_bytes, mut kv_shapes) = (vec![leader.model.weight_bytes()], vec![leader.model.kv_shape()]);
     for rx in loaded {
         let (bytes, kv) = rx.recv().map_err(|_| Error::EngineStopped)??;

@@ -44,12 +44,17 @@ fn test_device() -> tch::Device {
     }
 }
 
-/// Fixture `name` in f32, as `tp` tensor-parallel shards (threads, one intra-op thread each).
+/// Fixture `name` in f32, as `tp` tensor-parallel shards (threads, one intra-op thread each),
+/// CPU weights prepacked for oneDNN.
 fn load_tp(name: &str, tp: usize) -> (LoadedModel, Reference) {
+    load_with(name, tp, true)
+}
+
+fn load_with(name: &str, tp: usize, pack_cpu_weights: bool) -> (LoadedModel, Reference) {
     let dir = fixture(name);
     let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
     let device = test_device();
-    let options = LoadOptions { dtype: Some(Dtype::F32), tp, threads_per_shard: Some(1), device };
+    let options = LoadOptions { dtype: Some(Dtype::F32), tp, threads_per_shard: Some(1), device, pack_cpu_weights };
     (load_model(dir.to_str().unwrap(), &options).unwrap(), serde_json::from_str(&text).unwrap())
 }
 
@@ -90,13 +95,17 @@ fn check_greedy_tp(name: &str, tp: usize) {
     assert_close(&format!("{name} logprobs"), &generation.logprobs, &reference.logprobs);
 }
 
-/// One forward pass over the whole sequence gives the reference's logprob at every position.
+/// One forward pass over the whole sequence gives the reference's logprob at every position,
+/// with CPU weights prepacked for oneDNN and as stored.
 fn check_full_forward(name: &str) {
-    for tp in [1, 3].into_iter().filter(|&tp| !test_device().is_cuda() || tp as i64 <= tch::Cuda::device_count()) {
-        let (mut lm, reference) = load_tp(name, tp);
+    let runs = [(1, true), (1, false), (3, true)];
+    for (tp, packed) in runs.into_iter().filter(|&(tp, _)| !test_device().is_cuda() || tp <= tch::Cuda::device_count())
+    {
+        let (mut lm, reference) = load_with(name, tp as usize, packed);
         let seq: Vec<u32> = reference.prompt_ids.iter().chain(&reference.new_ids).copied().collect();
         let logprobs = sequence_logprobs(lm.runner.as_mut(), &seq).unwrap();
-        assert_close(&format!("{name} sequence logprobs at TP {tp}"), &logprobs, &reference.sequence_logprobs);
+        let what = format!("{name} sequence logprobs at TP {tp}, packed weights {packed}");
+        assert_close(&what, &logprobs, &reference.sequence_logprobs);
     }
 }
 

@@ -46,6 +46,9 @@ struct Args {
     telemetry_overhead: bool,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Keep CPU weights as stored, for LibTorch's plain `linear` (default: prepacked for oneDNN).
+    #[arg(long)]
+    plain_cpu_weights: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,7 +58,8 @@ fn main() -> anyhow::Result<()> {
     }
     let load = |multi_query: bool| -> anyhow::Result<LoadedModel> {
         let dir = args.checkpoints.checkpoint(multi_query)?;
-        let options = LoadOptions { dtype: Some(Dtype::Bf16), ..Default::default() };
+        let options =
+            LoadOptions { dtype: Some(Dtype::Bf16), pack_cpu_weights: !args.plain_cpu_weights, ..Default::default() };
         Ok(load_model(dir.to_str().unwrap(), &options)?)
     };
     println!("onehead-batch-bench: {} LibTorch threads", tch::get_num_threads());

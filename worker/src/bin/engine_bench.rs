@@ -17,6 +17,7 @@ use onehead_worker::config::Dtype;
 use onehead_worker::kv_cache::KvSlot;
 use onehead_worker::loader::{LoadOptions, load_model};
 use onehead_worker::models::{ChunkInput, Logits};
+use onehead_worker::onednn;
 use onehead_worker::weights::Checkpoint;
 use tch::{Kind, Tensor};
 
@@ -58,6 +59,10 @@ struct Args {
     /// Also write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Keep CPU weights as stored, for LibTorch's plain `linear`, in the engine and in the
+    /// kernel-only pass (default: prepacked for oneDNN in both, as the worker does).
+    #[arg(long)]
+    plain_cpu_weights: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -138,7 +143,8 @@ struct ModelResult {
 
 fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) -> anyhow::Result<ModelResult> {
     let _guard = tch::no_grad_guard();
-    let options = LoadOptions { dtype: Some(Dtype::Bf16), tp: args.tp, device, ..Default::default() };
+    let pack_cpu_weights = !args.plain_cpu_weights;
+    let options = LoadOptions { dtype: Some(Dtype::Bf16), tp: args.tp, device, pack_cpu_weights, ..Default::default() };
     let mut lm = load_model(dir.to_str().context("path")?, &options)?;
     let model = lm.runner.as_mut();
     let capacity = args.context + args.steps as i64 + 4;
@@ -148,7 +154,8 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
     let mut logits = model.step(&[ChunkInput { token_ids: &prompt, slot, n_cached: 0, logits: Logits::Last }])?;
     // Engine steps and kernel-only passes alternate, so that drift in the machine's speed
     // (other tenants, frequency) hits both alike.
-    let kernels = KernelPass::load(dir, device, args.kernel_layers)?;
+    let pack = pack_cpu_weights && device == tch::Device::Cpu && onednn::supported(Kind::BFloat16);
+    let kernels = KernelPass::load(dir, device, args.kernel_layers, pack)?;
     let mut times = Vec::new();
     let mut kernel_times = Vec::new();
     for (step, n_cached) in (0..args.steps + 3).zip(args.context..) {
@@ -157,7 +164,7 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
         let started = Instant::now();
         logits = model.step(&[ChunkInput { token_ids: &token, slot, n_cached, logits: Logits::Last }])?;
         let step_ms = started.elapsed().as_secs_f64() * 1e3;
-        let kernel_ms = kernels.run_ms();
+        let kernel_ms = kernels.run_ms()?;
         if step >= 3 {
             times.push(step_ms);
             kernel_times.push(kernel_ms);
@@ -181,16 +188,17 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
 
 /// LibTorch's matrix-vector products alone over the model's own weight matrices (every
 /// layer's four, or the first `max_layers` layers', then the LM head), one row at a time, in
-/// model order.
+/// model order; prepacked for oneDNN when `packed`, as the engine's.
 struct KernelPass {
     /// (weight, bias, a one-row input of the right width)
     layers: Vec<(Tensor, Option<Tensor>, Tensor)>,
+    packed: bool,
     /// The whole model's matrices over those the pass runs: what its times are scaled by.
     scale: f64,
 }
 
 impl KernelPass {
-    fn load(dir: &Path, device: tch::Device, max_layers: Option<usize>) -> anyhow::Result<Self> {
+    fn load(dir: &Path, device: tch::Device, max_layers: Option<usize>, packed: bool) -> anyhow::Result<Self> {
         let ckpt = Checkpoint::open(dir)?;
         let (matrices, head) = if ckpt.contains("transformer.h.0.attn.c_attn.weight") {
             (["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], "transformer.wte")
@@ -212,22 +220,22 @@ impl KernelPass {
             .map(|name| {
                 let (w, b) = load_matrix(&ckpt, name, device)?;
                 let x = Tensor::ones([1, w.size()[1]], (Kind::BFloat16, device));
-                Ok((w, b, x))
+                Ok((if packed { onednn::pack(&w)? } else { w }, b, x))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let elements = |names: &[String]| -> anyhow::Result<i64> {
             names.iter().map(|n| Ok(ckpt.shape(&format!("{n}.weight"))?.iter().product::<i64>())).sum()
         };
         let scale = (elements(&all_names)? + elements(&[head.into()])?) as f64 / elements(&names)? as f64;
-        Ok(KernelPass { layers, scale })
+        Ok(KernelPass { layers, packed, scale })
     }
 
-    fn run_ms(&self) -> f64 {
+    fn run_ms(&self) -> anyhow::Result<f64> {
         let _guard = tch::no_grad_guard();
         let started = Instant::now();
         let mut last = None;
         for (w, b, x) in &self.layers {
-            last = Some(x.linear(w, b.as_ref()));
+            last = Some(if self.packed { onednn::linear(x, w, b.as_ref())? } else { x.linear(w, b.as_ref()) });
         }
         // On a GPU the kernels are asynchronous: wait for them, as the engine's step does.
         if let Some(t) = last
@@ -235,7 +243,7 @@ impl KernelPass {
         {
             tch::Cuda::synchronize(0);
         }
-        started.elapsed().as_secs_f64() * 1e3
+        Ok(started.elapsed().as_secs_f64() * 1e3)
     }
 }
 

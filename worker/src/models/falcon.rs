@@ -6,12 +6,12 @@
 
 use std::sync::Arc;
 
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use super::parallel::{ShardLoader, row_parallel, split_qkv};
-use super::{Batch, CausalLm, LayerNorm, Linear, ModelShape, Rotary, Shard, cached_attention, tensor_bytes};
+use super::{Batch, CausalLm, LayerNorm, Linear, ModelShape, Placement, Rotary, Shard, cached_attention};
 use crate::comm::{Communicator, split};
-use crate::config::{Activation, Dtype, FalconConfig, FalconNorms};
+use crate::config::{Activation, FalconConfig, FalconNorms};
 use crate::error::Result;
 use crate::kv_cache::KvPool;
 use crate::weights::Checkpoint;
@@ -22,7 +22,7 @@ pub struct Falcon {
     h: Vec<DecoderLayer>,
     ln_f: LayerNorm,
     /// This shard's rows of `lm_head.weight`, or of `word_embeddings` when they are tied.
-    lm_head: Tensor,
+    lm_head: Linear,
     rotary: Rotary,
     /// The shape, and this shard's heads, vocabulary rows and communicator.
     shard: Shard,
@@ -63,8 +63,7 @@ impl Falcon {
     pub fn load(
         config: &FalconConfig,
         ckpt: &Checkpoint,
-        dtype: Dtype,
-        device: Device,
+        placement: Placement,
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
         let c = config;
@@ -77,7 +76,7 @@ impl Falcon {
             vocab_size: c.vocab_size,
             max_context: c.max_position_embeddings,
         };
-        let shard = Shard::new(shape, dtype, device, comm);
+        let shard = Shard::new(shape, placement, comm);
         let ffn = split(c.ffn_hidden_size, shard.comm.rank(), shard.comm.world_size());
         let w = ShardLoader { ckpt, shard: &shard };
         let norm = |name: String| w.layer_norm(&name, c.layer_norm_epsilon);
@@ -130,7 +129,7 @@ impl Falcon {
             h,
             ln_f,
             lm_head,
-            rotary: Rotary::new(c.head_dim, c.rope_theta, c.max_position_embeddings, device),
+            rotary: Rotary::new(c.head_dim, c.rope_theta, c.max_position_embeddings, placement.device),
             shard,
         })
     }
@@ -179,7 +178,7 @@ impl CausalLm for Falcon {
                     + b.mlp.dense_4h_to_h.bytes()
             })
             .sum();
-        blocks + self.ln_f.bytes() + tensor_bytes(&self.lm_head)
+        blocks + self.ln_f.bytes() + self.lm_head.bytes()
     }
 
     fn forward(&self, batch: &Batch, kv: &KvPool) -> Result<Tensor> {
@@ -219,9 +218,11 @@ impl CausalLm for Falcon {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use tch::Device;
+
     use super::*;
     use crate::comm::CpuComm;
-    use crate::config::ModelConfig;
+    use crate::config::{Dtype, ModelConfig};
     use crate::kv_cache::KvSlot;
     use crate::models::{ChunkInput, Logits};
 
@@ -262,7 +263,13 @@ mod tests {
                     let _guard = tch::no_grad_guard();
                     let comm = Arc::new(Counting { inner, all_reduces: AtomicUsize::new(0) });
                     let ckpt = Checkpoint::open(&dir).unwrap();
-                    let model = Falcon::load(&config, &ckpt, Dtype::F32, Device::Cpu, comm.clone()).unwrap();
+                    let model = Falcon::load(
+                        &config,
+                        &ckpt,
+                        Placement { dtype: Dtype::F32, device: Device::Cpu, pack_cpu_weights: true },
+                        comm.clone(),
+                    )
+                    .unwrap();
                     let kv = KvPool::new(model.kv_shape(), 8, tch::Kind::Float, Device::Cpu).unwrap();
                     let slot = KvSlot { start: 0, capacity: 8 };
                     let input = ChunkInput { token_ids: &[3, 4, 5], slot, n_cached: 0, logits: Logits::Last };

@@ -5,12 +5,12 @@
 
 use std::sync::Arc;
 
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use super::parallel::{ShardLoader, row_parallel, split_qkv};
-use super::{Batch, CausalLm, LayerNorm, Linear, ModelShape, Shard, cached_attention, tensor_bytes};
+use super::{Batch, CausalLm, LayerNorm, Linear, ModelShape, Placement, Shard, cached_attention};
 use crate::comm::{Communicator, split};
-use crate::config::{Activation, Dtype, GptBigCodeConfig};
+use crate::config::{Activation, GptBigCodeConfig};
 use crate::error::Result;
 use crate::kv_cache::KvPool;
 use crate::weights::Checkpoint;
@@ -22,7 +22,7 @@ pub struct GptBigCode {
     h: Vec<Block>,
     ln_f: LayerNorm,
     /// This shard's rows of `lm_head.weight`, or of `wte` itself when the embeddings are tied.
-    lm_head: Tensor,
+    lm_head: Linear,
     scale: f64,
     /// The shape, and this shard's heads, vocabulary rows and communicator.
     shard: Shard,
@@ -59,8 +59,7 @@ impl GptBigCode {
     pub fn load(
         config: &GptBigCodeConfig,
         ckpt: &Checkpoint,
-        dtype: Dtype,
-        device: Device,
+        placement: Placement,
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
         let c = config;
@@ -75,7 +74,7 @@ impl GptBigCode {
             vocab_size: c.vocab_size,
             max_context: c.n_positions,
         };
-        let shard = Shard::new(shape, dtype, device, comm);
+        let shard = Shard::new(shape, placement, comm);
         let inner = split(c.n_inner, shard.comm.rank(), shard.comm.world_size());
         let w = ShardLoader { ckpt, shard: &shard };
         let norm = |name: &str| w.layer_norm(name, c.layer_norm_epsilon);
@@ -133,7 +132,7 @@ impl CausalLm for GptBigCode {
                     + b.mlp.c_proj.bytes()
             })
             .sum();
-        blocks + self.ln_f.bytes() + tensor_bytes(&self.lm_head)
+        blocks + self.ln_f.bytes() + self.lm_head.bytes()
     }
 
     fn forward(&self, batch: &Batch, kv: &KvPool) -> Result<Tensor> {

@@ -118,14 +118,29 @@ pub struct Shard {
     pub queries_per_kv_head: Vec<i64>,
     pub(crate) vocab: parallel::VocabShard,
     pub comm: Arc<dyn Communicator>,
+    /// Matrices are prepacked for oneDNN (`Placement::pack_cpu_weights`, on a CPU that runs
+    /// `dtype` natively).
+    pub packed: bool,
 }
 
 impl Shard {
-    pub fn new(shape: ModelShape, dtype: Dtype, device: Device, comm: Arc<dyn Communicator>) -> Self {
+    pub fn new(shape: ModelShape, placement: Placement, comm: Arc<dyn Communicator>) -> Self {
+        let Placement { dtype, device, pack_cpu_weights } = placement;
         let heads = ShardHeads::new(shape.n_heads, shape.n_kv_heads, comm.rank(), comm.world_size());
         let vocab = parallel::VocabShard::new(shape.vocab_size, comm.as_ref());
-        Shard { queries_per_kv_head: heads.queries_per_kv_head(), shape, dtype, device, heads, vocab, comm }
+        let packed = pack_cpu_weights && device == Device::Cpu && crate::onednn::supported(dtype.kind());
+        Shard { queries_per_kv_head: heads.queries_per_kv_head(), shape, dtype, device, heads, vocab, comm, packed }
     }
+}
+
+/// Where a shard keeps its weights, and in what form.
+#[derive(Clone, Copy, Debug)]
+pub struct Placement {
+    pub dtype: Dtype,
+    pub device: Device,
+    /// On CPU, prepack the matrices for oneDNN where it runs `dtype` natively (`onednn`);
+    /// false keeps them as stored, for LibTorch's plain `linear`.
+    pub pack_cpu_weights: bool,
 }
 
 /// A causal language model over a shared KV pool.
@@ -158,13 +173,12 @@ pub trait CausalLm: Send {
 pub fn load(
     config: &ModelConfig,
     checkpoint: &Checkpoint,
-    dtype: Dtype,
-    device: Device,
+    placement: Placement,
     comm: Arc<dyn Communicator>,
 ) -> Result<Box<dyn CausalLm>> {
     match config {
-        ModelConfig::GptBigCode(c) => Ok(Box::new(gpt_bigcode::GptBigCode::load(c, checkpoint, dtype, device, comm)?)),
-        ModelConfig::Falcon(c) => Ok(Box::new(falcon::Falcon::load(c, checkpoint, dtype, device, comm)?)),
+        ModelConfig::GptBigCode(c) => Ok(Box::new(gpt_bigcode::GptBigCode::load(c, checkpoint, placement, comm)?)),
+        ModelConfig::Falcon(c) => Ok(Box::new(falcon::Falcon::load(c, checkpoint, placement, comm)?)),
     }
 }
 
@@ -261,13 +275,31 @@ fn attend_groups(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scale: f64) 
 
 /// A dense layer `y = x W^T + b`, weights as stored by Hugging Face (`(out, in)`).
 pub(crate) struct Linear {
-    pub weight: Tensor,
+    /// `(out, in)`; prepacked for oneDNN when `packed` (then only `onednn::linear` reads it).
+    weight: Tensor,
     pub bias: Option<Tensor>,
+    packed: bool,
 }
 
 impl Linear {
+    /// `pack`: lay the weight out for oneDNN's CPU kernels (`Shard::packed`).
+    pub fn new(weight: Tensor, bias: Option<Tensor>, pack: bool) -> Result<Self> {
+        let weight = if pack { crate::onednn::pack(&weight)? } else { weight };
+        Ok(Linear { weight, bias, packed: pack })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        self.product(x, self.bias.as_ref())
+    }
+
+    /// `x @ weight.T + bias`, with the bias given (row-parallel layers add theirs after the sum).
+    pub fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> Tensor {
+        if !self.packed {
+            return x.linear(&self.weight, bias);
+        }
+        // Shapes were checked at load, so a failure here is a bug: panic like tch's own calls.
+        crate::onednn::linear(x, &self.weight, bias)
+            .unwrap_or_else(|e| panic!("oneDNN linear of {:?} by {:?}: {e}", x.size(), self.weight.size()))
     }
 
     pub fn bytes(&self) -> i64 {

@@ -47,10 +47,11 @@ impl ShardLoader<'_> {
     }
 
     /// This shard's rows of the LM head: the embedding's own rows when the two are tied, else
-    /// those of `lm_head.weight`.
-    pub fn lm_head(&self, embedding: &Tensor, tied: bool) -> Result<Tensor> {
+    /// those of `lm_head.weight`. A packed shard packs a copy of tied rows (the embedding
+    /// looks rows up, which a packed tensor cannot).
+    pub fn lm_head(&self, embedding: &Tensor, tied: bool) -> Result<Linear> {
         if tied {
-            return Ok(embedding.shallow_clone());
+            return self.linear(embedding.shallow_clone(), None);
         }
         if !self.ckpt.contains("lm_head.weight") {
             return Err(Error::Tensor {
@@ -58,7 +59,7 @@ impl ShardLoader<'_> {
                 message: "missing from the checkpoint, and config.json sets tie_word_embeddings: false".into(),
             });
         }
-        self.embedding("lm_head.weight")
+        self.linear(self.embedding("lm_head.weight")?, None)
     }
 
     /// The attention's output projection `prefix` `(hidden, hidden)`: row-parallel over the
@@ -71,10 +72,10 @@ impl ShardLoader<'_> {
     /// A column-parallel linear layer `prefix` (`weight` `(out, in)`, `bias` `(out,)` if `bias`):
     /// output rows `part` of `out`.
     pub fn column_linear(&self, prefix: &str, [out, inp]: [i64; 2], part: (i64, i64), bias: bool) -> Result<Linear> {
-        Ok(Linear {
-            weight: self.rows(&format!("{prefix}.weight"), &[out, inp], part)?,
-            bias: bias.then(|| self.rows(&format!("{prefix}.bias"), &[out], part)).transpose()?,
-        })
+        self.linear(
+            self.rows(&format!("{prefix}.weight"), &[out, inp], part)?,
+            bias.then(|| self.rows(&format!("{prefix}.bias"), &[out], part)).transpose()?,
+        )
     }
 
     /// A row-parallel linear layer `prefix`: input columns `part` of `in`, the whole bias.
@@ -85,18 +86,16 @@ impl ShardLoader<'_> {
         (start, len): (i64, i64),
         bias: bool,
     ) -> Result<Linear> {
-        Ok(Linear {
-            weight: self.ckpt.get_part(
-                &format!("{prefix}.weight"),
-                &[out, inp],
-                1,
-                start,
-                len,
-                self.shard.dtype,
-                self.shard.device,
-            )?,
-            bias: bias.then(|| self.full(&format!("{prefix}.bias"), &[out])).transpose()?,
-        })
+        let weight = self.ckpt.get_part(
+            &format!("{prefix}.weight"),
+            &[out, inp],
+            1,
+            start,
+            len,
+            self.shard.dtype,
+            self.shard.device,
+        )?;
+        self.linear(weight, bias.then(|| self.full(&format!("{prefix}.bias"), &[out])).transpose()?)
     }
 
     /// This shard's rows of a fused QKV projection `prefix`, reordered as
@@ -127,10 +126,15 @@ impl ShardLoader<'_> {
             let parts = ranges.iter().map(|&r| self.rows(&name, shape, r)).collect::<Result<Vec<_>>>()?;
             Ok(if parts.len() == 1 { parts.into_iter().next().unwrap() } else { Tensor::cat(&parts, 0) })
         };
-        Ok(Linear {
-            weight: read(format!("{prefix}.weight"), &shape)?,
-            bias: bias.then(|| read(format!("{prefix}.bias"), &shape[..1])).transpose()?,
-        })
+        self.linear(
+            read(format!("{prefix}.weight"), &shape)?,
+            bias.then(|| read(format!("{prefix}.bias"), &shape[..1])).transpose()?,
+        )
+    }
+
+    /// A linear layer of this shard's `weight` and `bias`, packed as the shard keeps them.
+    fn linear(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        Linear::new(weight, bias, self.shard.packed)
     }
 }
 
@@ -188,8 +192,8 @@ impl VocabShard {
 
     /// f32 logits `(n_rows, vocab_size)` of `x` `(n_rows, hidden)` through this shard's rows
     /// `head` of the LM head, gathered from every shard.
-    pub fn logits(&self, head: &Tensor, x: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
-        let logits = x.linear::<Tensor>(head, None).to_kind(tch::Kind::Float);
+    pub fn logits(&self, head: &Linear, x: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
+        let logits = head.forward(x).to_kind(tch::Kind::Float);
         comm.all_gather(&logits, 1)
     }
 }
@@ -204,7 +208,7 @@ pub(crate) fn row_parallel(comm: &dyn Communicator, parts: &[(&Tensor, &Linear)]
     if comm.world_size() == 1 {
         return Ok(sum(&|x, layer| layer.forward(x)));
     }
-    let total = comm.all_reduce_sum(&sum(&|x, layer| x.linear::<Tensor>(&layer.weight, None)))?;
+    let total = comm.all_reduce_sum(&sum(&|x, layer| layer.product(x, None)))?;
     Ok(parts.iter().filter_map(|(_, layer)| layer.bias.as_ref()).fold(total, |acc, b| acc + b))
 }
 
