@@ -2,6 +2,11 @@
 //! to it through `EngineHandle` (a closed set of commands, with replies on oneshot channels);
 //! each request's events go out on its own channel, and a request whose receiver is gone (the
 //! client dropped the stream) is cancelled before the next step.
+//!
+//! The engine runs on the thread that loaded the model (`EngineLoop::run`), not on a new one:
+//! LibTorch's OpenMP keeps a team of threads for every thread that starts parallel regions, and
+//! with a second team on the same cores every region of a step waits for a sleeping thread to
+//! be woken (on 2 cores a batch-32 SantaCoder step took 290 ms instead of 188; BENCHMARKS.md).
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -26,8 +31,16 @@ pub struct Load {
 }
 
 enum Command {
-    Submit { request: Request, events: EventSender, accepted: oneshot::Sender<Result<()>> },
-    Load { reply: oneshot::Sender<Load> },
+    Submit {
+        request: Request,
+        events: EventSender,
+        accepted: oneshot::Sender<Result<()>>,
+    },
+    Load {
+        reply: oneshot::Sender<Load>,
+    },
+    /// Return from `EngineLoop::run`; requests still running get no more events.
+    Stop,
 }
 
 /// A cheap, cloneable way to reach the engine thread.
@@ -53,6 +66,11 @@ impl EngineHandle {
         answer.await.map_err(|_| stopped())
     }
 
+    /// Asks the engine loop to return after its current step.
+    pub fn stop(&self) {
+        let _ = self.send(Command::Stop);
+    }
+
     fn send(&self, command: Command) -> Result<()> {
         self.commands.send(command).map_err(|_| stopped())
     }
@@ -62,41 +80,48 @@ fn stopped() -> Error {
     Error::EngineStopped
 }
 
-/// Starts the engine thread over `model` with a KV pool of `kv_tokens`. It first runs one
-/// warm-up step; `ready` fires after it (health turns SERVING then).
-pub fn spawn(
-    mut runner: Box<dyn Runner>,
+/// The engine over `runner` with a KV pool of `kv_tokens`, and a handle to it. Nothing runs
+/// until `EngineLoop::run`; `ready` fires after its warm-up step (health turns SERVING then).
+pub fn new(
+    runner: Box<dyn Runner>,
     eos_token_ids: Vec<u32>,
     config: SchedulerConfig,
     kv_tokens: i64,
     metrics: WorkerMetrics,
-) -> Result<(EngineHandle, oneshot::Receiver<Result<()>>)> {
+) -> (EngineHandle, oneshot::Receiver<Result<()>>, EngineLoop) {
     let (commands, inbox) = mpsc::channel();
-    let (ready_tx, ready) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("onehead-engine".into())
-        .spawn(move || {
-            if let Err(e) = runner.allocate_kv(kv_tokens) {
-                let _ = ready_tx.send(Err(e));
-                return;
-            }
-            let mut engine = Engine {
-                scheduler: Scheduler::new(config, kv_tokens, eos_token_ids),
-                runner,
-                metrics,
-                senders: HashMap::new(),
-                recent_steps: VecDeque::new(),
-                unrecoverable: false,
-            };
-            let warm = engine.warm_up();
-            let ok = warm.is_ok();
-            let _ = ready_tx.send(warm);
-            if ok {
-                engine.run(inbox);
-            }
-        })
-        .map_err(|source| Error::Io { path: "onehead-engine thread".into(), source })?;
-    Ok((EngineHandle { commands }, ready))
+    let (ready, ready_rx) = oneshot::channel();
+    let engine = Engine {
+        scheduler: Scheduler::new(config, kv_tokens, eos_token_ids),
+        runner,
+        metrics,
+        senders: HashMap::new(),
+        recent_steps: VecDeque::new(),
+        unrecoverable: false,
+    };
+    (EngineHandle { commands }, ready_rx, EngineLoop { engine, kv_tokens, inbox, ready })
+}
+
+/// The engine, not yet running; see the module comment for which thread runs it.
+pub struct EngineLoop {
+    engine: Engine,
+    kv_tokens: i64,
+    inbox: mpsc::Receiver<Command>,
+    ready: oneshot::Sender<Result<()>>,
+}
+
+impl EngineLoop {
+    /// Allocates the KV pool, runs the warm-up step, then serves commands until `stop` or until
+    /// every handle is gone.
+    pub fn run(self) {
+        let EngineLoop { mut engine, kv_tokens, inbox, ready } = self;
+        let warm = engine.runner.allocate_kv(kv_tokens).and_then(|()| engine.warm_up());
+        let ok = warm.is_ok();
+        let _ = ready.send(warm);
+        if ok {
+            engine.run(inbox);
+        }
+    }
 }
 
 struct Engine {
@@ -118,14 +143,18 @@ impl Engine {
         loop {
             // Idle: sleep until a command comes. Busy: take what has come, then step.
             if self.scheduler.is_idle() {
-                match inbox.recv() {
-                    Ok(command) => self.handle(command),
-                    Err(_) => return,
+                let Ok(command) = inbox.recv() else { return };
+                if !self.handle(command) {
+                    return;
                 }
             }
             loop {
                 match inbox.try_recv() {
-                    Ok(command) => self.handle(command),
+                    Ok(command) => {
+                        if !self.handle(command) {
+                            return;
+                        }
+                    }
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => return,
                 }
@@ -142,7 +171,8 @@ impl Engine {
         }
     }
 
-    fn handle(&mut self, command: Command) {
+    /// Handles `command`; false for `Stop`.
+    fn handle(&mut self, command: Command) -> bool {
         match command {
             Command::Submit { request, events, accepted } => {
                 let id = request.id.clone();
@@ -160,7 +190,9 @@ impl Engine {
                 let steps_per_sec = self.recent_steps.len() as f64 / RATE_WINDOW.as_secs_f64();
                 let _ = reply.send(Load { scheduler: self.scheduler.load(), steps_per_sec });
             }
+            Command::Stop => return false,
         }
+        true
     }
 
     /// Cancels every request whose client has gone.

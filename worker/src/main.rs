@@ -250,8 +250,12 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
         Some(gbs)
     });
     let metrics = WorkerMetrics::new(&registry, shard_bytes, peak_gbs.map(|g| g * 1e9));
-    let (engine, ready) = engine::spawn(lm.runner, lm.eos_token_ids, config, kv_cache_tokens, metrics)?;
-    runtime.block_on(async move {
+    let (engine, ready, engine_loop) = engine::new(lm.runner, lm.eos_token_ids, config, kv_cache_tokens, metrics);
+    // The server runs on the runtime's threads and the engine on this one, which loaded the
+    // model (see the `engine` module comment); when the server is done, so is the engine.
+    let stop_engine = StopOnDrop(engine.clone());
+    let server = runtime.spawn(async move {
+        let _stop_engine = stop_engine;
         if let Some(addr) = &args.metrics_listen {
             let metrics =
                 tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-listen {addr}"))?;
@@ -267,7 +271,18 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
             served = server::serve(listener, engine, info, ready, stop) => served,
             () = expired => Ok(()),
         }
-    })
+    });
+    engine_loop.run();
+    runtime.block_on(server).context("the gRPC server task")?
+}
+
+/// Stops the engine when dropped: when the server task ends, however it ends.
+struct StopOnDrop(engine::EngineHandle);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
 }
 
 /// `MemAvailable` from /proc/meminfo.
