@@ -2,9 +2,11 @@
 //!
 //! Layout per layer: K and V each `(n_kv_heads, capacity_tokens, head_dim)`. A sequence owns a
 //! contiguous token range (`KvSlot`) of that pool, so its cached keys of one layer are a plain
-//! strided view `(n_kv_heads, n_tokens, head_dim)` that attention reads in place: nothing is
-//! copied or concatenated per step. For multi-query attention `n_kv_heads` is 1, so the pool
-//! is `n_heads` times smaller than a multi-head one of the same width.
+//! strided view `(n_kv_heads, n_tokens, head_dim)` that a prefill chunk's attention reads in
+//! place. Decode tokens of several sequences are attended in one call, over their caches
+//! gathered into one padded block per layer (`gather`): a copy of the keys and values they
+//! read, cheaper than a LibTorch call per sequence. For multi-query attention `n_kv_heads` is
+//! 1, so the pool is `n_heads` times smaller than a multi-head one of the same width.
 
 use tch::Tensor;
 
@@ -54,6 +56,19 @@ impl KvPool {
         debug_assert!(pos + n_new <= slot.capacity, "KV write past the slot");
         self.k[layer].narrow(1, slot.start + pos, n_new).copy_(k);
         self.v[layer].narrow(1, slot.start + pos, n_new).copy_(v);
+    }
+
+    /// Stores one token for each of several sequences: `k` and `v` `(n_kv_heads, n, head_dim)`
+    /// at pool positions `positions` `(n,)` of `layer`.
+    pub(crate) fn write_tokens(&self, layer: usize, positions: &Tensor, k: &Tensor, v: &Tensor) {
+        let _ = self.k[layer].shallow_clone().index_copy_(1, positions, k);
+        let _ = self.v[layer].shallow_clone().index_copy_(1, positions, v);
+    }
+
+    /// K and V at pool positions `positions` `(len,)` of `layer`, each `(n_kv_heads, len,
+    /// head_dim)`, copied out of the pool.
+    pub(crate) fn gather(&self, layer: usize, positions: &Tensor) -> (Tensor, Tensor) {
+        (self.k[layer].index_select(1, positions), self.v[layer].index_select(1, positions))
     }
 
     /// The first `len` cached K and V of `slot` in `layer`, each `(n_kv_heads, len, head_dim)`,

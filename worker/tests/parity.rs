@@ -143,6 +143,73 @@ macro_rules! parity {
     )*};
 }
 
+/// Decode tokens of several sequences, attended together in one padded and masked call per
+/// layer, give each sequence the logits it gets alone: in a step of decodes only, and beside a
+/// prefill chunk. Sequences of different lengths, MQA, MHA and grouped K/V, at TP 1 and at TP 3
+/// (where Falcon's groups are split unevenly and attention runs per sequence again).
+#[test]
+fn decodes_attended_together_equal_each_sequence_alone() {
+    for (name, tp) in [("mqa_f32", 1), ("mha_f32", 1), ("falcon_gqa", 1), ("falcon_gqa", 3)] {
+        let (mut lm, reference) = load_tp(name, tp);
+        let model = lm.runner.as_mut();
+        let vocab = model.shape().vocab_size as usize;
+        model.allocate_kv(4 * 64).unwrap();
+        let ids = &reference.prompt_ids;
+        // Prompts of 3, 8 and 5 tokens (decoded: their last one), and one of 6 prefilled at once.
+        let prompts: Vec<Vec<u32>> =
+            [3, 8, 5, 6].iter().map(|&n| ids.iter().cycle().take(n).copied().collect()).collect();
+        let slot = |i: usize, round: i64| KvSlot { start: 64 * i as i64 + 32 * round, capacity: 32 };
+        let prefill = |model: &mut dyn onehead_worker::runner::Runner, i: usize, round: i64| {
+            let p = &prompts[i][..prompts[i].len() - 1];
+            model
+                .step(&[ChunkInput { token_ids: p, slot: slot(i, round), n_cached: 0, logits: Logits::None }])
+                .unwrap();
+        };
+        let last = |i: usize, round: i64| {
+            let p = &prompts[i];
+            ChunkInput {
+                token_ids: &p[p.len() - 1..],
+                slot: slot(i, round),
+                n_cached: p.len() as i64 - 1,
+                logits: Logits::Last,
+            }
+        };
+        // Alone: each sequence's last token in a step of its own.
+        let alone: Vec<Vec<f32>> = (0..3)
+            .map(|i| {
+                prefill(model, i, 0);
+                model.step(&[last(i, 0)]).unwrap()
+            })
+            .collect();
+        let whole = ChunkInput { token_ids: &prompts[3], slot: slot(3, 0), n_cached: 0, logits: Logits::Last };
+        let whole_alone = model.step(&[whole]).unwrap();
+        // Together, in fresh slots: the three decodes in one step, then again beside the prefill.
+        for (round, with_prefill) in [(1, false), (1, true)] {
+            (0..3).for_each(|i| prefill(model, i, round));
+            let mut inputs = vec![last(0, round), last(1, round), last(2, round)];
+            if with_prefill {
+                inputs.insert(
+                    1,
+                    ChunkInput { token_ids: &prompts[3], slot: slot(3, round), n_cached: 0, logits: Logits::Last },
+                );
+            }
+            let logits = model.step(&inputs).unwrap();
+            let mut rows = logits.chunks(vocab);
+            for (i, expected) in alone.iter().enumerate() {
+                if with_prefill && i == 1 {
+                    assert_close(
+                        &format!("{name} TP {tp}: the prefill beside decodes"),
+                        rows.next().unwrap(),
+                        &whole_alone,
+                    );
+                }
+                let what = format!("{name} TP {tp}: sequence {i} decoded with others (prefill beside: {with_prefill})");
+                assert_close(&what, rows.next().unwrap(), expected);
+            }
+        }
+    }
+}
+
 parity!(mqa_f32, mha_f32, mqa_hd12_untied, mqa_sharded, mqa_bf16);
 parity!(falcon_mqa, falcon_gqa, falcon_gqa_one_ln, falcon_rw_mha_sequential, falcon_rw40b);
 

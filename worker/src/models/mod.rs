@@ -40,6 +40,59 @@ pub struct Batch {
     pub chunks: Vec<SeqChunk>,
     /// `(n_rows,)` indices into the tokens whose logits are wanted.
     pub logit_rows: Tensor,
+    /// The one-token chunks, when there are at least two: attended together (`cached_attention`).
+    decode: Option<DecodeRows>,
+}
+
+/// A batch's one-token (decode) chunks, for attention over all their caches in one call per
+/// layer: each sequence's cached keys gathered into a padded `(n, longest)` block, with a mask.
+/// The indices are the same for every layer, so they are built once per batch.
+struct DecodeRows {
+    /// `(n,)` rows of these tokens in the batch.
+    rows: Tensor,
+    /// `rows` is every row of the batch, in order (a step of decodes only).
+    all: bool,
+    /// `(n,)` pool positions where their keys and values go.
+    positions: Tensor,
+    /// `(n * longest,)` pool positions of each sequence's keys, padded with its last one.
+    keys: Tensor,
+    /// `(n, 1, 1, longest)`: true where a key is one of the sequence's own.
+    mask: Tensor,
+    longest: i64,
+}
+
+impl DecodeRows {
+    fn new(chunks: &[SeqChunk], device: Device) -> Option<Self> {
+        let mut rows = Vec::new();
+        let mut row = 0;
+        for chunk in chunks {
+            if chunk.n_new == 1 {
+                rows.push(row);
+            }
+            row += chunk.n_new;
+        }
+        if rows.len() < 2 {
+            return None;
+        }
+        let decoding: Vec<&SeqChunk> = chunks.iter().filter(|c| c.n_new == 1).collect();
+        let longest = decoding.iter().map(|c| c.n_cached + 1).max().expect("two or more");
+        let (mut keys, mut mask) = (Vec::new(), Vec::new());
+        for c in &decoding {
+            let len = c.n_cached + 1;
+            keys.extend((0..longest).map(|j| c.slot.start + j.min(len - 1)));
+            mask.extend((0..longest).map(|j| j < len));
+        }
+        let n = rows.len() as i64;
+        let tensor = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+        Some(DecodeRows {
+            all: n == row,
+            rows: tensor(&rows),
+            positions: tensor(&decoding.iter().map(|c| c.slot.start + c.n_cached).collect::<Vec<_>>()),
+            keys: tensor(&keys),
+            mask: Tensor::from_slice(&mask).view([n, 1, 1, longest]).to_device(device),
+            longest,
+        })
+    }
 }
 
 /// What a caller asks of one sequence in a batch.
@@ -83,6 +136,7 @@ impl Batch {
         Batch {
             token_ids: Tensor::from_slice(&ids).to_device(device),
             positions: Tensor::from_slice(&positions).to_device(device),
+            decode: DecodeRows::new(&chunks, device),
             chunks,
             logit_rows: Tensor::from_slice(&rows).to_device(device),
         }
@@ -187,6 +241,11 @@ pub fn load(
 /// `(n_tokens, n_kv_heads, head_dim)`, this shard's heads; `queries_per_kv_head` says how many
 /// consecutive query heads read each K/V head (`ShardHeads::queries_per_kv_head`). Returns
 /// `(n_tokens, n_heads * head_dim)`, heads in order.
+///
+/// Decode tokens (chunks of one) are attended together, in one call per layer, when the shard's
+/// groups are equal; LibTorch's fused attention costs tens of microseconds a call whatever its
+/// size, so one call per sequence and layer added up to a fifth of a batch-32 step. Other
+/// chunks are attended one by one.
 pub(crate) fn cached_attention(
     layer: usize,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
@@ -195,17 +254,60 @@ pub(crate) fn cached_attention(
     queries_per_kv_head: &[i64],
     scale: f64,
 ) -> Tensor {
+    let uniform = queries_per_kv_head.windows(2).all(|w| w[0] == w[1]);
+    let decode = batch.decode.as_ref().filter(|_| uniform);
+    if let Some(d) = decode.filter(|d| d.all) {
+        return attend_decode(layer, (q, k, v), d, kv, scale);
+    }
+    // (first row, output) of each chunk attended on its own.
     let mut outputs = Vec::with_capacity(batch.chunks.len());
     let mut row = 0;
     for chunk in &batch.chunks {
-        let rows = |t: &Tensor| t.narrow(0, row, chunk.n_new);
-        // The cache is (n_kv_heads, n_tokens, head_dim).
-        kv.write(layer, chunk.slot, chunk.n_cached, &rows(k).transpose(0, 1), &rows(v).transpose(0, 1));
-        let (k_all, v_all) = kv.view(layer, chunk.slot, chunk.n_cached + chunk.n_new);
-        outputs.push(attend(&rows(q), &k_all, &v_all, chunk.n_cached, scale, queries_per_kv_head));
+        if decode.is_none() || chunk.n_new > 1 {
+            let rows = |t: &Tensor| t.narrow(0, row, chunk.n_new);
+            // The cache is (n_kv_heads, n_tokens, head_dim).
+            kv.write(layer, chunk.slot, chunk.n_cached, &rows(k).transpose(0, 1), &rows(v).transpose(0, 1));
+            let (k_all, v_all) = kv.view(layer, chunk.slot, chunk.n_cached + chunk.n_new);
+            outputs.push((row, attend(&rows(q), &k_all, &v_all, chunk.n_cached, scale, queries_per_kv_head)));
+        }
         row += chunk.n_new;
     }
-    if outputs.len() == 1 { outputs.pop().unwrap() } else { Tensor::cat(&outputs, 0) }
+    let Some(d) = decode else {
+        let mut outputs: Vec<Tensor> = outputs.into_iter().map(|(_, y)| y).collect();
+        return if outputs.len() == 1 { outputs.pop().unwrap() } else { Tensor::cat(&outputs, 0) };
+    };
+    // Decodes beside prefill chunks: each output to its rows.
+    let decoded = attend_decode(layer, (q, k, v), d, kv, scale);
+    let out = decoded.new_zeros([row, decoded.size()[1]], (decoded.kind(), decoded.device()));
+    let _ = out.shallow_clone().index_copy_(0, &d.rows, &decoded);
+    for (first, y) in outputs {
+        out.narrow(0, first, y.size()[0]).copy_(&y);
+    }
+    out
+}
+
+/// `cached_attention` of `d`'s tokens, one each from several sequences, in one call: each
+/// sequence's keys gathered from the pool into a padded block that the mask trims.
+fn attend_decode(
+    layer: usize,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    d: &DecodeRows,
+    kv: &KvPool,
+    scale: f64,
+) -> Tensor {
+    let pick = |t: &Tensor| if d.all { t.shallow_clone() } else { t.index_select(0, &d.rows) };
+    let (q, k, v) = (pick(q), pick(k), pick(v));
+    kv.write_tokens(layer, &d.positions, &k.transpose(0, 1), &v.transpose(0, 1));
+    let [n, n_heads, head_dim] = q.size()[..] else { unreachable!("q must be 3-d") };
+    let n_kv_heads = k.size()[1];
+    // (n_kv_heads, n * longest, head_dim) -> (n, n_kv_heads, longest, head_dim)
+    let (keys, values) = kv.gather(layer, &d.keys);
+    let block = |t: Tensor| t.view([n_kv_heads, n, d.longest, head_dim]).transpose(0, 1);
+    // Query heads kv * group .. (kv + 1) * group read K/V head kv: (n, n_kv_heads, group, head_dim).
+    let q = q.view([n, n_kv_heads, n_heads / n_kv_heads, head_dim]);
+    let y =
+        Tensor::scaled_dot_product_attention(&q, &block(keys), &block(values), Some(&d.mask), 0.0, false, scale, false);
+    y.reshape([n, n_heads * head_dim])
 }
 
 /// Causal attention of one sequence's new queries over its cached keys and values.
