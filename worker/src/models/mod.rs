@@ -243,9 +243,10 @@ pub fn load(
 /// `(n_tokens, n_heads * head_dim)`, heads in order.
 ///
 /// Decode tokens (chunks of one) are attended together, in one call per layer, when the shard's
-/// groups are equal; LibTorch's fused attention costs tens of microseconds a call whatever its
-/// size, so one call per sequence and layer added up to a fifth of a batch-32 step. Other
-/// chunks are attended one by one.
+/// groups are equal and their caches are short enough to gather (`GATHERED_KEY_BYTES`);
+/// LibTorch's fused attention costs tens of microseconds a call whatever its size, so one call
+/// per sequence and layer added up to a fifth of a batch-32 step. Other chunks are attended one
+/// by one, in place.
 pub(crate) fn cached_attention(
     layer: usize,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
@@ -255,7 +256,8 @@ pub(crate) fn cached_attention(
     scale: f64,
 ) -> Tensor {
     let uniform = queries_per_kv_head.windows(2).all(|w| w[0] == w[1]);
-    let decode = batch.decode.as_ref().filter(|_| uniform);
+    let key_bytes_per_token = k.size()[1] * k.size()[2] * k.kind().elt_size_in_bytes() as i64;
+    let decode = batch.decode.as_ref().filter(|d| uniform && d.longest * key_bytes_per_token <= GATHERED_KEY_BYTES);
     if let Some(d) = decode.filter(|d| d.all) {
         return attend_decode(layer, (q, k, v), d, kv, scale);
     }
@@ -285,6 +287,13 @@ pub(crate) fn cached_attention(
     }
     out
 }
+
+/// The most bytes of keys per sequence and layer that decode attention gathers to attend a
+/// batch in one call. Gathering copies the keys and values a step reads; below this the copy
+/// costs less than a call per sequence (SantaCoder, bf16, 2 cores: multi-query at batch 32 and
+/// ~300 tokens, 96 KiB, -10% a step; at batch 8 and 2048 tokens, 512 KiB, even; multi-head at
+/// batch 8 and 2048 tokens, 8 MiB, 5x slower).
+const GATHERED_KEY_BYTES: i64 = 256 << 10;
 
 /// `cached_attention` of `d`'s tokens, one each from several sequences, in one call: each
 /// sequence's keys gathered from the pool into a padded block that the mask trims.
