@@ -72,6 +72,10 @@ impl Sampler {
     /// the repetition penalty.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Choice {
         let p = &self.params;
+        if p.is_greedy() && p.repetition_penalty == 1.0 {
+            let token = argmax(logits);
+            return Choice { token: token as u32, logprob: log_softmax_at(logits, token) };
+        }
         let mut scores: Vec<f32> = logits.to_vec();
         if p.repetition_penalty != 1.0 {
             // transformers' RepetitionPenaltyLogitsProcessor: each seen token once.
@@ -147,21 +151,23 @@ pub fn log_softmax_at(logits: &[f32], idx: usize) -> f32 {
 
 /// The `n` most likely tokens with their logprobs, most likely first.
 pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<Choice> {
-    let lse = log_sum_exp(logits);
-    let mut order: Vec<usize> = (0..logits.len()).collect();
     let n = n.min(logits.len());
     if n == 0 {
         return Vec::new();
     }
+    let lse = log_sum_exp(logits);
+    let mut order: Vec<usize> = (0..logits.len()).collect();
     order.select_nth_unstable_by(n - 1, |&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
     order.truncate(n);
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
     order.into_iter().map(|i| Choice { token: i as u32, logprob: (f64::from(logits[i]) - lse) as f32 }).collect()
 }
 
+/// Each term's `exp` in f32 (of `x - max`, at most 0, so within an ulp), the sum in f64: a
+/// vocabulary's worth of f64 `exp`s took 0.4 ms a row, 13 ms of a batch-32 step.
 fn log_sum_exp(xs: &[f32]) -> f64 {
-    let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    max + xs.iter().map(|&x| (f64::from(x) - max).exp()).sum::<f64>().ln()
+    let max = xs.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    f64::from(max) + xs.iter().map(|&x| f64::from((x - max).exp())).sum::<f64>().ln()
 }
 
 /// SplitMix64: small, fast, and the same stream for the same seed on every platform.
