@@ -171,7 +171,8 @@ impl ModelArgs {
         };
         let lm = load_model(&self.model, &options).with_context(|| format!("loading model {}", self.model))?;
         let bytes = lm.runner.shard_weight_bytes();
-        tracing::info!(model = %lm.id, dtype = %lm.runner.dtype(), tp = self.tp, secs = started.elapsed().as_secs_f64(), "model loaded");
+        let packed = lm.runner.packed_weights();
+        tracing::info!(model = %lm.id, dtype = %lm.runner.dtype(), tp = self.tp, packed, secs = started.elapsed().as_secs_f64(), "model loaded");
         for (rank, b) in bytes.iter().enumerate() {
             println!("shard {rank}: {:.1} MiB of weights", *b as f64 / (1 << 20) as f64);
         }

@@ -22,6 +22,8 @@ pub trait Runner: Send {
     fn dtype(&self) -> Dtype;
     /// Rank 0's device.
     fn device(&self) -> Device;
+    /// Whether the weight matrices are prepacked for oneDNN (`models::Placement`).
+    fn packed_weights(&self) -> bool;
     fn tp_degree(&self) -> usize;
     /// Weight bytes each shard reads per forward pass, by rank.
     fn shard_weight_bytes(&self) -> Vec<i64>;
@@ -54,6 +56,9 @@ impl Runner for Local {
     }
     fn device(&self) -> Device {
         self.model.device()
+    }
+    fn packed_weights(&self) -> bool {
+        self.model.shard().packed
     }
     fn tp_degree(&self) -> usize {
         1
@@ -264,6 +269,9 @@ impl Runner for TensorParallel {
     }
     fn device(&self) -> Device {
         self.leader.device()
+    }
+    fn packed_weights(&self) -> bool {
+        self.leader.packed_weights()
     }
     fn tp_degree(&self) -> usize {
         self.followers.len() + 1

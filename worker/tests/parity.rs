@@ -143,6 +143,16 @@ macro_rules! parity {
     )*};
 }
 
+/// The parity tests run on CPU weights prepacked for oneDNN (the default; f32 is packed on any
+/// x86 CPU), and `check_full_forward` also on plain ones; on CUDA nothing is packed.
+#[test]
+fn cpu_weights_are_packed_unless_told_otherwise() {
+    let on_cpu = !test_device().is_cuda();
+    assert_eq!(load_with("mqa_f32", 1, true).0.runner.packed_weights(), on_cpu);
+    assert_eq!(load_with("falcon_gqa", if on_cpu { 2 } else { 1 }, true).0.runner.packed_weights(), on_cpu);
+    assert!(!load_with("mqa_f32", 1, false).0.runner.packed_weights());
+}
+
 /// Decode tokens of several sequences, attended together in one padded and masked call per
 /// layer, give each sequence the logits it gets alone: in a step of decodes only, and beside a
 /// prefill chunk. Sequences of different lengths, MQA, MHA and grouped K/V, at TP 1 and at TP 3
