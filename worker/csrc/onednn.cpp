@@ -70,18 +70,20 @@ at::Tensor *onehead_onednn_pack(const at::Tensor *weight, char **message) {
   });
 }
 
-// `input @ weight.T + bias`, `weight` from `onehead_onednn_pack`; `bias` may be null.
+// `attr(input @ weight.T + bias)`, `weight` from `onehead_onednn_pack`; `bias` may be null.
+// `attr` is oneDNN's post-op, applied to each output tile while it is in cache: "none", "relu"
+// or "gelu" (`algorithm` "none" for erf, "tanh" for the approximation; null otherwise).
 at::Tensor *onehead_onednn_linear(const at::Tensor *input, const at::Tensor *packed, const at::Tensor *bias,
-                                  char **message) {
+                                  const char *attr, const char *algorithm, char **message) {
   return guarded(message, [&] {
     return call("mkldnn::_linear_pointwise",
                 {
                     c10::IValue(*input),
                     c10::IValue(*packed),
                     bias != nullptr ? c10::IValue(*bias) : c10::IValue(),
-                    c10::IValue(std::string("none")),
+                    c10::IValue(std::string(attr)),
                     c10::IValue(c10::List<std::optional<c10::Scalar>>()),
-                    c10::IValue(),
+                    algorithm != nullptr ? c10::IValue(std::string(algorithm)) : c10::IValue(),
                 })
         .toTensor();
   });

@@ -8,6 +8,8 @@ use std::ffi::{CStr, c_char, c_int};
 use tch::{Kind, TchError, Tensor};
 use torch_sys::C_tensor;
 
+use crate::config::Activation;
+
 unsafe extern "C" {
     fn onehead_onednn_linear_supported(bf16: c_int) -> c_int;
     fn onehead_onednn_pack(weight: *const C_tensor, message: *mut *mut c_char) -> *mut C_tensor;
@@ -15,6 +17,8 @@ unsafe extern "C" {
         input: *const C_tensor,
         packed: *const C_tensor,
         bias: *const C_tensor,
+        attr: *const c_char,
+        algorithm: *const c_char,
         message: *mut *mut c_char,
     ) -> *mut C_tensor;
     fn onehead_free_message(message: *mut c_char);
@@ -36,10 +40,26 @@ pub fn pack(weight: &Tensor) -> Result<Tensor, TchError> {
     tensor_or_error(|message| unsafe { onehead_onednn_pack(weight.as_ptr(), message) })
 }
 
-/// `input @ weight.T + bias` for a `weight` from [`pack`]; `input` `(..., in)` of its dtype.
-pub fn linear(input: &Tensor, packed: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, TchError> {
+/// `input @ weight.T + bias` for a `weight` from [`pack`], then `act` if given, fused into the
+/// product (oneDNN applies it to each output tile while it is in cache); `input` `(..., in)`
+/// of the weight's dtype.
+pub fn linear(
+    input: &Tensor,
+    packed: &Tensor,
+    bias: Option<&Tensor>,
+    act: Option<Activation>,
+) -> Result<Tensor, TchError> {
     let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
-    tensor_or_error(|message| unsafe { onehead_onednn_linear(input.as_ptr(), packed.as_ptr(), bias, message) })
+    let (attr, algorithm): (&CStr, Option<&CStr>) = match act {
+        None => (c"none", None),
+        Some(Activation::Gelu) => (c"gelu", Some(c"none")),
+        Some(Activation::GeluTanh) => (c"gelu", Some(c"tanh")),
+        Some(Activation::Relu) => (c"relu", None),
+    };
+    let algorithm = algorithm.map_or(std::ptr::null(), CStr::as_ptr);
+    tensor_or_error(|message| unsafe {
+        onehead_onednn_linear(input.as_ptr(), packed.as_ptr(), bias, attr.as_ptr(), algorithm, message)
+    })
 }
 
 fn tensor_or_error(call: impl FnOnce(*mut *mut c_char) -> *mut C_tensor) -> Result<Tensor, TchError> {
@@ -72,7 +92,7 @@ mod tests {
         let (w, x, b) = (Tensor::randn([96, 80], opts), Tensor::randn([rows, 80], opts), Tensor::randn([96], opts));
         let (w, x, b) = (w.to_kind(kind), x.to_kind(kind), bias.then(|| b.to_kind(kind)));
         let packed = pack(&w).unwrap();
-        (x.linear(&w, b.as_ref()), linear(&x, &packed, b.as_ref()).unwrap())
+        (x.linear(&w, b.as_ref()), linear(&x, &packed, b.as_ref(), None).unwrap())
     }
 
     #[test]
@@ -97,7 +117,7 @@ mod tests {
     fn batched_inputs_keep_their_leading_dimensions() {
         let w = Tensor::randn([6, 4], (Kind::Float, Device::Cpu));
         let x = Tensor::randn([2, 3, 4], (Kind::Float, Device::Cpu));
-        let y = linear(&x, &pack(&w).unwrap(), None).unwrap();
+        let y = linear(&x, &pack(&w).unwrap(), None, None).unwrap();
         assert_eq!(y.size(), [2, 3, 6]);
         assert!(y.allclose(&x.linear::<Tensor>(&w, None), 1e-5, 1e-5, false));
     }
@@ -105,8 +125,20 @@ mod tests {
     #[test]
     fn a_mismatched_input_is_an_error_not_a_crash() {
         let w = pack(&Tensor::randn([6, 4], (Kind::Float, Device::Cpu))).unwrap();
-        let err = linear(&Tensor::randn([2, 5], (Kind::Float, Device::Cpu)), &w, None).unwrap_err();
+        let err = linear(&Tensor::randn([2, 5], (Kind::Float, Device::Cpu)), &w, None, None).unwrap_err();
         assert!(!err.to_string().is_empty());
+    }
+
+    #[test]
+    fn fused_activations_equal_the_activation_after_the_product() {
+        let opts = (Kind::Float, Device::Cpu);
+        let (w, x, b) = (Tensor::randn([96, 80], opts), Tensor::randn([9, 80], opts), Tensor::randn([96], opts));
+        let packed = pack(&w).unwrap();
+        for act in [Activation::Gelu, Activation::GeluTanh, Activation::Relu] {
+            let fused = linear(&x, &packed, Some(&b), Some(act)).unwrap();
+            let diff = (fused - act.apply(&x.linear(&w, Some(&b)))).abs().max().double_value(&[]);
+            assert!(diff <= 1e-5, "{act:?}: off by {diff}");
+        }
     }
 
     #[test]

@@ -235,7 +235,7 @@ impl KernelPass {
         let started = Instant::now();
         let mut last = None;
         for (w, b, x) in &self.layers {
-            last = Some(if self.packed { onednn::linear(x, w, b.as_ref())? } else { x.linear(w, b.as_ref()) });
+            last = Some(if self.packed { onednn::linear(x, w, b.as_ref(), None)? } else { x.linear(w, b.as_ref()) });
         }
         // On a GPU the kernels are asynchronous: wait for them, as the engine's step does.
         if let Some(t) = last

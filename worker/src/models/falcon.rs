@@ -148,7 +148,7 @@ impl Falcon {
 impl Mlp {
     /// The MLP's hidden activations, before the row-parallel `dense_4h_to_h`.
     fn up(&self, x: &Tensor) -> Tensor {
-        self.act.apply(&self.dense_h_to_4h.forward(x))
+        self.dense_h_to_4h.forward_activated(x, self.act)
     }
 }
 

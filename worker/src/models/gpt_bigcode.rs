@@ -143,7 +143,7 @@ impl CausalLm for GptBigCode {
         for (layer, block) in self.h.iter().enumerate() {
             let y = self.attention(layer, &block.attn, &block.ln_1.forward(&x), batch, kv);
             x = &x + row_parallel(comm, &[(&y, &block.attn.c_proj)])?;
-            let y = block.mlp.act.apply(&block.mlp.c_fc.forward(&block.ln_2.forward(&x)));
+            let y = block.mlp.c_fc.forward_activated(&block.ln_2.forward(&x), block.mlp.act);
             x = &x + row_parallel(comm, &[(&y, &block.mlp.c_proj)])?;
         }
         // (n_rows, n_embd) -> (n_rows, vocab_size)

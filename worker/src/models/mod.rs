@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 use std::sync::Arc;
 
 use crate::comm::{Communicator, ShardHeads};
-use crate::config::{Dtype, ModelConfig};
+use crate::config::{Activation, Dtype, ModelConfig};
 use crate::error::Result;
 use crate::kv_cache::{KvPool, KvShape, KvSlot};
 use crate::weights::Checkpoint;
@@ -403,13 +403,26 @@ impl Linear {
         self.product(x, self.bias.as_ref())
     }
 
+    /// `act(forward(x))`; packed, the activation is fused into the product (the MLP's first
+    /// layer: one pass less over its widest activations).
+    pub fn forward_activated(&self, x: &Tensor, act: Activation) -> Tensor {
+        if !self.packed {
+            return act.apply(&self.forward(x));
+        }
+        self.packed_product(x, self.bias.as_ref(), Some(act))
+    }
+
     /// `x @ weight.T + bias`, with the bias given (row-parallel layers add theirs after the sum).
     pub fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> Tensor {
         if !self.packed {
             return x.linear(&self.weight, bias);
         }
+        self.packed_product(x, bias, None)
+    }
+
+    fn packed_product(&self, x: &Tensor, bias: Option<&Tensor>, act: Option<Activation>) -> Tensor {
         // Shapes were checked at load, so a failure here is a bug: panic like tch's own calls.
-        crate::onednn::linear(x, &self.weight, bias)
+        crate::onednn::linear(x, &self.weight, bias, act)
             .unwrap_or_else(|e| panic!("oneDNN linear of {:?} by {:?}: {e}", x.size(), self.weight.size()))
     }
 
