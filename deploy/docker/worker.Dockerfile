@@ -9,6 +9,12 @@ RUN python -m venv /opt/torch \
     && /opt/torch/bin/pip install --no-cache-dir "torch==2.11.0"
 
 FROM rust:1.95-slim-bookworm AS build
+# A C++ compiler: torch-sys and the worker's own build script (worker/csrc/onednn.cpp) compile
+# against LibTorch's headers; the slim image has only gcc.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=torch /opt/torch /opt/torch
 COPY --from=torch /usr/local/lib/libpython3.11.so.1.0 /usr/local/lib/
 ENV LIBTORCH=/opt/torch/lib/python3.11/site-packages/torch
