@@ -1,7 +1,7 @@
 //! Matrix products on CPU weights prepacked for oneDNN, which tch does not bind (see
 //! `csrc/onednn.cpp`). LibTorch's plain `linear` lays the weight out for the kernels again on
-//! every call; a weight packed once at load reads faster (BENCHMARKS.md: about 30% off a
-//! SantaCoder decode step at batch 1 and at batch 32 on an AVX-512/AMX Xeon).
+//! every call; a weight packed once at load reads faster (BENCHMARKS.md: a SantaCoder decode
+//! step 19% faster at batch 1 and 15% at batch 32 on an AVX-512/AMX Xeon).
 
 use std::ffi::{CStr, c_char, c_int};
 

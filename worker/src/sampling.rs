@@ -2,6 +2,8 @@
 //! (repetition penalty, temperature, top-k, top-p), then argmax or a draw from the request's
 //! own seeded random stream, so a seed gives the same tokens whatever else shares the batch.
 
+use std::borrow::Cow;
+
 use crate::error::{Error, Result};
 
 /// How one request picks its tokens.
@@ -72,12 +74,10 @@ impl Sampler {
     /// the repetition penalty.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Choice {
         let p = &self.params;
-        if p.is_greedy() && p.repetition_penalty == 1.0 {
-            let token = argmax(logits);
-            return Choice { token: token as u32, logprob: log_softmax_at(logits, token) };
-        }
-        let mut scores: Vec<f32> = logits.to_vec();
+        // The logits are copied only when the penalty changes them.
+        let mut scores = Cow::Borrowed(logits);
         if p.repetition_penalty != 1.0 {
+            let scores = scores.to_mut();
             // transformers' RepetitionPenaltyLogitsProcessor: each seen token once.
             let mut seen = vec![false; scores.len()];
             for &t in history {

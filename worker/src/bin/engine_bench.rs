@@ -143,8 +143,13 @@ struct ModelResult {
 
 fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) -> anyhow::Result<ModelResult> {
     let _guard = tch::no_grad_guard();
-    let pack_cpu_weights = !args.plain_cpu_weights;
-    let options = LoadOptions { dtype: Some(Dtype::Bf16), tp: args.tp, device, pack_cpu_weights, ..Default::default() };
+    let options = LoadOptions {
+        dtype: Some(Dtype::Bf16),
+        tp: args.tp,
+        device,
+        pack_cpu_weights: !args.plain_cpu_weights,
+        ..Default::default()
+    };
     let mut lm = load_model(dir.to_str().context("path")?, &options)?;
     let model = lm.runner.as_mut();
     let capacity = args.context + args.steps as i64 + 4;
@@ -153,9 +158,8 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
     let prompt: Vec<u32> = (0..args.context).map(|i| (i * 7 % 1000) as u32).collect();
     let mut logits = model.step(&[ChunkInput { token_ids: &prompt, slot, n_cached: 0, logits: Logits::Last }])?;
     // Engine steps and kernel-only passes alternate, so that drift in the machine's speed
-    // (other tenants, frequency) hits both alike.
-    let pack = pack_cpu_weights && device == tch::Device::Cpu && onednn::supported(Kind::BFloat16);
-    let kernels = KernelPass::load(dir, device, args.kernel_layers, pack)?;
+    // (other tenants, frequency) hits both alike. The kernels' weights are packed as the engine's.
+    let kernels = KernelPass::load(dir, device, args.kernel_layers, model.packed_weights())?;
     let mut times = Vec::new();
     let mut kernel_times = Vec::new();
     for (step, n_cached) in (0..args.steps + 3).zip(args.context..) {

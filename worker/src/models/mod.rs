@@ -63,18 +63,19 @@ struct DecodeRows {
 
 impl DecodeRows {
     fn new(chunks: &[SeqChunk], device: Device) -> Option<Self> {
-        let mut rows = Vec::new();
+        // Each one-token chunk, and its row in the batch.
+        let (mut rows, mut decoding) = (Vec::new(), Vec::new());
         let mut row = 0;
         for chunk in chunks {
             if chunk.n_new == 1 {
                 rows.push(row);
+                decoding.push(chunk);
             }
             row += chunk.n_new;
         }
         if rows.len() < 2 {
             return None;
         }
-        let decoding: Vec<&SeqChunk> = chunks.iter().filter(|c| c.n_new == 1).collect();
         let longest = decoding.iter().map(|c| c.n_cached + 1).max().expect("two or more");
         let (mut keys, mut mask) = (Vec::new(), Vec::new());
         for c in &decoding {
