@@ -1,6 +1,7 @@
 //! Gives every binary of this crate an rpath to LibTorch, so that it starts without
 //! `LD_LIBRARY_PATH`, keeps libtorch_cuda linked where the wheel has it, and compiles
-//! `csrc/onednn.cpp` (LibTorch operators tch does not bind) against LibTorch's headers.
+//! `csrc/onednn.cpp` (LibTorch operators tch does not bind) against LibTorch's headers and
+//! `csrc/amx.cpp` (the decode-sized products on AMX).
 //! torch-sys reports LibTorch's library folder through its `links = "tch"` key.
 
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-changed=csrc/onednn.cpp");
+    println!("cargo:rerun-if-changed=csrc/amx.cpp");
     let lib_dir = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys reports LibTorch's lib folder");
     let lib_dir = std::fs::canonicalize(&lib_dir).unwrap_or_else(|_| PathBuf::from(lib_dir));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
@@ -27,5 +29,6 @@ fn main() {
         .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi.as_str())
         .flag_if_supported("-Wno-unused-parameter")
         .file("csrc/onednn.cpp")
-        .compile("onehead_onednn");
+        .file("csrc/amx.cpp")
+        .compile("onehead_csrc");
 }

@@ -4,6 +4,7 @@
 //! Architecture invariant: this library knows nothing about gRPC, tokio or Kubernetes; the
 //! serving layers wrap it.
 
+pub mod amx;
 pub mod bandwidth;
 pub mod bench;
 pub mod builtin;

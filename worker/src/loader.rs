@@ -24,11 +24,21 @@ pub struct LoadOptions {
     /// On CPU, prepack weight matrices for oneDNN where it runs the dtype natively (default);
     /// false keeps LibTorch's plain `linear`, for comparison.
     pub pack_cpu_weights: bool,
+    /// With packed bf16 weights on a CPU with AMX, also keep each matrix as AMX tiles for
+    /// decode steps (`amx`; default), where twice the weights fit in memory (`amx_copy_fits`).
+    pub amx_decode_weights: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: None, device: tch::Device::Cpu, tp: 1, threads_per_shard: None, pack_cpu_weights: true }
+        LoadOptions {
+            dtype: None,
+            device: tch::Device::Cpu,
+            tp: 1,
+            threads_per_shard: None,
+            pack_cpu_weights: true,
+            amx_decode_weights: true,
+        }
     }
 }
 
@@ -59,8 +69,15 @@ pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
         (id.unwrap_or_else(|| spec.to_owned()), dir)
     };
     let config = ModelConfig::from_dir(&dir)?;
-    let stored = Checkpoint::open(&dir)?.stored_dtype();
-    let dtype = options.dtype.or(stored).unwrap_or(Dtype::F32);
+    let checkpoint = Checkpoint::open(&dir)?;
+    let dtype = options.dtype.or(checkpoint.stored_dtype()).unwrap_or(Dtype::F32);
+    let amx_decode_weights = options.amx_decode_weights
+        && options.pack_cpu_weights
+        && options.device == tch::Device::Cpu
+        && dtype == Dtype::Bf16
+        && crate::amx::available()
+        && amx_copy_fits(checkpoint.float_elements() as i64 * dtype.size_bytes() as i64, available_memory_bytes());
+    drop(checkpoint);
     let _guard = tch::no_grad_guard();
     let shards = ShardOptions {
         dtype,
@@ -68,6 +85,7 @@ pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
         tp: options.tp,
         threads_per_shard: options.threads_per_shard,
         pack_cpu_weights: options.pack_cpu_weights,
+        amx_decode_weights,
     };
     let runner = runner::load(&config, &dir, &shards)?;
     let tokenizer_path = dir.join("tokenizer.json");
@@ -77,4 +95,41 @@ pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
         _ => config.eos_token_ids().to_vec(),
     };
     Ok(LoadedModel { id, dir, config, runner, tokenizer, eos_token_ids })
+}
+
+/// Whether a second copy of `weight_bytes` (the AMX tiles) fits: both copies within 60% of the
+/// memory available (`MemAvailable`), leaving the rest to the KV pool and activations. Where it
+/// does not, the model loads with oneDNN's packed weights alone, and says so.
+fn amx_copy_fits(weight_bytes: i64, available: Option<i64>) -> bool {
+    let Some(available) = available else { return false };
+    let fits = 2 * weight_bytes <= available / 10 * 6;
+    if !fits {
+        tracing::warn!(
+            weights_gib = weight_bytes as f64 / (1u64 << 30) as f64,
+            available_gib = available as f64 / (1u64 << 30) as f64,
+            "no AMX copy of the weights for decode steps: two copies would take more than 60% of the available memory"
+        );
+    }
+    fits
+}
+
+/// `MemAvailable` from /proc/meminfo.
+pub fn available_memory_bytes() -> Option<i64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_amx_copy_is_kept_only_where_two_copies_fit() {
+        let gib = 1i64 << 30;
+        assert!(amx_copy_fits(2 * gib, Some(20 * gib)));
+        assert!(!amx_copy_fits(14 * gib, Some(23 * gib)));
+        assert!(!amx_copy_fits(gib, None));
+    }
 }

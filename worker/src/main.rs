@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use onehead_worker::config::Dtype;
 use onehead_worker::engine;
 use onehead_worker::generate::{StoppingCriteria, generate};
-use onehead_worker::loader::{LoadOptions, LoadedModel, load_model};
+use onehead_worker::loader::{LoadOptions, LoadedModel, available_memory_bytes, load_model};
 use onehead_worker::metrics::{ShardBytes, WorkerMetrics};
 use onehead_worker::sampling::SamplingParams;
 use onehead_worker::scheduler::SchedulerConfig;
@@ -94,6 +94,10 @@ struct ModelArgs {
     /// them for oneDNN's kernels at load (the default where the CPU runs the dtype natively).
     #[arg(long, env = "ONEHEAD_PLAIN_CPU_WEIGHTS")]
     plain_cpu_weights: bool,
+    /// Do not keep the second copy of bf16 weight matrices laid out for the AMX decode kernel
+    /// (by default kept on CPUs with AMX where two copies fit in memory).
+    #[arg(long, env = "ONEHEAD_NO_AMX_DECODE_WEIGHTS")]
+    no_amx_decode_weights: bool,
 }
 
 #[derive(Args)]
@@ -168,11 +172,12 @@ impl ModelArgs {
             tp: self.tp,
             threads_per_shard: self.threads,
             pack_cpu_weights: !self.plain_cpu_weights,
+            amx_decode_weights: !self.no_amx_decode_weights,
         };
         let lm = load_model(&self.model, &options).with_context(|| format!("loading model {}", self.model))?;
         let bytes = lm.runner.shard_weight_bytes();
-        let packed = lm.runner.packed_weights();
-        tracing::info!(model = %lm.id, dtype = %lm.runner.dtype(), tp = self.tp, packed, secs = started.elapsed().as_secs_f64(), "model loaded");
+        let (packed, amx_tiles) = (lm.runner.packed_weights(), lm.runner.amx_tiles());
+        tracing::info!(model = %lm.id, dtype = %lm.runner.dtype(), tp = self.tp, packed, amx_tiles, secs = started.elapsed().as_secs_f64(), "model loaded");
         for (rank, b) in bytes.iter().enumerate() {
             println!("shard {rank}: {:.1} MiB of weights", *b as f64 / (1 << 20) as f64);
         }
@@ -284,14 +289,6 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.0.stop();
     }
-}
-
-/// `MemAvailable` from /proc/meminfo.
-fn available_memory_bytes() -> Option<i64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {

@@ -24,6 +24,8 @@ pub trait Runner: Send {
     fn device(&self) -> Device;
     /// Whether the weight matrices are prepacked for oneDNN (`models::Placement`).
     fn packed_weights(&self) -> bool;
+    /// Whether the shards also keep AMX tiles for decode steps (`Shard::amx_tiles`).
+    fn amx_tiles(&self) -> bool;
     fn tp_degree(&self) -> usize;
     /// Weight bytes each shard reads per forward pass, by rank.
     fn shard_weight_bytes(&self) -> Vec<i64>;
@@ -59,6 +61,9 @@ impl Runner for Local {
     }
     fn packed_weights(&self) -> bool {
         self.model.shard().packed
+    }
+    fn amx_tiles(&self) -> bool {
+        self.model.shard().amx_tiles
     }
     fn tp_degree(&self) -> usize {
         1
@@ -127,6 +132,8 @@ pub struct ShardOptions {
     pub threads_per_shard: Option<i32>,
     /// See `Placement::pack_cpu_weights`.
     pub pack_cpu_weights: bool,
+    /// See `Placement::amx_decode_weights`.
+    pub amx_decode_weights: bool,
 }
 
 /// Loads the model in `dir` as `options.tp` shards and returns its runner.
@@ -149,6 +156,7 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
             other => other,
         },
         pack_cpu_weights: options.pack_cpu_weights,
+        amx_decode_weights: options.amx_decode_weights,
     };
     if options.tp == 1 {
         if let Some(n) = options.threads_per_shard {
@@ -272,6 +280,9 @@ impl Runner for TensorParallel {
     }
     fn packed_weights(&self) -> bool {
         self.leader.packed_weights()
+    }
+    fn amx_tiles(&self) -> bool {
+        self.leader.amx_tiles()
     }
     fn tp_degree(&self) -> usize {
         self.followers.len() + 1

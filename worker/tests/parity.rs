@@ -54,7 +54,14 @@ fn load_with(name: &str, tp: usize, pack_cpu_weights: bool) -> (LoadedModel, Ref
     let dir = fixture(name);
     let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
     let device = test_device();
-    let options = LoadOptions { dtype: Some(Dtype::F32), tp, threads_per_shard: Some(1), device, pack_cpu_weights };
+    let options = LoadOptions {
+        dtype: Some(Dtype::F32),
+        tp,
+        threads_per_shard: Some(1),
+        device,
+        pack_cpu_weights,
+        amx_decode_weights: true,
+    };
     (load_model(dir.to_str().unwrap(), &options).unwrap(), serde_json::from_str(&text).unwrap())
 }
 
@@ -277,6 +284,53 @@ fn a_bf16_checkpoint_loads_as_bf16_by_default_and_agrees_with_f32() {
     // bf16 activations carry about 3 significant digits.
     for (i, (a, e)) in logprobs.iter().zip(&reference.sequence_logprobs).enumerate() {
         assert!((a - e).abs() <= 0.1 + 0.05 * e.abs(), "position {i}: bf16 {a} vs f32 reference {e}");
+    }
+}
+
+/// Logprobs of every next token of `seq`: the prompt prefilled in one chunk, then one decode
+/// step per token, as served.
+fn decoded_logprobs(lm: &mut LoadedModel, seq: &[u32], prompt_len: usize) -> Vec<f32> {
+    let model = lm.runner.as_mut();
+    model.allocate_kv(seq.len() as i64).unwrap();
+    let slot = KvSlot { start: 0, capacity: seq.len() as i64 };
+    let vocab = model.shape().vocab_size as usize;
+    let mut logprobs = Vec::new();
+    let mut start = 0;
+    while start < seq.len() - 1 {
+        let len = if start == 0 { prompt_len } else { 1 };
+        let chunk =
+            ChunkInput { token_ids: &seq[start..start + len], slot, n_cached: start as i64, logits: Logits::All };
+        let logits = model.step(&[chunk]).unwrap();
+        for j in 0..len {
+            logprobs.push(log_softmax_at(&logits[j * vocab..(j + 1) * vocab], seq[start + j + 1] as usize));
+        }
+        start += len;
+    }
+    logprobs
+}
+
+/// bf16 decode steps on the AMX tiles (the default where the CPU has AMX) give what oneDNN's
+/// packed weights give, to bf16 rounding, and stay near the f32 reference: GPTBigCode (tanh
+/// GELU) and Falcon (erf GELU, grouped K/V).
+#[test]
+fn bf16_decode_steps_on_amx_tiles_agree_with_onednn() {
+    for name in ["mqa_bf16", "falcon_gqa"] {
+        let dir = fixture(name);
+        let bf16 = |amx_decode_weights| {
+            let options = LoadOptions { dtype: Some(Dtype::Bf16), amx_decode_weights, ..Default::default() };
+            load_model(dir.to_str().unwrap(), &options).unwrap()
+        };
+        let (mut tiled, mut packed) = (bf16(true), bf16(false));
+        assert_eq!(tiled.runner.amx_tiles(), onehead_worker::amx::available(), "{name}");
+        assert!(!packed.runner.amx_tiles());
+        let (_, reference) = load(name);
+        let seq: Vec<u32> = reference.prompt_ids.iter().chain(&reference.new_ids).copied().collect();
+        let prompt_len = reference.prompt_ids.len();
+        let (a, b) = (decoded_logprobs(&mut tiled, &seq, prompt_len), decoded_logprobs(&mut packed, &seq, prompt_len));
+        for (i, ((a, b), e)) in a.iter().zip(&b).zip(&reference.sequence_logprobs).enumerate() {
+            assert!((a - b).abs() <= 0.02 + 0.02 * b.abs(), "{name} position {i}: AMX {a} vs oneDNN {b}");
+            assert!((a - e).abs() <= 0.1 + 0.05 * e.abs(), "{name} position {i}: AMX {a} vs f32 reference {e}");
+        }
     }
 }
 

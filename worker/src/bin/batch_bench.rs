@@ -32,6 +32,12 @@ struct Args {
     new_tokens: usize,
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     concurrency: Vec<usize>,
+    /// Most tokens in one step of the throughput runs (the worker's default).
+    #[arg(long, default_value_t = 512)]
+    max_step_tokens: usize,
+    /// Most prompt tokens of one sequence in one step of the throughput runs (the worker's default).
+    #[arg(long, default_value_t = 256)]
+    prefill_chunk: usize,
     /// Batch and context of the MQA-against-MHA comparison.
     #[arg(long, default_value_t = 8)]
     compare_batch: i64,
@@ -49,6 +55,10 @@ struct Args {
     /// Keep CPU weights as stored, for LibTorch's plain `linear` (default: prepacked for oneDNN).
     #[arg(long)]
     plain_cpu_weights: bool,
+    /// Do not keep the AMX copy of the weights for decode steps (the worker's
+    /// `--no-amx-decode-weights`).
+    #[arg(long)]
+    no_amx_decode_weights: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,8 +68,12 @@ fn main() -> anyhow::Result<()> {
     }
     let load = |multi_query: bool| -> anyhow::Result<LoadedModel> {
         let dir = args.checkpoints.checkpoint(multi_query)?;
-        let options =
-            LoadOptions { dtype: Some(Dtype::Bf16), pack_cpu_weights: !args.plain_cpu_weights, ..Default::default() };
+        let options = LoadOptions {
+            dtype: Some(Dtype::Bf16),
+            pack_cpu_weights: !args.plain_cpu_weights,
+            amx_decode_weights: !args.no_amx_decode_weights,
+            ..Default::default()
+        };
         Ok(load_model(dir.to_str().unwrap(), &options)?)
     };
     println!("onehead-batch-bench: {} LibTorch threads", tch::get_num_threads());
@@ -121,7 +135,11 @@ struct Throughput {
 fn throughput_run(lm: &mut LoadedModel, c: usize, args: &Args) -> anyhow::Result<Throughput> {
     let model = lm.runner.as_mut();
     let per_request = args.prompt_tokens + args.new_tokens;
-    let config = SchedulerConfig { max_batch_size: c, max_step_tokens: 4096, prefill_chunk: 512 };
+    let config = SchedulerConfig {
+        max_batch_size: c,
+        max_step_tokens: args.max_step_tokens.max(c),
+        prefill_chunk: args.prefill_chunk,
+    };
     let kv_tokens = (c * per_request) as i64;
     model.allocate_kv(kv_tokens)?;
     let mut scheduler = Scheduler::new(config, kv_tokens, vec![]);

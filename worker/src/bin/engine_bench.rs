@@ -17,8 +17,8 @@ use onehead_worker::config::Dtype;
 use onehead_worker::kv_cache::KvSlot;
 use onehead_worker::loader::{LoadOptions, load_model};
 use onehead_worker::models::{ChunkInput, Logits};
-use onehead_worker::onednn;
 use onehead_worker::weights::Checkpoint;
+use onehead_worker::{amx, onednn};
 use tch::{Kind, Tensor};
 
 #[derive(Parser)]
@@ -63,6 +63,10 @@ struct Args {
     /// kernel-only pass (default: prepacked for oneDNN in both, as the worker does).
     #[arg(long)]
     plain_cpu_weights: bool,
+    /// Do not keep the AMX copy of the weights for decode steps (the worker's
+    /// `--no-amx-decode-weights`).
+    #[arg(long)]
+    no_amx_decode_weights: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -148,6 +152,7 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
         tp: args.tp,
         device,
         pack_cpu_weights: !args.plain_cpu_weights,
+        amx_decode_weights: !args.no_amx_decode_weights,
         ..Default::default()
     };
     let mut lm = load_model(dir.to_str().context("path")?, &options)?;
@@ -159,7 +164,12 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
     let mut logits = model.step(&[ChunkInput { token_ids: &prompt, slot, n_cached: 0, logits: Logits::Last }])?;
     // Engine steps and kernel-only passes alternate, so that drift in the machine's speed
     // (other tenants, frequency) hits both alike. The kernels' weights are packed as the engine's.
-    let kernels = KernelPass::load(dir, device, args.kernel_layers, model.packed_weights())?;
+    let form = match (model.amx_tiles(), model.packed_weights()) {
+        (true, _) => Form::Tiles,
+        (false, true) => Form::Packed,
+        (false, false) => Form::Plain,
+    };
+    let kernels = KernelPass::load(dir, device, args.kernel_layers, form)?;
     let mut times = Vec::new();
     let mut kernel_times = Vec::new();
     for (step, n_cached) in (0..args.steps + 3).zip(args.context..) {
@@ -192,17 +202,17 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
 
 /// LibTorch's matrix-vector products alone over the model's own weight matrices (every
 /// layer's four, or the first `max_layers` layers', then the LM head), one row at a time, in
-/// model order; prepacked for oneDNN when `packed`, as the engine's.
+/// model order; in the form the engine's decode steps read: AMX tiles, prepacked for oneDNN, or
+/// as stored.
 struct KernelPass {
     /// (weight, bias, a one-row input of the right width)
-    layers: Vec<(Tensor, Option<Tensor>, Tensor)>,
-    packed: bool,
+    layers: Vec<(Kernel, Option<Tensor>, Tensor)>,
     /// The whole model's matrices over those the pass runs: what its times are scaled by.
     scale: f64,
 }
 
 impl KernelPass {
-    fn load(dir: &Path, device: tch::Device, max_layers: Option<usize>, packed: bool) -> anyhow::Result<Self> {
+    fn load(dir: &Path, device: tch::Device, max_layers: Option<usize>, form: Form) -> anyhow::Result<Self> {
         let ckpt = Checkpoint::open(dir)?;
         let (matrices, head) = if ckpt.contains("transformer.h.0.attn.c_attn.weight") {
             (["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], "transformer.wte")
@@ -224,14 +234,22 @@ impl KernelPass {
             .map(|name| {
                 let (w, b) = load_matrix(&ckpt, name, device)?;
                 let x = Tensor::ones([1, w.size()[1]], (Kind::BFloat16, device));
-                Ok((if packed { onednn::pack(&w)? } else { w }, b, x))
+                let kernel = match form {
+                    Form::Tiles => {
+                        Kernel::Tiles(amx::Tiles::pack(&w).with_context(|| format!("AMX tiles for {name}"))?)
+                    }
+                    Form::Packed => Kernel::Packed(onednn::pack(&w)?),
+                    Form::Plain => Kernel::Plain(w),
+                };
+                let b = if matches!(form, Form::Tiles) { b.map(|b| b.to_kind(Kind::Float)) } else { b };
+                Ok((kernel, b, x))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let elements = |names: &[String]| -> anyhow::Result<i64> {
             names.iter().map(|n| Ok(ckpt.shape(&format!("{n}.weight"))?.iter().product::<i64>())).sum()
         };
         let scale = (elements(&all_names)? + elements(&[head.into()])?) as f64 / elements(&names)? as f64;
-        Ok(KernelPass { layers, packed, scale })
+        Ok(KernelPass { layers, scale })
     }
 
     fn run_ms(&self) -> anyhow::Result<f64> {
@@ -239,7 +257,11 @@ impl KernelPass {
         let started = Instant::now();
         let mut last = None;
         for (w, b, x) in &self.layers {
-            last = Some(if self.packed { onednn::linear(x, w, b.as_ref(), None)? } else { x.linear(w, b.as_ref()) });
+            last = Some(match w {
+                Kernel::Tiles(t) => t.linear(x, b.as_ref(), None)?,
+                Kernel::Packed(w) => onednn::linear(x, w, b.as_ref(), None)?,
+                Kernel::Plain(w) => x.linear(w, b.as_ref()),
+            });
         }
         // On a GPU the kernels are asynchronous: wait for them, as the engine's step does.
         if let Some(t) = last
@@ -249,6 +271,19 @@ impl KernelPass {
         }
         Ok(started.elapsed().as_secs_f64() * 1e3)
     }
+}
+
+#[derive(Clone, Copy)]
+enum Form {
+    Tiles,
+    Packed,
+    Plain,
+}
+
+enum Kernel {
+    Tiles(amx::Tiles),
+    Packed(Tensor),
+    Plain(Tensor),
 }
 
 fn load_matrix(ckpt: &Checkpoint, prefix: &str, device: tch::Device) -> anyhow::Result<(Tensor, Option<Tensor>)> {

@@ -266,7 +266,12 @@ mod tests {
                     let model = Falcon::load(
                         &config,
                         &ckpt,
-                        Placement { dtype: Dtype::F32, device: Device::Cpu, pack_cpu_weights: true },
+                        Placement {
+                            dtype: Dtype::F32,
+                            device: Device::Cpu,
+                            pack_cpu_weights: true,
+                            amx_decode_weights: true,
+                        },
                         comm.clone(),
                     )
                     .unwrap();

@@ -14,6 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use std::sync::Arc;
 
+use crate::amx;
 use crate::comm::{Communicator, ShardHeads};
 use crate::config::{Activation, Dtype, ModelConfig};
 use crate::error::Result;
@@ -176,15 +177,20 @@ pub struct Shard {
     /// Matrices are prepacked for oneDNN (`Placement::pack_cpu_weights`, on a CPU that runs
     /// `dtype` natively).
     pub packed: bool,
+    /// Packed matrices also keep a copy as AMX tiles for decode steps
+    /// (`Placement::amx_decode_weights`, bf16, on a CPU with AMX).
+    pub amx_tiles: bool,
 }
 
 impl Shard {
     pub fn new(shape: ModelShape, placement: Placement, comm: Arc<dyn Communicator>) -> Self {
-        let Placement { dtype, device, pack_cpu_weights } = placement;
+        let Placement { dtype, device, pack_cpu_weights, amx_decode_weights } = placement;
         let heads = ShardHeads::new(shape.n_heads, shape.n_kv_heads, comm.rank(), comm.world_size());
         let vocab = parallel::VocabShard::new(shape.vocab_size, comm.as_ref());
         let packed = pack_cpu_weights && device == Device::Cpu && crate::onednn::supported(dtype.kind());
-        Shard { queries_per_kv_head: heads.queries_per_kv_head(), shape, dtype, device, heads, vocab, comm, packed }
+        let amx_tiles = amx_decode_weights && packed && dtype == Dtype::Bf16 && amx::available();
+        let queries_per_kv_head = heads.queries_per_kv_head();
+        Shard { queries_per_kv_head, shape, dtype, device, heads, vocab, comm, packed, amx_tiles }
     }
 }
 
@@ -196,6 +202,9 @@ pub struct Placement {
     /// On CPU, prepack the matrices for oneDNN where it runs `dtype` natively (`onednn`);
     /// false keeps them as stored, for LibTorch's plain `linear`.
     pub pack_cpu_weights: bool,
+    /// With packed bf16 weights on a CPU with AMX, keep a second copy of each matrix laid out
+    /// for the decode-step kernel (`amx`): twice the weight memory, faster decode steps.
+    pub amx_decode_weights: bool,
 }
 
 /// A causal language model over a shared KV pool.
@@ -391,45 +400,70 @@ pub(crate) struct Linear {
     weight: Tensor,
     pub bias: Option<Tensor>,
     packed: bool,
+    /// The weight again as AMX tiles, with the bias in f32, for products of at most
+    /// `amx::MAX_ROWS` rows (`Shard::amx_tiles`).
+    tiles: Option<(amx::Tiles, Option<Tensor>)>,
 }
 
 impl Linear {
-    /// `pack`: lay the weight out for oneDNN's CPU kernels (`Shard::packed`).
-    pub fn new(weight: Tensor, bias: Option<Tensor>, pack: bool) -> Result<Self> {
+    /// `pack`: lay the weight out for oneDNN's CPU kernels (`Shard::packed`); `tiles`: keep a
+    /// copy as AMX tiles for decode-sized products where the layout applies (`Shard::amx_tiles`).
+    pub fn new(weight: Tensor, bias: Option<Tensor>, pack: bool, tiles: bool) -> Result<Self> {
+        let tiles = tiles
+            .then(|| amx::Tiles::pack(&weight))
+            .flatten()
+            .map(|t| (t, bias.as_ref().map(|b| b.to_kind(Kind::Float).contiguous())));
         let weight = if pack { crate::onednn::pack(&weight)? } else { weight };
-        Ok(Linear { weight, bias, packed: pack })
+        Ok(Linear { weight, bias, packed: pack, tiles })
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.product(x, self.bias.as_ref())
+        self.run(x, true, None)
     }
 
-    /// `act(forward(x))`; packed, the activation is fused into the product (the MLP's first
-    /// layer: one pass less over its widest activations).
+    /// `act(forward(x))`; on packed or tiled weights the activation is fused into the product
+    /// (the MLP's first layer: one pass less over its widest activations).
     pub fn forward_activated(&self, x: &Tensor, act: Activation) -> Tensor {
-        if !self.packed {
-            return act.apply(&self.forward(x));
-        }
-        self.packed_product(x, self.bias.as_ref(), Some(act))
+        self.run(x, true, Some(act))
     }
 
-    /// `x @ weight.T + bias`, with the bias given (row-parallel layers add theirs after the sum).
-    pub fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> Tensor {
-        if !self.packed {
-            return x.linear(&self.weight, bias);
-        }
-        self.packed_product(x, bias, None)
+    /// `x @ weight.T`, without the bias (row-parallel layers add theirs after the sum).
+    pub fn product(&self, x: &Tensor) -> Tensor {
+        self.run(x, false, None)
     }
 
-    fn packed_product(&self, x: &Tensor, bias: Option<&Tensor>, act: Option<Activation>) -> Tensor {
+    fn run(&self, x: &Tensor, with_bias: bool, act: Option<Activation>) -> Tensor {
         // Shapes were checked at load, so a failure here is a bug: panic like tch's own calls.
-        crate::onednn::linear(x, &self.weight, bias, act)
-            .unwrap_or_else(|e| panic!("oneDNN linear of {:?} by {:?}: {e}", x.size(), self.weight.size()))
+        let failed =
+            |e: tch::TchError| -> Tensor { panic!("linear of {:?} by {:?}: {e}", x.size(), self.weight.size()) };
+        if let Some((tiles, bias)) = &self.tiles
+            && rows(x) <= amx::MAX_ROWS
+        {
+            let bias = if with_bias { bias.as_ref() } else { None };
+            return tiles.linear(x, bias, act).unwrap_or_else(failed);
+        }
+        let bias = if with_bias { self.bias.as_ref() } else { None };
+        if self.packed {
+            return crate::onednn::linear(x, &self.weight, bias, act).unwrap_or_else(failed);
+        }
+        let y = x.linear(&self.weight, bias);
+        match act {
+            Some(act) => act.apply(&y),
+            None => y,
+        }
     }
 
+    /// Bytes a product reads: the weight once (a decode step reads the tiles instead of the
+    /// packed copy, not both).
     pub fn bytes(&self) -> i64 {
         tensor_bytes(&self.weight) + self.bias.as_ref().map_or(0, tensor_bytes)
     }
+}
+
+/// Rows of `x` `(..., in)`: the product of its leading dimensions.
+fn rows(x: &Tensor) -> i64 {
+    let size = x.size();
+    size[..size.len().saturating_sub(1)].iter().product()
 }
 
 /// Layer normalisation over the last dimension.

@@ -134,7 +134,7 @@ impl ShardLoader<'_> {
 
     /// A linear layer of this shard's `weight` and `bias`, packed as the shard keeps them.
     fn linear(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
-        Linear::new(weight, bias, self.shard.packed)
+        Linear::new(weight, bias, self.shard.packed, self.shard.amx_tiles)
     }
 }
 
@@ -208,7 +208,7 @@ pub(crate) fn row_parallel(comm: &dyn Communicator, parts: &[(&Tensor, &Linear)]
     if comm.world_size() == 1 {
         return Ok(sum(&|x, layer| layer.forward(x)));
     }
-    let total = comm.all_reduce_sum(&sum(&|x, layer| layer.product(x, None)))?;
+    let total = comm.all_reduce_sum(&sum(&|x, layer| layer.product(x)))?;
     Ok(parts.iter().filter_map(|(_, layer)| layer.bias.as_ref()).fold(total, |acc, b| acc + b))
 }
 
