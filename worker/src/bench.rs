@@ -108,11 +108,11 @@ pub fn decode_over_full_caches(
     Ok(DecodeRun { start, times_ms })
 }
 
-/// The median of `xs` (the upper one for an even count).
+/// The median of `xs` (the upper one for an even count); NaN for none.
 pub fn median(xs: &[f64]) -> f64 {
     let mut sorted = xs.to_vec();
     sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Writes a random bf16 GPTBigCode checkpoint of `shape` to `dir`, unless one is there.

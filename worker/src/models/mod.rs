@@ -363,6 +363,9 @@ fn attend_groups(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scale: f64) 
     let [n_new, n_heads, head_dim] = q.size()[..] else { unreachable!("q must be 3-d") };
     let n_kv_heads = k.size()[0];
     let group = n_heads / n_kv_heads;
+    if n_new > 1 && n_cached == 0 {
+        return attend_causal(q, k, v, group, scale);
+    }
     // (1, n_kv_heads, n_new * group, head_dim): row i * group + g is head kv * group + g at token i.
     let q = q.view([n_new, n_kv_heads, group, head_dim]).permute([1, 0, 2, 3]).reshape([
         1,
@@ -392,6 +395,20 @@ fn attend_groups(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scale: f64) 
     );
     // (1, n_kv_heads, n_new * group, head_dim) -> (n_new, n_heads * head_dim)
     y.view([n_kv_heads, n_new, group, head_dim]).permute([1, 0, 2, 3]).reshape([n_new, n_heads * head_dim])
+}
+
+/// `attend_groups` for a chunk that starts its sequence (nothing cached): plain causal
+/// attention, which LibTorch's fused kernel runs without a mask and without the blocks above
+/// the diagonal. The K/V heads are the batch and each is repeated over its query heads as a
+/// view (stride 0), not a copy.
+fn attend_causal(q: &Tensor, k: &Tensor, v: &Tensor, group: i64, scale: f64) -> Tensor {
+    let [n_new, n_heads, head_dim] = q.size()[..] else { unreachable!("q must be 3-d") };
+    let n_kv_heads = n_heads / group;
+    // (n_new, n_heads, head_dim) -> (n_kv_heads, group, n_new, head_dim)
+    let q = q.view([n_new, n_kv_heads, group, head_dim]).permute([1, 2, 0, 3]);
+    let repeat = |t: &Tensor| t.unsqueeze(1).expand([n_kv_heads, group, n_new, head_dim], false);
+    let y = Tensor::scaled_dot_product_attention(&q, &repeat(k), &repeat(v), None::<&Tensor>, 0.0, true, scale, false);
+    y.permute([2, 0, 1, 3]).reshape([n_new, n_heads * head_dim])
 }
 
 /// A dense layer `y = x W^T + b`, weights as stored by Hugging Face (`(out, in)`).
