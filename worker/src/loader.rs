@@ -113,6 +113,20 @@ fn amx_copy_fits(weight_bytes: i64, available: Option<i64>) -> bool {
     fits
 }
 
+/// Asks LibTorch's CPU allocator to back every allocation of 2 MiB or more with transparent
+/// huge pages (`THP_MEM_ALLOC_ENABLE=1`: 2 MiB-aligned, `madvise(MADV_HUGEPAGE)`), unless the
+/// environment already sets it. A decode step streams every weight once; through 4 KiB pages
+/// that is half a million TLB misses a step for SantaCoder, and the products ran 20-25% slower
+/// inside a step than back to back (BENCHMARKS.md, issue 2). Takes effect only before LibTorch's
+/// first allocation, so binaries call it first thing in `main`, before any thread starts.
+pub fn prefer_huge_pages() {
+    const VAR: &str = "THP_MEM_ALLOC_ENABLE";
+    if std::env::var_os(VAR).is_none() {
+        // SAFETY: called at the start of `main`, while the process has one thread.
+        unsafe { std::env::set_var(VAR, "1") };
+    }
+}
+
 /// `MemAvailable` from /proc/meminfo.
 pub fn available_memory_bytes() -> Option<i64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;

@@ -137,6 +137,7 @@ struct GenerateArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    onehead_worker::loader::prefer_huge_pages();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     // The OTLP exporter's gRPC client needs the runtime when it is built.

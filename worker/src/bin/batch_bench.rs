@@ -62,6 +62,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    onehead_worker::loader::prefer_huge_pages();
     let args = Args::parse();
     if args.telemetry_overhead {
         return telemetry_overhead();

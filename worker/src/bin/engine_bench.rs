@@ -70,6 +70,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    onehead_worker::loader::prefer_huge_pages();
     let args = Args::parse();
     if args.shard_table {
         print_shard_table();

@@ -53,6 +53,7 @@ struct Point {
 }
 
 fn main() -> anyhow::Result<()> {
+    onehead_worker::loader::prefer_huge_pages();
     let args = Args::parse();
     println!("onehead-paper-bench: {} LibTorch threads", tch::get_num_threads());
     let mut points = Vec::new();
