@@ -1,6 +1,7 @@
 //! Finding workers (a static list and DNS names re-resolved each round) and checking their
 //! health: every round each worker's `GetLoad` is called with a short timeout. A worker that
-//! fails is out at once; one that answers again is back, after its model is checked.
+//! fails `FAILED_CHECKS` checks in a row is out (a request that fails on it takes it out at
+//! once, `Pool::mark_unhealthy`); one that answers again is back, after its model is checked.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,10 @@ pub struct Discovery {
 }
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Failed checks in a row that take a worker out, as Kubernetes' probes count them: one slow
+/// answer from a busy machine is not a dead worker, and with one worker it would fail every
+/// request that arrives before the next round.
+pub const FAILED_CHECKS: u32 = 3;
 
 /// Runs the discovery and health loop forever.
 pub async fn run(discovery: Discovery, pool: Arc<Mutex<Pool>>, model: Arc<std::sync::RwLock<Option<Arc<ModelView>>>>) {
@@ -35,20 +40,30 @@ pub async fn run(discovery: Discovery, pool: Arc<Mutex<Pool>>, model: Arc<std::s
         let mut checks = tokio::task::JoinSet::new();
         for (url, mut client) in workers {
             checks.spawn(async move {
-                let load = tokio::time::timeout(CHECK_TIMEOUT, client.get_load(wpb::GetLoadRequest {})).await;
-                (url, client, load.ok().and_then(Result::ok).map(tonic::Response::into_inner))
+                let load = match tokio::time::timeout(CHECK_TIMEOUT, client.get_load(wpb::GetLoadRequest {})).await {
+                    Ok(Ok(load)) => Ok(load.into_inner()),
+                    Ok(Err(status)) => Err(status.to_string()),
+                    Err(_) => Err(format!("no answer in {CHECK_TIMEOUT:?}")),
+                };
+                (url, client, load)
             });
         }
         while let Some(Ok((url, mut client, load))) = checks.join_next().await {
-            let Some(load) = load else {
-                let mut p = pool.lock().unwrap();
-                if let Some(w) = p.workers.iter_mut().find(|w| w.url == url) {
-                    if w.healthy {
-                        tracing::warn!(worker = %url, "health check failed; worker taken out");
+            let load = match load {
+                Ok(load) => load,
+                Err(why) => {
+                    let mut p = pool.lock().unwrap();
+                    if let Some(w) = p.workers.iter_mut().find(|w| w.url == url) {
+                        w.failed_checks += 1;
+                        if w.healthy && w.failed_checks >= FAILED_CHECKS {
+                            tracing::warn!(worker = %url, %why, checks = w.failed_checks, "health checks failed; worker taken out");
+                            w.healthy = false;
+                        } else if w.healthy {
+                            tracing::info!(worker = %url, %why, checks = w.failed_checks, "health check failed");
+                        }
                     }
-                    w.healthy = false;
+                    continue;
                 }
-                continue;
             };
             let needs_info = pool.lock().unwrap().workers.iter().any(|w| w.url == url && w.info.is_none());
             let info = if needs_info {
@@ -71,6 +86,7 @@ pub async fn run(discovery: Discovery, pool: Arc<Mutex<Pool>>, model: Arc<std::s
                     }
                 }
                 w.load = Some(load);
+                w.failed_checks = 0;
                 let was = w.healthy;
                 w.healthy = w.refused.is_none();
                 !was && w.healthy

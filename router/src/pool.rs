@@ -37,6 +37,8 @@ pub struct WorkerEntry {
     /// From static configuration (kept when DNS forgets it).
     pub is_static: bool,
     pub healthy: bool,
+    /// Health checks failed in a row (`discovery::FAILED_CHECKS`).
+    pub failed_checks: u32,
     /// Why the worker is refused (a different model), if it is.
     pub refused: Option<String>,
     pub info: Option<wpb::WorkerInfo>,
@@ -52,6 +54,7 @@ impl WorkerEntry {
             client,
             is_static,
             healthy: false,
+            failed_checks: 0,
             refused: None,
             info: None,
             load: None,

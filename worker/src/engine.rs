@@ -1,7 +1,9 @@
 //! The engine thread: the one owner of the model, the KV pool and the scheduler. Others talk
 //! to it through `EngineHandle` (a closed set of commands, with replies on oneshot channels);
 //! each request's events go out on its own channel, and a request whose receiver is gone (the
-//! client dropped the stream) is cancelled before the next step.
+//! client dropped the stream) is cancelled before the next step. The engine publishes its load
+//! after every step and command (a `watch` channel), so that `GetLoad`, the routers' health
+//! check, answers at once even while a step runs for seconds.
 //!
 //! The engine runs on the thread that loaded the model (`EngineLoop::run`), not on a new one:
 //! LibTorch's OpenMP keeps a team of threads for every thread that starts parallel regions, and
@@ -13,7 +15,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc as tokio_mpsc, oneshot};
+use tokio::sync::{mpsc as tokio_mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
 use crate::metrics::WorkerMetrics;
@@ -24,7 +26,7 @@ use crate::scheduler::{Event, LoadSnapshot, Request, Scheduler, SchedulerConfig}
 pub type EventSender = tokio_mpsc::UnboundedSender<Event>;
 
 /// The load, as `GetLoad` reports it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Load {
     pub scheduler: LoadSnapshot,
     pub steps_per_sec: f64,
@@ -36,9 +38,6 @@ enum Command {
         events: EventSender,
         accepted: oneshot::Sender<Result<()>>,
     },
-    Load {
-        reply: oneshot::Sender<Load>,
-    },
     /// Return from `EngineLoop::run`; requests still running get no more events.
     Stop,
 }
@@ -47,6 +46,8 @@ enum Command {
 #[derive(Clone)]
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
+    /// None until the warm-up step is done.
+    load: watch::Receiver<Option<Load>>,
 }
 
 impl EngineHandle {
@@ -60,10 +61,11 @@ impl EngineHandle {
         Ok(receiver)
     }
 
-    pub async fn load(&self) -> Result<Load> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Load { reply })?;
-        answer.await.map_err(|_| stopped())
+    /// The load the engine last published (after its last step or command), without waiting
+    /// for the step in progress; an error while it warms up and once it has stopped.
+    pub fn load(&self) -> Result<Load> {
+        self.load.has_changed().map_err(|_| stopped())?;
+        self.load.borrow().ok_or(Error::EngineWarmingUp)
     }
 
     /// Asks the engine loop to return after its current step.
@@ -91,15 +93,17 @@ pub fn new(
 ) -> (EngineHandle, oneshot::Receiver<Result<()>>, EngineLoop) {
     let (commands, inbox) = mpsc::channel();
     let (ready, ready_rx) = oneshot::channel();
+    let (load, load_rx) = watch::channel(None);
     let engine = Engine {
         scheduler: Scheduler::new(config, kv_tokens, eos_token_ids),
         runner,
         metrics,
         senders: HashMap::new(),
         recent_steps: VecDeque::new(),
+        load,
         unrecoverable: false,
     };
-    (EngineHandle { commands }, ready_rx, EngineLoop { engine, kv_tokens, inbox, ready })
+    (EngineHandle { commands, load: load_rx }, ready_rx, EngineLoop { engine, kv_tokens, inbox, ready })
 }
 
 /// The engine, not yet running; see the module comment for which thread runs it.
@@ -119,6 +123,7 @@ impl EngineLoop {
         let ok = warm.is_ok();
         let _ = ready.send(warm);
         if ok {
+            engine.publish_load();
             engine.run(inbox);
         }
     }
@@ -132,6 +137,8 @@ struct Engine {
     senders: HashMap<String, EventSender>,
     /// When the last steps ended, for steps per second.
     recent_steps: VecDeque<Instant>,
+    /// Where the load is published for `EngineHandle::load` (from the end of the warm-up on).
+    load: watch::Sender<Option<Load>>,
     /// A tensor-parallel shard failed: no step can run any more.
     unrecoverable: bool,
 }
@@ -141,11 +148,17 @@ const RATE_WINDOW: Duration = Duration::from_secs(5);
 impl Engine {
     fn run(&mut self, inbox: mpsc::Receiver<Command>) {
         loop {
-            // Idle: sleep until a command comes. Busy: take what has come, then step.
-            if self.scheduler.is_idle() {
-                let Ok(command) = inbox.recv() else { return };
-                if !self.handle(command) {
-                    return;
+            // Idle: sleep until a command comes (publishing the load each second, as its step
+            // rate decays). Busy: take what has come, then step.
+            while self.scheduler.is_idle() {
+                match inbox.recv_timeout(Duration::from_secs(1)) {
+                    Ok(command) => {
+                        if !self.handle(command) {
+                            return;
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => self.publish_load(),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
             loop {
@@ -161,6 +174,7 @@ impl Engine {
             }
             self.cancel_abandoned();
             self.step();
+            self.publish_load();
             if self.unrecoverable {
                 // The failed step's requests have their error. Nothing else can run here, so the
                 // process exits non-zero: Kubernetes restarts it, routers take it out.
@@ -181,18 +195,21 @@ impl Engine {
                     self.senders.insert(id, events);
                 }
                 let _ = accepted.send(result);
-            }
-            Command::Load { reply } => {
-                let now = Instant::now();
-                while self.recent_steps.front().is_some_and(|t| now.duration_since(*t) > RATE_WINDOW) {
-                    self.recent_steps.pop_front();
-                }
-                let steps_per_sec = self.recent_steps.len() as f64 / RATE_WINDOW.as_secs_f64();
-                let _ = reply.send(Load { scheduler: self.scheduler.load(), steps_per_sec });
+                self.publish_load();
             }
             Command::Stop => return false,
         }
         true
+    }
+
+    /// Publishes the scheduler's load and the steps of the last `RATE_WINDOW`.
+    fn publish_load(&mut self) {
+        let now = Instant::now();
+        while self.recent_steps.front().is_some_and(|t| now.duration_since(*t) > RATE_WINDOW) {
+            self.recent_steps.pop_front();
+        }
+        let steps_per_sec = self.recent_steps.len() as f64 / RATE_WINDOW.as_secs_f64();
+        self.load.send_replace(Some(Load { scheduler: self.scheduler.load(), steps_per_sec }));
     }
 
     /// Cancels every request whose client has gone.
@@ -285,5 +302,39 @@ impl Engine {
         }
         let slot = KvSlot { start: 0, capacity: 1 };
         self.runner.step(&[ChunkInput { token_ids: &[0], slot, n_cached: 0, logits: Logits::Last }]).map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::{LoadOptions, load_model};
+    use crate::metrics::{ShardBytes, WorkerMetrics};
+
+    /// The load is published, not asked of the engine thread: it is read while the engine
+    /// thread is busy (here, blocked on a command that never comes, as in a long step); an
+    /// error before the warm-up and once the engine is gone.
+    #[test]
+    fn load_is_read_without_waiting_for_the_engine() {
+        let lm = load_model("builtin:tiny", &LoadOptions::default()).unwrap();
+        let shards = ShardBytes::all(
+            &lm.runner.shard_weight_bytes(),
+            &lm.runner.shard_kv_shapes(),
+            lm.runner.shape(),
+            lm.runner.dtype().size_bytes() as i64,
+        );
+        let metrics = WorkerMetrics::new(&onehead_telemetry::Registry::default(), shards, None);
+        let config = SchedulerConfig { max_batch_size: 4, max_step_tokens: 64, prefill_chunk: 16 };
+        let (handle, ready, engine_loop) = new(lm.runner, lm.eos_token_ids, config, 256, metrics);
+        assert!(matches!(handle.load(), Err(Error::EngineWarmingUp)));
+        let (stop, engine) = (handle.clone(), std::thread::spawn(move || engine_loop.run()));
+        ready.blocking_recv().unwrap().unwrap();
+        // Idle, the engine thread waits for a command; the load is there all the same.
+        let load = handle.load().unwrap();
+        assert_eq!((load.scheduler.waiting, load.scheduler.running), (0, 0));
+        assert_eq!(load.scheduler.kv_tokens_total, 256);
+        stop.stop();
+        engine.join().unwrap();
+        assert!(matches!(handle.load(), Err(Error::EngineStopped)));
     }
 }

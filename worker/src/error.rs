@@ -22,6 +22,8 @@ pub enum Error {
     InvalidArgument { field: &'static str, message: String },
     #[error("the engine has stopped")]
     EngineStopped,
+    #[error("the engine is warming up")]
+    EngineWarmingUp,
     #[error("a tensor-parallel shard failed; this worker cannot run steps any more")]
     ShardFailed,
     #[error("torch: {0}")]

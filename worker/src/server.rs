@@ -45,7 +45,7 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         match e {
             Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
-            Error::EngineStopped => Status::unavailable(e.to_string()),
+            Error::EngineStopped | Error::EngineWarmingUp => Status::unavailable(e.to_string()),
             _ => Status::internal(e.to_string()),
         }
     }
@@ -141,7 +141,7 @@ impl Worker for WorkerService {
     }
 
     async fn get_load(&self, _: Request<pb::GetLoadRequest>) -> Result<Response<pb::Load>, Status> {
-        let load = self.engine.load().await?;
+        let load = self.engine.load()?;
         Ok(Response::new(pb::Load {
             waiting: load.scheduler.waiting as u32,
             running: load.scheduler.running as u32,
