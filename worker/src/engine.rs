@@ -173,8 +173,8 @@ impl Engine {
                 }
             }
             self.cancel_abandoned();
-            self.step();
             self.publish_load();
+            self.step();
             if self.unrecoverable {
                 // The failed step's requests have their error. Nothing else can run here, so the
                 // process exits non-zero: Kubernetes restarts it, routers take it out.
@@ -194,8 +194,8 @@ impl Engine {
                 if result.is_ok() {
                     self.senders.insert(id, events);
                 }
-                let _ = accepted.send(result);
                 self.publish_load();
+                let _ = accepted.send(result);
             }
             Command::Stop => return false,
         }
@@ -273,6 +273,8 @@ impl Engine {
             self.recent_steps.pop_front();
         }
         self.metrics.load(self.scheduler.load());
+        // Before the events: a client that has its token sees the load that produced it.
+        self.publish_load();
         for (id, event) in events {
             if let Event::Finished(f) = &event {
                 self.metrics.finished(f);
