@@ -121,9 +121,12 @@ impl EngineLoop {
         let EngineLoop { mut engine, kv_tokens, inbox, ready } = self;
         let warm = engine.runner.allocate_kv(kv_tokens).and_then(|()| engine.warm_up());
         let ok = warm.is_ok();
+        if ok {
+            // Before `ready`: once health says SERVING, `GetLoad` answers.
+            engine.publish_load();
+        }
         let _ = ready.send(warm);
         if ok {
-            engine.publish_load();
             engine.run(inbox);
         }
     }
