@@ -32,6 +32,17 @@ pub fn available() -> bool {
     unsafe { onehead_amx_available() != 0 }
 }
 
+/// Whether weights of `kind` on `device` can be laid out as tiles here: bf16 on a CPU with AMX.
+pub fn applies(kind: Kind, device: Device) -> bool {
+    kind == Kind::BFloat16 && device == Device::Cpu && available()
+}
+
+/// Rows of `x` `(..., in)`: the product of its leading dimensions.
+pub fn rows(x: &Tensor) -> i64 {
+    let size = x.size();
+    size[..size.len().saturating_sub(1)].iter().product()
+}
+
 /// A bf16 weight `(out, in)` laid out as AMX tiles.
 pub struct Tiles {
     /// `(out rounded up to 32) * in` bf16, block by block.
@@ -45,7 +56,7 @@ impl Tiles {
     /// matrix, input columns not a multiple of 32, or no AMX here.
     pub fn pack(weight: &Tensor) -> Option<Tiles> {
         let &[n, k] = weight.size().as_slice() else { return None };
-        if weight.kind() != Kind::BFloat16 || weight.device() != Device::Cpu || k % BLOCK != 0 || !available() {
+        if k % BLOCK != 0 || !applies(weight.kind(), weight.device()) {
             return None;
         }
         let padded = (n + BLOCK - 1) / BLOCK * BLOCK;
@@ -61,8 +72,7 @@ impl Tiles {
     /// `act(x @ weight.T + bias)` for `x` `(..., in)` bf16 of at most [`MAX_ROWS`] rows;
     /// `bias` f32 `(out)`.
     pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>, act: Option<Activation>) -> Result<Tensor, TchError> {
-        let size = x.size();
-        let rows = size[..size.len().saturating_sub(1)].iter().product::<i64>();
+        let (size, rows) = (x.size(), rows(x));
         let fail = |why: String| {
             Err(TchError::Shape(format!(
                 "AMX linear of {size:?} by ({}, {}): {why}",

@@ -2,7 +2,7 @@
 //! to it through `EngineHandle` (a closed set of commands, with replies on oneshot channels);
 //! each request's events go out on its own channel, and a request whose receiver is gone (the
 //! client dropped the stream) is cancelled before the next step. The engine publishes its load
-//! after every step and command (a `watch` channel), so that `GetLoad`, the routers' health
+//! after every step, submission and cancellation (a `watch` channel), so that `GetLoad`, the routers' health
 //! check, answers at once even while a step runs for seconds.
 //!
 //! The engine runs on the thread that loaded the model (`EngineLoop::run`), not on a new one:
@@ -26,7 +26,7 @@ use crate::scheduler::{Event, LoadSnapshot, Request, Scheduler, SchedulerConfig}
 pub type EventSender = tokio_mpsc::UnboundedSender<Event>;
 
 /// The load, as `GetLoad` reports it.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Load {
     pub scheduler: LoadSnapshot,
     pub steps_per_sec: f64,
@@ -176,7 +176,6 @@ impl Engine {
                 }
             }
             self.cancel_abandoned();
-            self.publish_load();
             self.step();
             if self.unrecoverable {
                 // The failed step's requests have their error. Nothing else can run here, so the
@@ -215,16 +214,20 @@ impl Engine {
         self.load.send_replace(Some(Load { scheduler: self.scheduler.load(), steps_per_sec }));
     }
 
-    /// Cancels every request whose client has gone.
+    /// Cancels every request whose client has gone, and publishes the load they freed.
     fn cancel_abandoned(&mut self) {
         let gone: Vec<String> =
             self.senders.iter().filter(|(_, tx)| tx.is_closed()).map(|(id, _)| id.clone()).collect();
+        if gone.is_empty() {
+            return;
+        }
         for id in gone {
             self.senders.remove(&id);
             if let Some(finished) = self.scheduler.cancel(&id, Instant::now()) {
                 self.metrics.finished(&finished);
             }
         }
+        self.publish_load();
     }
 
     fn step(&mut self) {

@@ -73,9 +73,7 @@ pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
     let dtype = options.dtype.or(checkpoint.stored_dtype()).unwrap_or(Dtype::F32);
     let amx_decode_weights = options.amx_decode_weights
         && options.pack_cpu_weights
-        && options.device == tch::Device::Cpu
-        && dtype == Dtype::Bf16
-        && crate::amx::available()
+        && crate::amx::applies(dtype.kind(), options.device)
         && amx_copy_fits(checkpoint.float_elements() as i64 * dtype.size_bytes() as i64, available_memory_bytes());
     drop(checkpoint);
     let _guard = tch::no_grad_guard();

@@ -66,7 +66,7 @@ pub struct Usage {
 }
 
 /// The scheduler's load, for `GetLoad`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadSnapshot {
     pub waiting: usize,
     pub running: usize,

@@ -201,7 +201,7 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
     })
 }
 
-/// LibTorch's matrix-vector products alone over the model's own weight matrices (every
+/// The matrix-vector products alone over the model's own weight matrices (every
 /// layer's four, or the first `max_layers` layers', then the LM head), one row at a time, in
 /// model order; in the form the engine's decode steps read: AMX tiles, prepacked for oneDNN, or
 /// as stored.
@@ -235,14 +235,15 @@ impl KernelPass {
             .map(|name| {
                 let (w, b) = load_matrix(&ckpt, name, device)?;
                 let x = Tensor::ones([1, w.size()[1]], (Kind::BFloat16, device));
-                let kernel = match form {
+                // The AMX kernel takes its bias in f32, as `Linear` keeps it.
+                let (kernel, b) = match form {
                     Form::Tiles => {
-                        Kernel::Tiles(amx::Tiles::pack(&w).with_context(|| format!("AMX tiles for {name}"))?)
+                        let tiles = amx::Tiles::pack(&w).with_context(|| format!("AMX tiles for {name}"))?;
+                        (Kernel::Tiles(tiles), b.map(|b| b.to_kind(Kind::Float)))
                     }
-                    Form::Packed => Kernel::Packed(onednn::pack(&w)?),
-                    Form::Plain => Kernel::Plain(w),
+                    Form::Packed => (Kernel::Packed(onednn::pack(&w)?), b),
+                    Form::Plain => (Kernel::Plain(w), b),
                 };
-                let b = if matches!(form, Form::Tiles) { b.map(|b| b.to_kind(Kind::Float)) } else { b };
                 Ok((kernel, b, x))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;

@@ -188,7 +188,7 @@ impl Shard {
         let heads = ShardHeads::new(shape.n_heads, shape.n_kv_heads, comm.rank(), comm.world_size());
         let vocab = parallel::VocabShard::new(shape.vocab_size, comm.as_ref());
         let packed = pack_cpu_weights && device == Device::Cpu && crate::onednn::supported(dtype.kind());
-        let amx_tiles = amx_decode_weights && packed && dtype == Dtype::Bf16 && amx::available();
+        let amx_tiles = amx_decode_weights && packed && amx::applies(dtype.kind(), device);
         let queries_per_kv_head = heads.queries_per_kv_head();
         Shard { queries_per_kv_head, shape, dtype, device, heads, vocab, comm, packed, amx_tiles }
     }
@@ -454,7 +454,7 @@ impl Linear {
         let failed =
             |e: tch::TchError| -> Tensor { panic!("linear of {:?} by {:?}: {e}", x.size(), self.weight.size()) };
         if let Some((tiles, bias)) = &self.tiles
-            && rows(x) <= amx::MAX_ROWS
+            && amx::rows(x) <= amx::MAX_ROWS
         {
             let bias = if with_bias { bias.as_ref() } else { None };
             return tiles.linear(x, bias, act).unwrap_or_else(failed);
@@ -475,12 +475,6 @@ impl Linear {
     pub fn bytes(&self) -> i64 {
         tensor_bytes(&self.weight) + self.bias.as_ref().map_or(0, tensor_bytes)
     }
-}
-
-/// Rows of `x` `(..., in)`: the product of its leading dimensions.
-fn rows(x: &Tensor) -> i64 {
-    let size = x.size();
-    size[..size.len().saturating_sub(1)].iter().product()
 }
 
 /// Layer normalisation over the last dimension.
