@@ -18,8 +18,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
@@ -197,6 +200,181 @@ AMX_TARGET void run_share(void *data) {
   run_blocks(job, blocks * me / threads, blocks * (me + 1) / threads);
 }
 
+
+// Decode attention (one new query token per sequence) over keys and values read in place from
+// the KV pool, for the query heads that share one K/V head:
+//   S^T (keys x queries) = K Q^T on AMX: K's rows are tiles straight from the pool, Q^T is laid
+//     out once per sequence and head as VNNI pairs (1 KiB per 32 of head_dim);
+//   softmax down each column in f32 (the queries are the 16 lanes of a vector), its
+//     exponentials rounded to bf16 into P (queries x keys) by scattering pairs of keys;
+//   O = P V on AMX, with V laid out as VNNI pairs of keys, then divided by each query's sum.
+// As LibTorch's fused CPU attention: products in bf16 with f32 sums, softmax in f32, the
+// exponentials in bf16 for the second product, the division at the end.
+struct Attention {
+  const uint16_t *q;
+  const uint16_t *k, *v;
+  int64_t capacity, n_kv_heads, group, d;
+  const int64_t *starts, *lens;
+  int64_t n;
+  float scale;
+  uint16_t *y;
+  std::atomic<int64_t> next{0};
+};
+
+// A thread's scratch, grown as needed and kept between calls.
+struct Scratch {
+  std::vector<uint16_t> k_tail, q_t, p, v_pairs;
+  std::vector<float> s, o;
+  template <typename T>
+  static T *at_least(std::vector<T> &buffer, size_t n) {
+    // 64 elements of slack, so that the start can be rounded up to a cache line.
+    if (buffer.size() < n + 64) buffer.resize(n + 64);
+    auto address = reinterpret_cast<uintptr_t>(buffer.data());
+    return reinterpret_cast<T *>((address + 63) & ~uintptr_t{63});
+  }
+};
+
+// Rows t, t + 1 of V (`d` wide, zero past `len`) as VNNI pairs: row `pair` of each 16-column
+// tile of block `out` (d / 16 tiles of 16 x 32 bf16).
+AMX_TARGET inline void pair_rows(const uint16_t *v, int64_t t, int64_t len, int64_t d, int64_t pair, uint16_t *out) {
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                  24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  for (int64_t c = 0; c < d; c += 32) {
+    const __m512i a = t < len ? _mm512_loadu_si512(v + t * d + c) : _mm512_setzero_si512();
+    const __m512i b = t + 1 < len ? _mm512_loadu_si512(v + (t + 1) * d + c) : _mm512_setzero_si512();
+    _mm512_store_si512(out + (c / 16) * 512 + pair * 32, _mm512_permutex2var_epi16(a, lo, b));
+    _mm512_store_si512(out + (c / 16 + 1) * 512 + pair * 32, _mm512_permutex2var_epi16(a, hi, b));
+  }
+}
+
+// One sequence `i` and K/V head `h`: all its query heads, 16 at a time.
+AMX_TARGET void attend_one(const Attention &job, Scratch &scratch, int64_t i, int64_t h) {
+  const int64_t d = job.d, len = job.lens[i], padded = (len + 31) / 32 * 32, blocks = padded / 32;
+  const uint16_t *k = job.k + (h * job.capacity + job.starts[i]) * d;
+  const uint16_t *v = job.v + (h * job.capacity + job.starts[i]) * d;
+  // The last block of 32 keys, zero past `len`, when the sequence ends inside it.
+  uint16_t *k_tail = Scratch::at_least(scratch.k_tail, 32 * d);
+  if (padded != len) {
+    const int64_t first = padded - 32;
+    std::memset(k_tail, 0, 32 * d * 2);
+    std::memcpy(k_tail, k + first * d, (len - first) * d * 2);
+  }
+  uint16_t *v_pairs = Scratch::at_least(scratch.v_pairs, padded * d);
+  for (int64_t block = 0; block < blocks; block++) {
+    for (int64_t pair = 0; pair < 16; pair++) pair_rows(v, block * 32 + 2 * pair, len, d, pair, v_pairs + block * 32 * d);
+  }
+  uint16_t *q_t = Scratch::at_least(scratch.q_t, 16 * d);
+  float *s = Scratch::at_least(scratch.s, padded * 16);
+  uint16_t *p = Scratch::at_least(scratch.p, padded * 16);
+  float *o = Scratch::at_least(scratch.o, 16 * d);
+  const int64_t n_heads = job.n_kv_heads * job.group;
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t first_query = 0; first_query < job.group; first_query += 16) {
+    const int64_t queries = job.group - first_query < 16 ? job.group - first_query : 16;
+    const uint16_t *q = job.q + (i * n_heads + h * job.group + first_query) * d;
+    // Q^T as VNNI pairs: tile s, row r, column g holds (q[g][32 s + 2 r], q[g][32 s + 2 r + 1]).
+    std::memset(q_t, 0, 16 * d * 2);
+    for (int64_t g = 0; g < queries; g++) {
+      for (int64_t step = 0; step < d / 32; step++) {
+        const __m512i pairs = _mm512_loadu_si512(q + g * d + step * 32);
+        _mm512_i32scatter_epi32(q_t + step * 512 + g * 2, _mm512_mullo_epi32(lanes, _mm512_set1_epi32(64)), pairs, 1);
+      }
+    }
+    // S^T, 32 keys at a time: tiles 0 and 1 keys, 2 Q^T, 3 and 4 the sums.
+    for (int64_t block = 0; block < blocks; block++) {
+      const uint16_t *kb = block * 32 + 32 <= len ? k + block * 32 * d : k_tail;
+      _tile_zero(3);
+      _tile_zero(4);
+      for (int64_t step = 0; step < d / 32; step++) {
+        _tile_loadd(2, q_t + step * 512, 64);
+        _tile_loadd(0, kb + step * 32, d * 2);
+        _tile_loadd(1, kb + 16 * d + step * 32, d * 2);
+        _tile_dpbf16ps(3, 0, 2);
+        _tile_dpbf16ps(4, 1, 2);
+      }
+      _tile_stored(3, s + block * 512, 64);
+      _tile_stored(4, s + block * 512 + 256, 64);
+    }
+    // Softmax down the columns; P gets the exponentials of keys t and t + 1 as one pair per
+    // query, scattered to row g of P's block.
+    __m512 max = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < len; t++) max = _mm512_max_ps(max, _mm512_load_ps(s + t * 16));
+    const __m512 scale = _mm512_set1_ps(job.scale);
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                                6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i rows = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(64));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < padded; t += 2) {
+      const __m512 e0 = t < len ? exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(s + t * 16), max), scale))
+                                : _mm512_setzero_ps();
+      const __m512 e1 = t + 1 < len
+                            ? exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(s + (t + 1) * 16), max), scale))
+                            : _mm512_setzero_ps();
+      sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+      const __m512i both = _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+      _mm512_i32scatter_epi32(p + (t / 32) * 512 + (t % 32), rows, both, 1);
+    }
+    // O = P V, up to 64 columns at a time: tile 0 P, 1 V, 4-7 the sums.
+    for (int64_t col = 0; col < d; col += 64) {
+      const int tiles = d - col >= 64 ? 4 : static_cast<int>((d - col) / 16);
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_zero(6);
+      _tile_zero(7);
+      for (int64_t block = 0; block < blocks; block++) {
+        const uint16_t *vb = v_pairs + block * 32 * d + (col / 16) * 512;
+        _tile_loadd(0, p + block * 512, 64);
+        _tile_loadd(1, vb, 64);
+        _tile_dpbf16ps(4, 0, 1);
+        _tile_loadd(1, vb + 512, 64);
+        _tile_dpbf16ps(5, 0, 1);
+        if (tiles > 2) {
+          _tile_loadd(1, vb + 1024, 64);
+          _tile_dpbf16ps(6, 0, 1);
+          _tile_loadd(1, vb + 1536, 64);
+          _tile_dpbf16ps(7, 0, 1);
+        }
+      }
+      _tile_stored(4, o + col, d * 4);
+      _tile_stored(5, o + col + 16, d * 4);
+      if (tiles > 2) {
+        _tile_stored(6, o + col + 32, d * 4);
+        _tile_stored(7, o + col + 48, d * 4);
+      }
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, sum);
+    uint16_t *y = job.y + (i * n_heads + h * job.group + first_query) * d;
+    for (int64_t g = 0; g < queries; g++) {
+      const __m512 inverse = _mm512_set1_ps(1.f / sums[g]);
+      for (int64_t c = 0; c < d; c += 16) {
+        const __m512 out = _mm512_mul_ps(_mm512_load_ps(o + g * d + c), inverse);
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(y + g * d + c), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(out)));
+      }
+    }
+  }
+}
+
+AMX_TARGET void attend_share(void *data) {
+  Attention &job = *static_cast<Attention *>(data);
+  thread_local Scratch scratch;
+  TileConfig config{};
+  config.palette = 1;
+  for (int t = 0; t < 8; t++) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+  const int64_t items = job.n * job.n_kv_heads;
+  for (int64_t item = job.next.fetch_add(1); item < items; item = job.next.fetch_add(1)) {
+    attend_one(job, scratch, item / job.n_kv_heads, item % job.n_kv_heads);
+  }
+  _tile_release();
+}
+
 }  // namespace
 
 extern "C" {
@@ -225,6 +403,34 @@ void onehead_amx_linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t 
     o.parallel(run_share, &job, 0, 0);
   } else {
     run_share(&job);
+  }
+}
+
+// Decode attention, as `Attention` above: `q` (n, n_kv_heads * group, d) one token per sequence;
+// `k`, `v` the pool's (n_kv_heads, capacity, d) for one layer, sequence i's keys at
+// starts[i] .. starts[i] + lens[i]; `y` (n, n_kv_heads * group, d). bf16 throughout, d a
+// multiple of 32, lens at least 1. The caller has checked `onehead_amx_available` and the sizes.
+void onehead_amx_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t capacity,
+                                  int64_t n_kv_heads, int64_t group, int64_t d, const int64_t *starts,
+                                  const int64_t *lens, int64_t n, float scale, uint16_t *y) {
+  Attention job;
+  job.q = q;
+  job.k = k;
+  job.v = v;
+  job.capacity = capacity;
+  job.n_kv_heads = n_kv_heads;
+  job.group = group;
+  job.d = d;
+  job.starts = starts;
+  job.lens = lens;
+  job.n = n;
+  job.scale = scale;
+  job.y = y;
+  const Omp &o = omp();
+  if (o.parallel && n * n_kv_heads > 1) {
+    o.parallel(attend_share, &job, 0, 0);
+  } else {
+    attend_share(&job);
   }
 }
 

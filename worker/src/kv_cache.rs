@@ -3,9 +3,10 @@
 //! Layout per layer: K and V each `(n_kv_heads, capacity_tokens, head_dim)`. A sequence owns a
 //! contiguous token range (`KvSlot`) of that pool, so its cached keys of one layer are a plain
 //! strided view `(n_kv_heads, n_tokens, head_dim)` that a prefill chunk's attention reads in
-//! place. Decode tokens of several sequences are attended in one call, over their caches
-//! gathered into one padded block per layer (`gather`): a copy of the keys and values they
-//! read, cheaper than a LibTorch call per sequence. For multi-query attention `n_kv_heads` is
+//! place. Decode tokens of several sequences are attended in one call per layer: on a CPU with
+//! AMX, by a kernel that reads each sequence's range in place (`amx::decode_attention`);
+//! elsewhere over their caches gathered into one padded block per layer (`gather`), a copy of
+//! the keys and values they read, cheaper than a LibTorch call per sequence. For multi-query attention `n_kv_heads` is
 //! 1, so the pool is `n_heads` times smaller than a multi-head one of the same width.
 
 use tch::Tensor;
@@ -69,6 +70,11 @@ impl KvPool {
     /// head_dim)`, copied out of the pool.
     pub(crate) fn gather(&self, layer: usize, positions: &Tensor) -> (Tensor, Tensor) {
         (self.k[layer].index_select(1, positions), self.v[layer].index_select(1, positions))
+    }
+
+    /// K and V of `layer`, the whole pool, each `(n_kv_heads, capacity_tokens, head_dim)`.
+    pub(crate) fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.k[layer], &self.v[layer])
     }
 
     /// The first `len` cached K and V of `slot` in `layer`, each `(n_kv_heads, len, head_dim)`,

@@ -46,8 +46,9 @@ pub struct Batch {
 }
 
 /// A batch's one-token (decode) chunks, for attention over all their caches in one call per
-/// layer: each sequence's cached keys gathered into a padded `(n, longest)` block, with a mask.
-/// The indices are the same for every layer, so they are built once per batch.
+/// layer: each sequence's cache range read in place (AMX), or its cached keys gathered into a
+/// padded `(n, longest)` block, with a mask. The indices are the same for every layer, so they
+/// are built once per batch.
 struct DecodeRows {
     /// `(n,)` rows of these tokens in the batch.
     rows: Tensor,
@@ -55,6 +56,9 @@ struct DecodeRows {
     all: bool,
     /// `(n,)` pool positions where their keys and values go.
     positions: Tensor,
+    /// Each sequence's first pool position and its keys, the new one included.
+    starts: Vec<i64>,
+    lens: Vec<i64>,
     /// `(n * longest,)` pool positions of each sequence's keys, padded with its last one.
     keys: Tensor,
     /// `(n, 1, 1, longest)`: true where a key is one of the sequence's own.
@@ -93,6 +97,8 @@ impl DecodeRows {
             keys: tensor(&keys),
             mask: Tensor::from_slice(&mask).view([n, 1, 1, longest]).to_device(device),
             longest,
+            starts: decoding.iter().map(|c| c.slot.start).collect(),
+            lens: decoding.iter().map(|c| c.n_cached + 1).collect(),
         })
     }
 }
@@ -253,7 +259,8 @@ pub fn load(
 /// `(n_tokens, n_heads * head_dim)`, heads in order.
 ///
 /// Decode tokens (chunks of one) are attended together, in one call per layer, when the shard's
-/// groups are equal and their caches are short enough to gather (`GATHERED_KEY_BYTES`);
+/// groups are equal and either AMX attention applies (`amx::attention_applies`: it reads the
+/// caches in place) or their caches are short enough to gather (`GATHERED_KEY_BYTES`);
 /// LibTorch's fused attention costs tens of microseconds a call whatever its size, so one call
 /// per sequence and layer added up to a fifth of a batch-32 step. Other chunks are attended one
 /// by one, in place.
@@ -267,9 +274,13 @@ pub(crate) fn cached_attention(
 ) -> Tensor {
     let uniform = queries_per_kv_head.windows(2).all(|w| w[0] == w[1]);
     let key_bytes_per_token = k.size()[1] * k.size()[2] * k.kind().elt_size_in_bytes() as i64;
-    let decode = batch.decode.as_ref().filter(|d| uniform && d.longest * key_bytes_per_token <= GATHERED_KEY_BYTES);
+    let in_place = amx::attention_applies(k.kind(), k.device(), k.size()[2]);
+    let decode = batch
+        .decode
+        .as_ref()
+        .filter(|d| uniform && (in_place || d.longest * key_bytes_per_token <= GATHERED_KEY_BYTES));
     if let Some(d) = decode.filter(|d| d.all) {
-        return attend_decode(layer, (q, k, v), d, kv, scale);
+        return attend_decode(layer, (q, k, v), d, kv, scale, in_place);
     }
     // (first row, output) of each chunk attended on its own.
     let mut outputs = Vec::with_capacity(batch.chunks.len());
@@ -289,7 +300,7 @@ pub(crate) fn cached_attention(
         return if outputs.len() == 1 { outputs.pop().unwrap() } else { Tensor::cat(&outputs, 0) };
     };
     // Decodes beside prefill chunks: each output to its rows.
-    let decoded = attend_decode(layer, (q, k, v), d, kv, scale);
+    let decoded = attend_decode(layer, (q, k, v), d, kv, scale, in_place);
     let out = decoded.new_zeros([row, decoded.size()[1]], (decoded.kind(), decoded.device()));
     let _ = out.shallow_clone().index_copy_(0, &d.rows, &decoded);
     for (first, y) in outputs {
@@ -305,19 +316,27 @@ pub(crate) fn cached_attention(
 /// batch 8 and 2048 tokens, 8 MiB, 5x slower).
 const GATHERED_KEY_BYTES: i64 = 256 << 10;
 
-/// `cached_attention` of `d`'s tokens, one each from several sequences, in one call: each
-/// sequence's keys gathered from the pool into a padded block that the mask trims.
+/// `cached_attention` of `d`'s tokens, one each from several sequences, in one call: `in_place`
+/// on AMX over each sequence's range of the pool, otherwise over each sequence's keys gathered
+/// from the pool into a padded block that the mask trims.
 fn attend_decode(
     layer: usize,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     d: &DecodeRows,
     kv: &KvPool,
     scale: f64,
+    in_place: bool,
 ) -> Tensor {
     let pick = |t: &Tensor| if d.all { t.shallow_clone() } else { t.index_select(0, &d.rows) };
     let (q, k, v) = (pick(q), pick(k), pick(v));
     kv.write_tokens(layer, &d.positions, &k.transpose(0, 1), &v.transpose(0, 1));
     let [n, n_heads, head_dim] = q.size()[..] else { unreachable!("q must be 3-d") };
+    if in_place {
+        // The ranges come from the scheduler's slots, so a failure here is a bug: panic like tch.
+        let y = amx::decode_attention(&q, kv.layer(layer), &d.starts, &d.lens, scale)
+            .unwrap_or_else(|e| panic!("decode attention of layer {layer}: {e}"));
+        return y.view([n, n_heads * head_dim]);
+    }
     let n_kv_heads = k.size()[1];
     // (n_kv_heads, n * longest, head_dim) -> (n, n_kv_heads, longest, head_dim)
     let (keys, values) = kv.gather(layer, &d.keys);
