@@ -128,6 +128,15 @@ def cases():
         multi_query=True, n_embd=48, n_head=6, vocab_size=89, activation_function="gelu_new")
     yield "mqa_bf16", dict(seed=5, prompt_len=6, dtype=torch.bfloat16), lambda: gpt_bigcode(
         multi_query=True, **common)
+    # Heads of 32, the smallest that decode attention on AMX takes (a bf16 test loads them as
+    # bf16): multi-query GPTBigCode, and Falcon with 2 K/V groups of 2. The Falcon one is stored
+    # in f32: cast to bf16 and back, the reference's rotary frequencies (a buffer) would be
+    # rounded too, and it would no longer compute what the stored weights define.
+    yield "mqa_hd32_bf16", dict(seed=6, prompt_len=9, dtype=torch.bfloat16), lambda: gpt_bigcode(
+        multi_query=True, n_embd=128, n_head=4, n_inner=128, vocab_size=97, activation_function="gelu_pytorch_tanh")
+    yield "falcon_gqa_hd32", dict(seed=16, prompt_len=9), lambda: falcon(
+        hidden_size=128, num_attention_heads=4, num_kv_heads=2, vocab_size=97, new_decoder_architecture=True,
+        ffn_hidden_size=128)
     # Falcon-7B's layout: multi-query, parallel attention and MLP on one norm, 7 heads (odd).
     yield "falcon_mqa", dict(seed=11, prompt_len=9), lambda: falcon(
         hidden_size=56, num_attention_heads=7, vocab_size=103, multi_query=True, parallel_attn=True,
