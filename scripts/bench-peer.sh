@@ -37,11 +37,11 @@ write("prompts.jsonl", 32, 256, 128)
 PY
 head -4 "$out/prompts.jsonl" | sed 's/"output_len": 128/"output_len": 16/' > "$out/spot.jsonl"
 
-trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT
 stop() {  # stops the worker and router, if running
     kill $(jobs -p) 2>/dev/null || true
     wait 2>/dev/null || true
 }
+trap stop EXIT
 serve() {  # serve DTYPE: a worker and a router, returns once the router answers
     stop
     $bin/onehead-worker serve --model "$ckpt" --dtype "$1" --listen 127.0.0.1:50161 --max-batch-size 32 \

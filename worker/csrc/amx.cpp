@@ -413,19 +413,7 @@ void onehead_amx_linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t 
 void onehead_amx_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t capacity,
                                   int64_t n_kv_heads, int64_t group, int64_t d, const int64_t *starts,
                                   const int64_t *lens, int64_t n, float scale, uint16_t *y) {
-  Attention job;
-  job.q = q;
-  job.k = k;
-  job.v = v;
-  job.capacity = capacity;
-  job.n_kv_heads = n_kv_heads;
-  job.group = group;
-  job.d = d;
-  job.starts = starts;
-  job.lens = lens;
-  job.n = n;
-  job.scale = scale;
-  job.y = y;
+  Attention job{q, k, v, capacity, n_kv_heads, group, d, starts, lens, n, scale, y};
   const Omp &o = omp();
   if (o.parallel && n * n_kv_heads > 1) {
     o.parallel(attend_share, &job, 0, 0);
