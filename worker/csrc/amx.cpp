@@ -271,7 +271,9 @@ AMX_TARGET void attend_one(const Attention &job, Scratch &scratch, int64_t i, in
   uint16_t *p = Scratch::at_least(scratch.p, padded * 16);
   float *o = Scratch::at_least(scratch.o, 16 * d);
   const int64_t n_heads = job.n_kv_heads * job.group;
-  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  // Lane i: the byte offset of row i of a tile (64 bytes a row), where the scatters below go.
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(64));
   for (int64_t first_query = 0; first_query < job.group; first_query += 16) {
     const int64_t queries = job.group - first_query < 16 ? job.group - first_query : 16;
     const uint16_t *q = job.q + (i * n_heads + h * job.group + first_query) * d;
@@ -280,7 +282,7 @@ AMX_TARGET void attend_one(const Attention &job, Scratch &scratch, int64_t i, in
     for (int64_t g = 0; g < queries; g++) {
       for (int64_t step = 0; step < d / 32; step++) {
         const __m512i pairs = _mm512_loadu_si512(q + g * d + step * 32);
-        _mm512_i32scatter_epi32(q_t + step * 512 + g * 2, _mm512_mullo_epi32(lanes, _mm512_set1_epi32(64)), pairs, 1);
+        _mm512_i32scatter_epi32(q_t + step * 512 + g * 2, rows, pairs, 1);
       }
     }
     // S^T, 32 keys at a time: tiles 0 and 1 keys, 2 Q^T, 3 and 4 the sums.
@@ -305,7 +307,6 @@ AMX_TARGET void attend_one(const Attention &job, Scratch &scratch, int64_t i, in
     const __m512 scale = _mm512_set1_ps(job.scale);
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
                                                 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i rows = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(64));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t t = 0; t < padded; t += 2) {
       const __m512 e0 = t < len ? exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(s + t * 16), max), scale))

@@ -2,8 +2,8 @@
 //! to it through `EngineHandle` (a closed set of commands, with replies on oneshot channels);
 //! each request's events go out on its own channel, and a request whose receiver is gone (the
 //! client dropped the stream) is cancelled before the next step. The engine publishes its load
-//! after every step, submission and cancellation (a `watch` channel), so that `GetLoad`, the routers' health
-//! check, answers at once even while a step runs for seconds.
+//! after every step, submission and cancellation (a `watch` channel), so that `GetLoad`, the
+//! routers' health check, answers at once even while a step runs for seconds.
 //!
 //! The engine runs on the thread that loaded the model (`EngineLoop::run`), not on a new one:
 //! LibTorch's OpenMP keeps a team of threads for every thread that starts parallel regions, and
@@ -275,11 +275,9 @@ impl Engine {
             }
         };
         self.recent_steps.push_back(now);
-        if self.recent_steps.len() > 10_000 {
-            self.recent_steps.pop_front();
-        }
         self.metrics.load(self.scheduler.load());
-        // Before the events: a client that has its token sees the load that produced it.
+        // Before the events: a client that has its token sees the load that produced it (and
+        // steps older than `RATE_WINDOW` leave `recent_steps`).
         self.publish_load();
         for (id, event) in events {
             if let Event::Finished(f) = &event {

@@ -6,8 +6,9 @@
 //! place. Decode tokens of several sequences are attended in one call per layer: on a CPU with
 //! AMX, by a kernel that reads each sequence's range in place (`amx::decode_attention`);
 //! elsewhere over their caches gathered into one padded block per layer (`gather`), a copy of
-//! the keys and values they read, cheaper than a LibTorch call per sequence. For multi-query attention `n_kv_heads` is
-//! 1, so the pool is `n_heads` times smaller than a multi-head one of the same width.
+//! the keys and values they read, cheaper than a LibTorch call per sequence. For multi-query
+//! attention `n_kv_heads` is 1, so the pool is `n_heads` times smaller than a multi-head one of
+//! the same width.
 
 use tch::Tensor;
 

@@ -12,6 +12,7 @@ mod parallel;
 
 use tch::{Device, Kind, Tensor};
 
+use std::cell::OnceCell;
 use std::sync::Arc;
 
 use crate::amx;
@@ -48,7 +49,7 @@ pub struct Batch {
 /// A batch's one-token (decode) chunks, for attention over all their caches in one call per
 /// layer: each sequence's cache range read in place (AMX), or its cached keys gathered into a
 /// padded `(n, longest)` block, with a mask. The indices are the same for every layer, so they
-/// are built once per batch.
+/// are built once per batch (the gather's on its first use).
 struct DecodeRows {
     /// `(n,)` rows of these tokens in the batch.
     rows: Tensor,
@@ -59,11 +60,10 @@ struct DecodeRows {
     /// Each sequence's first pool position and its keys, the new one included.
     starts: Vec<i64>,
     lens: Vec<i64>,
-    /// `(n * longest,)` pool positions of each sequence's keys, padded with its last one.
-    keys: Tensor,
-    /// `(n, 1, 1, longest)`: true where a key is one of the sequence's own.
-    mask: Tensor,
     longest: i64,
+    /// For the gather (`gathered`): `(n * longest,)` pool positions of each sequence's keys,
+    /// padded with its last one, and `(n, 1, 1, longest)`, true where a key is the sequence's own.
+    gathered: OnceCell<(Tensor, Tensor)>,
 }
 
 impl DecodeRows {
@@ -81,24 +81,32 @@ impl DecodeRows {
         if rows.len() < 2 {
             return None;
         }
-        let longest = decoding.iter().map(|c| c.n_cached + 1).max().expect("two or more");
-        let (mut keys, mut mask) = (Vec::new(), Vec::new());
-        for c in &decoding {
-            let len = c.n_cached + 1;
-            keys.extend((0..longest).map(|j| c.slot.start + j.min(len - 1)));
-            mask.extend((0..longest).map(|j| j < len));
-        }
-        let n = rows.len() as i64;
+        let starts: Vec<i64> = decoding.iter().map(|c| c.slot.start).collect();
+        let lens: Vec<i64> = decoding.iter().map(|c| c.n_cached + 1).collect();
         let tensor = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+        let positions: Vec<i64> = starts.iter().zip(&lens).map(|(start, len)| start + len - 1).collect();
         Some(DecodeRows {
-            all: n == row,
+            all: rows.len() as i64 == row,
             rows: tensor(&rows),
-            positions: tensor(&decoding.iter().map(|c| c.slot.start + c.n_cached).collect::<Vec<_>>()),
-            keys: tensor(&keys),
-            mask: Tensor::from_slice(&mask).view([n, 1, 1, longest]).to_device(device),
-            longest,
-            starts: decoding.iter().map(|c| c.slot.start).collect(),
-            lens: decoding.iter().map(|c| c.n_cached + 1).collect(),
+            positions: tensor(&positions),
+            longest: *lens.iter().max().expect("two or more"),
+            starts,
+            lens,
+            gathered: OnceCell::new(),
+        })
+    }
+
+    /// The gather's key positions and mask (see the field), built on first use.
+    fn gathered(&self) -> &(Tensor, Tensor) {
+        self.gathered.get_or_init(|| {
+            let (mut keys, mut mask) = (Vec::new(), Vec::new());
+            for (&start, &len) in self.starts.iter().zip(&self.lens) {
+                keys.extend((0..self.longest).map(|j| start + j.min(len - 1)));
+                mask.extend((0..self.longest).map(|j| j < len));
+            }
+            let (n, device) = (self.lens.len() as i64, self.rows.device());
+            let mask = Tensor::from_slice(&mask).view([n, 1, 1, self.longest]).to_device(device);
+            (Tensor::from_slice(&keys).to_device(device), mask)
         })
     }
 }
@@ -338,13 +346,14 @@ fn attend_decode(
         return y.view([n, n_heads * head_dim]);
     }
     let n_kv_heads = k.size()[1];
+    let (key_positions, mask) = d.gathered();
     // (n_kv_heads, n * longest, head_dim) -> (n, n_kv_heads, longest, head_dim)
-    let (keys, values) = kv.gather(layer, &d.keys);
+    let (keys, values) = kv.gather(layer, key_positions);
     let block = |t: Tensor| t.view([n_kv_heads, n, d.longest, head_dim]).transpose(0, 1);
     // Query heads kv * group .. (kv + 1) * group read K/V head kv: (n, n_kv_heads, group, head_dim).
     let q = q.view([n, n_kv_heads, n_heads / n_kv_heads, head_dim]);
     let y =
-        Tensor::scaled_dot_product_attention(&q, &block(keys), &block(values), Some(&d.mask), 0.0, false, scale, false);
+        Tensor::scaled_dot_product_attention(&q, &block(keys), &block(values), Some(mask), 0.0, false, scale, false);
     y.reshape([n, n_heads * head_dim])
 }
 
