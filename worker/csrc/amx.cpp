@@ -1,7 +1,8 @@
-// Decode-sized bf16 matrix products (at most 32 rows) on Intel AMX, for weights streamed from
-// memory once per step. oneDNN's kernels read a streamed weight at about 75% of the bandwidth a
-// plain read reaches here, and at 32 rows stall on its tile products; this loop keeps the
-// weight stream ahead with software prefetches and nothing else in its way.
+// bf16 matrix products on Intel AMX, and decode attention over the KV pool in place.
+// Decode-sized products (at most 32 rows) stream each weight from memory once per step.
+// oneDNN's kernels read a streamed weight at about 75% of the bandwidth a plain read reaches
+// here, and at 32 rows stall on its tile products; this loop keeps the weight stream ahead with
+// software prefetches and nothing else in its way. Larger products: see `gemm_blocks`.
 //
 // Weights are laid out once, at load (`worker/src/amx.rs`), as AMX B tiles: the output columns
 // in blocks of 32, and within a block, for each 32 input columns, two 16 x 64-byte tiles (16
@@ -64,6 +65,15 @@ const Omp &omp() {
   return found;
 }
 
+// `buffer` grown to at least `n` elements (kept between calls), from its first cache line.
+template <typename T>
+T *at_least(std::vector<T> &buffer, size_t n) {
+  // 64 elements of slack, so that the start can be rounded up to a cache line.
+  if (buffer.size() < n + 64) buffer.resize(n + 64);
+  auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  return reinterpret_cast<T *>((address + 63) & ~uintptr_t{63});
+}
+
 struct Job {
   const uint16_t *x;
   int64_t m, k, n;
@@ -71,6 +81,8 @@ struct Job {
   const float *bias;
   int act;
   uint16_t *y;
+  // Products of more than 32 rows: x's rows as A tiles (`pack_rows`).
+  uint16_t *a;
 };
 
 AMX_TARGET inline __m512 exp512(__m512 x) {
@@ -125,19 +137,19 @@ AMX_TARGET inline __m512 activate(__m512 v, int act) {
   }
 }
 
-// Rows `m` of one 32-column block `c` (f32, row stride 32) plus bias, activated, rounded to
-// bf16 into `y` (row stride `n`) at column `col`; columns past `n` are dropped.
-AMX_TARGET void store_block(const Job &job, const float *c, int64_t col) {
+// `rows` rows of one 32-column block `c` (f32, row stride 32) plus bias, activated, rounded to
+// bf16 into `y` (row stride `job.n`) at column `col`; columns past `job.n` are dropped.
+AMX_TARGET void store_block(const Job &job, const float *c, int64_t rows, uint16_t *y, int64_t col) {
   for (int half = 0; half < 2; half++) {
     const int64_t first = col + 16 * half;
     if (first >= job.n) break;
     const int64_t valid = job.n - first < 16 ? job.n - first : 16;
     const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
     const __m512 bias = job.bias ? _mm512_maskz_loadu_ps(mask, job.bias + first) : _mm512_setzero_ps();
-    for (int64_t r = 0; r < job.m; r++) {
+    for (int64_t r = 0; r < rows; r++) {
       const __m512 v = activate(_mm512_add_ps(_mm512_load_ps(c + r * 32 + 16 * half), bias), job.act);
       const __m256i out = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-      _mm256_mask_storeu_epi16(job.y + r * job.n + first, mask, out);
+      _mm256_mask_storeu_epi16(y + r * job.n + first, mask, out);
     }
   }
 }
@@ -186,7 +198,7 @@ AMX_TARGET void run_blocks(const Job &job, int64_t first_block, int64_t end_bloc
       _tile_stored(6, c + 16 * 32, 128);
       _tile_stored(7, c + 16 * 32 + 16, 128);
     }
-    store_block(job, c, block * 32);
+    store_block(job, c, job.m, job.y, block * 32);
   }
   _tile_release();
 }
@@ -200,6 +212,121 @@ AMX_TARGET void run_share(void *data) {
   run_blocks(job, blocks * me / threads, blocks * (me + 1) / threads);
 }
 
+
+// Products of more than 32 rows (prefill). x is first laid out as A tiles, 32 rows at a time:
+// for each 32 input columns, rows 0-15 then 16-31, 1 KiB each, so that a tile is one
+// contiguous read (x's own rows lie a multiple of 4 KiB apart and would share cache sets).
+// Each thread then takes a range of 32-row blocks (or of 32-column blocks where there are too
+// few row blocks to share) and runs 2 x 2 tiles of products over it: input columns in chunks
+// whose A tiles fit in half of a 2 MiB L2 cache, so they are read from there while each weight
+// block streams past once, with the next block prefetched into L2 during the current one.
+// Sums carried between chunks are kept for at most 64 column blocks at a time.
+constexpr int64_t kChunkBytes = 1 << 20;
+constexpr int64_t kGroupBlocks = 64;
+
+AMX_TARGET void pack_rows(void *data) {
+  const Job &job = *static_cast<const Job *>(data);
+  const Omp &o = omp();
+  const int64_t threads = o.parallel ? o.num_threads() : 1;
+  const int64_t me = o.parallel ? o.thread_num() : 0;
+  const int64_t k_steps = job.k / 32, blocks = (job.m + 31) / 32;
+  for (int64_t block = me; block < blocks; block += threads) {
+    for (int64_t r = 0; r < 32; r++) {
+      const int64_t row = block * 32 + r;
+      uint16_t *out = job.a + block * k_steps * 1024 + r * 32;
+      for (int64_t s = 0; s < k_steps; s++) {
+        const __m512i v = row < job.m ? _mm512_loadu_si512(job.x + row * job.k + s * 32) : _mm512_setzero_si512();
+        _mm512_store_si512(out + s * 1024, v);
+      }
+    }
+  }
+}
+
+// Row blocks [m0, m1) by column blocks [n0, n1).
+AMX_TARGET void gemm_blocks(const Job &job, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  TileConfig config{};
+  config.palette = 1;
+  for (int t = 0; t < 8; t++) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+  const int64_t k_steps = job.k / 32, rows = m1 - m0;
+  int64_t chunk = kChunkBytes / (rows * 2048);
+  chunk = chunk < 1 ? 1 : chunk > k_steps ? k_steps : chunk;
+  // Sums carried from one chunk to the next, per (row block, column block of the group).
+  thread_local std::vector<float> carried;
+  float *sums = chunk < k_steps ? at_least(carried, static_cast<size_t>(rows * kGroupBlocks * 1024)) : nullptr;
+  // Bytes of the next weight block to prefetch per step, spread over the row blocks.
+  const int64_t per_step = ((2048 + rows - 1) / rows + 63) / 64 * 64;
+  alignas(64) float c[32 * 32];
+  for (int64_t g0 = n0; g0 < n1; g0 += kGroupBlocks) {
+    const int64_t g1 = g0 + kGroupBlocks < n1 ? g0 + kGroupBlocks : n1;
+    for (int64_t s0 = 0; s0 < k_steps; s0 += chunk) {
+      const int64_t s1 = s0 + chunk < k_steps ? s0 + chunk : k_steps;
+      const int64_t ahead = (s1 - s0) * 2048;
+      for (int64_t nb = g0; nb < g1; nb++) {
+        const char *w = reinterpret_cast<const char *>(job.tiles) + nb * k_steps * 2048;
+        const char *next = nb + 1 < g1 ? w + (k_steps + s0) * 2048 : nullptr;
+        for (int64_t mb = m0; mb < m1; mb++) {
+          const char *a = reinterpret_cast<const char *>(job.a + mb * k_steps * 1024);
+          float *carry = sums ? sums + ((mb - m0) * kGroupBlocks + nb - g0) * 1024 : nullptr;
+          if (s0 == 0) {
+            _tile_zero(4);
+            _tile_zero(5);
+            _tile_zero(6);
+            _tile_zero(7);
+          } else {
+            _tile_loadd(4, carry, 128);
+            _tile_loadd(5, carry + 16, 128);
+            _tile_loadd(6, carry + 512, 128);
+            _tile_loadd(7, carry + 528, 128);
+          }
+          int64_t fetched = (mb - m0) * (s1 - s0) * per_step;
+          for (int64_t s = s0; s < s1; s++, fetched += per_step) {
+            if (next) {
+              for (int64_t line = fetched; line < fetched + per_step && line < ahead; line += 64) {
+                _mm_prefetch(next + line, _MM_HINT_T1);
+              }
+            }
+            const char *pa = a + s * 2048, *pb = w + s * 2048;
+            _tile_loadd(0, pa, 64);
+            _tile_loadd(2, pb, 64);
+            _tile_dpbf16ps(4, 0, 2);
+            _tile_loadd(3, pb + 1024, 64);
+            _tile_dpbf16ps(5, 0, 3);
+            _tile_loadd(1, pa + 1024, 64);
+            _tile_dpbf16ps(6, 1, 2);
+            _tile_dpbf16ps(7, 1, 3);
+          }
+          float *out = s1 < k_steps ? carry : c;
+          _tile_stored(4, out, 128);
+          _tile_stored(5, out + 16, 128);
+          _tile_stored(6, out + 512, 128);
+          _tile_stored(7, out + 528, 128);
+          if (s1 == k_steps) {
+            const int64_t valid = job.m - mb * 32 < 32 ? job.m - mb * 32 : 32;
+            store_block(job, c, valid, job.y + mb * 32 * job.n, nb * 32);
+          }
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+AMX_TARGET void gemm_share(void *data) {
+  const Job &job = *static_cast<const Job *>(data);
+  const Omp &o = omp();
+  const int64_t threads = o.parallel ? o.num_threads() : 1;
+  const int64_t me = o.parallel ? o.thread_num() : 0;
+  const int64_t row_blocks = (job.m + 31) / 32, col_blocks = (job.n + 31) / 32;
+  if (row_blocks >= 2 * threads) {
+    gemm_blocks(job, row_blocks * me / threads, row_blocks * (me + 1) / threads, 0, col_blocks);
+  } else {
+    gemm_blocks(job, 0, row_blocks, col_blocks * me / threads, col_blocks * (me + 1) / threads);
+  }
+}
 
 // Decode attention (one new query token per sequence) over keys and values read in place from
 // the KV pool, for the query heads that share one K/V head:
@@ -225,13 +352,6 @@ struct Attention {
 struct Scratch {
   std::vector<uint16_t> k_tail, q_t, p, v_pairs;
   std::vector<float> s, o;
-  template <typename T>
-  static T *at_least(std::vector<T> &buffer, size_t n) {
-    // 64 elements of slack, so that the start can be rounded up to a cache line.
-    if (buffer.size() < n + 64) buffer.resize(n + 64);
-    auto address = reinterpret_cast<uintptr_t>(buffer.data());
-    return reinterpret_cast<T *>((address + 63) & ~uintptr_t{63});
-  }
 };
 
 // Rows t, t + 1 of V (`d` wide, zero past `len`) as VNNI pairs: row `pair` of each 16-column
@@ -256,20 +376,20 @@ AMX_TARGET void attend_one(const Attention &job, Scratch &scratch, int64_t i, in
   const uint16_t *k = job.k + (h * job.capacity + job.starts[i]) * d;
   const uint16_t *v = job.v + (h * job.capacity + job.starts[i]) * d;
   // The last block of 32 keys, zero past `len`, when the sequence ends inside it.
-  uint16_t *k_tail = Scratch::at_least(scratch.k_tail, 32 * d);
+  uint16_t *k_tail = at_least(scratch.k_tail, 32 * d);
   if (padded != len) {
     const int64_t first = padded - 32;
     std::memset(k_tail, 0, 32 * d * 2);
     std::memcpy(k_tail, k + first * d, (len - first) * d * 2);
   }
-  uint16_t *v_pairs = Scratch::at_least(scratch.v_pairs, padded * d);
+  uint16_t *v_pairs = at_least(scratch.v_pairs, padded * d);
   for (int64_t block = 0; block < blocks; block++) {
     for (int64_t pair = 0; pair < 16; pair++) pair_rows(v, block * 32 + 2 * pair, len, d, pair, v_pairs + block * 32 * d);
   }
-  uint16_t *q_t = Scratch::at_least(scratch.q_t, 16 * d);
-  float *s = Scratch::at_least(scratch.s, padded * 16);
-  uint16_t *p = Scratch::at_least(scratch.p, padded * 16);
-  float *o = Scratch::at_least(scratch.o, 16 * d);
+  uint16_t *q_t = at_least(scratch.q_t, 16 * d);
+  float *s = at_least(scratch.s, padded * 16);
+  uint16_t *p = at_least(scratch.p, padded * 16);
+  float *o = at_least(scratch.o, 16 * d);
   const int64_t n_heads = job.n_kv_heads * job.group;
   // Lane i: the byte offset of row i of a tile (64 bytes a row), where the scatters below go.
   const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
@@ -394,17 +514,27 @@ int onehead_amx_available() {
 }
 
 // y (m, n) = act(x (m, k) @ W^T + bias), bf16, `tiles` W laid out as above (n rounded up to 32
-// columns, k a multiple of 32), `bias` f32 (n) or null, `act` as `activate`, 1 <= m <= 32.
+// columns, k a multiple of 32), `bias` f32 (n) or null, `act` as `activate`, m >= 1.
 // The caller has checked `onehead_amx_available` and the sizes.
 void onehead_amx_linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t *tiles, int64_t n,
                         const float *bias, int act, uint16_t *y) {
-  Job job{x, m, k, n, tiles, bias, act, y};
+  Job job{x, m, k, n, tiles, bias, act, y, nullptr};
   const Omp &o = omp();
-  if (o.parallel) {
-    o.parallel(run_share, &job, 0, 0);
-  } else {
-    run_share(&job);
+  const auto run = [&](void (*share)(void *)) {
+    if (o.parallel) {
+      o.parallel(share, &job, 0, 0);
+    } else {
+      share(&job);
+    }
+  };
+  if (m <= 32) {
+    run(run_share);
+    return;
   }
+  thread_local std::vector<uint16_t> packed;
+  job.a = at_least(packed, static_cast<size_t>((m + 31) / 32 * 32 * k));
+  run(pack_rows);
+  run(gemm_share);
 }
 
 // Decode attention, as `Attention` above: `q` (n, n_kv_heads * group, d) one token per sequence;

@@ -24,9 +24,9 @@ pub struct LoadOptions {
     /// On CPU, prepack weight matrices for oneDNN where it runs the dtype natively (default);
     /// false keeps LibTorch's plain `linear`, for comparison.
     pub pack_cpu_weights: bool,
-    /// With packed bf16 weights on a CPU with AMX, also keep each matrix as AMX tiles for
-    /// decode steps (`amx`; default), where twice the weights fit in memory (`amx_copy_fits`).
-    pub amx_decode_weights: bool,
+    /// Where weights would be packed, bf16, on a CPU with AMX: lay each matrix out as AMX tiles
+    /// for onehead's own kernels (`amx`; default) instead of oneDNN's packing.
+    pub amx_weights: bool,
 }
 
 impl Default for LoadOptions {
@@ -37,7 +37,7 @@ impl Default for LoadOptions {
             tp: 1,
             threads_per_shard: None,
             pack_cpu_weights: true,
-            amx_decode_weights: true,
+            amx_weights: true,
         }
     }
 }
@@ -71,10 +71,6 @@ pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
     let config = ModelConfig::from_dir(&dir)?;
     let checkpoint = Checkpoint::open(&dir)?;
     let dtype = options.dtype.or(checkpoint.stored_dtype()).unwrap_or(Dtype::F32);
-    let amx_decode_weights = options.amx_decode_weights
-        && options.pack_cpu_weights
-        && crate::amx::applies(dtype.kind(), options.device)
-        && amx_copy_fits(checkpoint.float_elements() as i64 * dtype.size_bytes() as i64, available_memory_bytes());
     drop(checkpoint);
     let _guard = tch::no_grad_guard();
     let shards = ShardOptions {
@@ -83,7 +79,7 @@ pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
         tp: options.tp,
         threads_per_shard: options.threads_per_shard,
         pack_cpu_weights: options.pack_cpu_weights,
-        amx_decode_weights,
+        amx_weights: options.amx_weights,
     };
     let runner = runner::load(&config, &dir, &shards)?;
     let tokenizer_path = dir.join("tokenizer.json");
@@ -93,22 +89,6 @@ pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
         _ => config.eos_token_ids().to_vec(),
     };
     Ok(LoadedModel { id, dir, config, runner, tokenizer, eos_token_ids })
-}
-
-/// Whether a second copy of `weight_bytes` (the AMX tiles) fits: both copies within 60% of the
-/// memory available (`MemAvailable`), leaving the rest to the KV pool and activations. Where it
-/// does not, the model loads with oneDNN's packed weights alone, and says so.
-fn amx_copy_fits(weight_bytes: i64, available: Option<i64>) -> bool {
-    let Some(available) = available else { return false };
-    let fits = 2 * weight_bytes <= available / 10 * 6;
-    if !fits {
-        tracing::warn!(
-            weights_gib = weight_bytes as f64 / (1u64 << 30) as f64,
-            available_gib = available as f64 / (1u64 << 30) as f64,
-            "no AMX copy of the weights for decode steps: two copies would take more than 60% of the available memory"
-        );
-    }
-    fits
 }
 
 /// Asks LibTorch's CPU allocator to back every allocation of 2 MiB or more with transparent
@@ -131,17 +111,4 @@ pub fn available_memory_bytes() -> Option<i64> {
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_amx_copy_is_kept_only_where_two_copies_fit() {
-        let gib = 1i64 << 30;
-        assert!(amx_copy_fits(2 * gib, Some(20 * gib)));
-        assert!(!amx_copy_fits(14 * gib, Some(23 * gib)));
-        assert!(!amx_copy_fits(gib, None));
-    }
 }

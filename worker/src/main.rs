@@ -94,10 +94,10 @@ struct ModelArgs {
     /// them for oneDNN's kernels at load (the default where the CPU runs the dtype natively).
     #[arg(long, env = "ONEHEAD_PLAIN_CPU_WEIGHTS")]
     plain_cpu_weights: bool,
-    /// Do not keep the second copy of bf16 weight matrices laid out for the AMX decode kernel
-    /// (by default kept on CPUs with AMX where two copies fit in memory).
-    #[arg(long, env = "ONEHEAD_NO_AMX_DECODE_WEIGHTS")]
-    no_amx_decode_weights: bool,
+    /// Pack bf16 weight matrices for oneDNN's kernels, not as tiles for onehead's AMX kernels
+    /// (the default on CPUs with AMX).
+    #[arg(long, env = "ONEHEAD_NO_AMX_WEIGHTS", alias = "no-amx-decode-weights")]
+    no_amx_weights: bool,
 }
 
 #[derive(Args)]
@@ -173,7 +173,7 @@ impl ModelArgs {
             tp: self.tp,
             threads_per_shard: self.threads,
             pack_cpu_weights: !self.plain_cpu_weights,
-            amx_decode_weights: !self.no_amx_decode_weights,
+            amx_weights: !self.no_amx_weights,
         };
         let lm = load_model(&self.model, &options).with_context(|| format!("loading model {}", self.model))?;
         let bytes = lm.runner.shard_weight_bytes();

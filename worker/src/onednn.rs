@@ -2,8 +2,7 @@
 //! `csrc/onednn.cpp`). LibTorch's plain `linear` lays the weight out for the kernels again on
 //! every call; a weight packed once at load reads faster (BENCHMARKS.md: a SantaCoder decode
 //! step 19% faster at batch 1 and 15% at batch 32 on an AVX-512/AMX Xeon).
-//! On a CPU with AMX, decode-sized bf16 products (at most 32 rows) go to `amx` instead, and
-//! these packed weights serve the prefill.
+//! On a CPU with AMX, bf16 matrices are laid out for `amx` instead, which runs every product.
 
 use std::ffi::{CStr, c_char, c_int};
 

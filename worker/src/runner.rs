@@ -132,8 +132,8 @@ pub struct ShardOptions {
     pub threads_per_shard: Option<i32>,
     /// See `Placement::pack_cpu_weights`.
     pub pack_cpu_weights: bool,
-    /// See `Placement::amx_decode_weights`.
-    pub amx_decode_weights: bool,
+    /// See `Placement::amx_weights`.
+    pub amx_weights: bool,
 }
 
 /// Loads the model in `dir` as `options.tp` shards and returns its runner.
@@ -156,7 +156,7 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
             other => other,
         },
         pack_cpu_weights: options.pack_cpu_weights,
-        amx_decode_weights: options.amx_decode_weights,
+        amx_weights: options.amx_weights,
     };
     if options.tp == 1 {
         if let Some(n) = options.threads_per_shard {

@@ -93,12 +93,6 @@ impl Checkpoint {
         name.parse().ok()
     }
 
-    /// Elements of all the checkpoint's floating-point tensors.
-    pub fn float_elements(&self) -> usize {
-        let infos = self.files.iter().flat_map(|f| f.metadata.tensors().into_values());
-        infos.filter(|i| float_dtype(i.dtype).is_some()).map(|i| i.shape.iter().product::<usize>()).sum()
-    }
-
     /// Reads tensor `name`, checks its shape, and converts it to `dtype` on `device`.
     pub fn get(&self, name: &str, shape: &[i64], dtype: Dtype, device: tch::Device) -> Result<tch::Tensor> {
         self.get_part(name, shape, 0, 0, shape.first().copied().unwrap_or(1), dtype, device)

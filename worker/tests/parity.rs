@@ -60,7 +60,7 @@ fn load_with(name: &str, tp: usize, pack_cpu_weights: bool) -> (LoadedModel, Ref
         threads_per_shard: Some(1),
         device,
         pack_cpu_weights,
-        amx_decode_weights: true,
+        amx_weights: true,
     };
     (load_model(dir.to_str().unwrap(), &options).unwrap(), serde_json::from_str(&text).unwrap())
 }
@@ -338,8 +338,8 @@ fn decoded_logprobs(lm: &mut LoadedModel, seq: &[u32], prompt_len: usize) -> Vec
 fn bf16_decode_steps_on_amx_tiles_agree_with_onednn() {
     for name in ["mqa_bf16", "falcon_gqa"] {
         let dir = fixture(name);
-        let bf16 = |amx_decode_weights| {
-            let options = LoadOptions { dtype: Some(Dtype::Bf16), amx_decode_weights, ..Default::default() };
+        let bf16 = |amx_weights| {
+            let options = LoadOptions { dtype: Some(Dtype::Bf16), amx_weights, ..Default::default() };
             load_model(dir.to_str().unwrap(), &options).unwrap()
         };
         let (mut tiled, mut packed) = (bf16(true), bf16(false));
@@ -352,6 +352,53 @@ fn bf16_decode_steps_on_amx_tiles_agree_with_onednn() {
         for (i, ((a, b), e)) in a.iter().zip(&b).zip(&reference.sequence_logprobs).enumerate() {
             assert!((a - b).abs() <= 0.02 + 0.02 * b.abs(), "{name} position {i}: AMX {a} vs oneDNN {b}");
             assert!((a - e).abs() <= 0.1 + 0.05 * e.abs(), "{name} position {i}: AMX {a} vs f32 reference {e}");
+        }
+    }
+}
+
+/// A bf16 prefill of more than 32 rows (the AMX tiles' large-product path): four 50-token
+/// prompts in one step, 200 rows, so that the threads share the row blocks, then one 50-token
+/// prompt alone, whose two row blocks the threads share by columns. Each token's log-probability
+/// of the next agrees with oneDNN's packed weights to bf16 rounding and stays near f32.
+#[test]
+fn bf16_prefills_on_amx_tiles_agree_with_onednn() {
+    const LEN: usize = 50;
+    for name in ["mqa_bf16", "falcon_gqa"] {
+        let dir = fixture(name);
+        let load = |dtype, amx_weights| {
+            let options = LoadOptions { dtype: Some(dtype), amx_weights, ..Default::default() };
+            load_model(dir.to_str().unwrap(), &options).unwrap()
+        };
+        let mut models = [load(Dtype::Bf16, true), load(Dtype::Bf16, false), load(Dtype::F32, false)];
+        let vocab = models[0].runner.shape().vocab_size as usize;
+        let prompts: Vec<Vec<u32>> =
+            (0..4).map(|p| (0..LEN).map(|t| ((t * 31 + p * 17 + t * t) % vocab) as u32).collect()).collect();
+        let prefill = |lm: &mut LoadedModel, batch: &[Vec<u32>]| -> Vec<f32> {
+            let model = lm.runner.as_mut();
+            model.allocate_kv((batch.len() * LEN) as i64).unwrap();
+            let inputs: Vec<ChunkInput> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, ids)| ChunkInput {
+                    token_ids: ids,
+                    slot: KvSlot { start: (i * LEN) as i64, capacity: LEN as i64 },
+                    n_cached: 0,
+                    logits: Logits::All,
+                })
+                .collect();
+            let logits = model.step(&inputs).unwrap();
+            let next = batch.iter().flat_map(|ids| ids[1..].iter().chain([&0]));
+            next.enumerate()
+                .map(|(row, &id)| log_softmax_at(&logits[row * vocab..(row + 1) * vocab], id as usize))
+                .collect()
+        };
+        for batch in [&prompts[..], &prompts[..1]] {
+            let [tiled, packed, f32] = models.each_mut().map(|lm| prefill(lm, batch));
+            for (i, ((a, b), e)) in tiled.iter().zip(&packed).zip(&f32).enumerate() {
+                let what = format!("{name}, {} prompts, row {i}", batch.len());
+                assert!((a - b).abs() <= 0.02 + 0.02 * b.abs(), "{what}: AMX {a} vs oneDNN {b}");
+                assert!((a - e).abs() <= 0.1 + 0.05 * e.abs(), "{what}: AMX {a} vs f32 {e}");
+            }
         }
     }
 }

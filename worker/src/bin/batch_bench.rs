@@ -55,10 +55,9 @@ struct Args {
     /// Keep CPU weights as stored, for LibTorch's plain `linear` (default: prepacked for oneDNN).
     #[arg(long)]
     plain_cpu_weights: bool,
-    /// Do not keep the AMX copy of the weights for decode steps (the worker's
-    /// `--no-amx-decode-weights`).
-    #[arg(long)]
-    no_amx_decode_weights: bool,
+    /// Pack the weights for oneDNN instead of as AMX tiles (the worker's `--no-amx-weights`).
+    #[arg(long, alias = "no-amx-decode-weights")]
+    no_amx_weights: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,7 +71,7 @@ fn main() -> anyhow::Result<()> {
         let options = LoadOptions {
             dtype: Some(Dtype::Bf16),
             pack_cpu_weights: !args.plain_cpu_weights,
-            amx_decode_weights: !args.no_amx_decode_weights,
+            amx_weights: !args.no_amx_weights,
             ..Default::default()
         };
         Ok(load_model(dir.to_str().unwrap(), &options)?)

@@ -63,10 +63,9 @@ struct Args {
     /// kernel-only pass (default: prepacked for oneDNN in both, as the worker does).
     #[arg(long)]
     plain_cpu_weights: bool,
-    /// Do not keep the AMX copy of the weights for decode steps (the worker's
-    /// `--no-amx-decode-weights`).
-    #[arg(long)]
-    no_amx_decode_weights: bool,
+    /// Pack the weights for oneDNN instead of as AMX tiles (the worker's `--no-amx-weights`).
+    #[arg(long, alias = "no-amx-decode-weights")]
+    no_amx_weights: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -153,7 +152,7 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
         tp: args.tp,
         device,
         pack_cpu_weights: !args.plain_cpu_weights,
-        amx_decode_weights: !args.no_amx_decode_weights,
+        amx_weights: !args.no_amx_weights,
         ..Default::default()
     };
     let mut lm = load_model(dir.to_str().context("path")?, &options)?;

@@ -266,12 +266,7 @@ mod tests {
                     let model = Falcon::load(
                         &config,
                         &ckpt,
-                        Placement {
-                            dtype: Dtype::F32,
-                            device: Device::Cpu,
-                            pack_cpu_weights: true,
-                            amx_decode_weights: true,
-                        },
+                        Placement { dtype: Dtype::F32, device: Device::Cpu, pack_cpu_weights: true, amx_weights: true },
                         comm.clone(),
                     )
                     .unwrap();

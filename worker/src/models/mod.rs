@@ -191,18 +191,18 @@ pub struct Shard {
     /// Matrices are prepacked for oneDNN (`Placement::pack_cpu_weights`, on a CPU that runs
     /// `dtype` natively).
     pub packed: bool,
-    /// Packed matrices also keep a copy as AMX tiles for decode steps
-    /// (`Placement::amx_decode_weights`, bf16, on a CPU with AMX).
+    /// Matrices are laid out as AMX tiles instead (`Placement::amx_weights`, bf16, on a CPU
+    /// with AMX).
     pub amx_tiles: bool,
 }
 
 impl Shard {
     pub fn new(shape: ModelShape, placement: Placement, comm: Arc<dyn Communicator>) -> Self {
-        let Placement { dtype, device, pack_cpu_weights, amx_decode_weights } = placement;
+        let Placement { dtype, device, pack_cpu_weights, amx_weights } = placement;
         let heads = ShardHeads::new(shape.n_heads, shape.n_kv_heads, comm.rank(), comm.world_size());
         let vocab = parallel::VocabShard::new(shape.vocab_size, comm.as_ref());
         let packed = pack_cpu_weights && device == Device::Cpu && crate::onednn::supported(dtype.kind());
-        let amx_tiles = amx_decode_weights && packed && amx::applies(dtype.kind(), device);
+        let amx_tiles = amx_weights && packed && amx::applies(dtype.kind(), device);
         let queries_per_kv_head = heads.queries_per_kv_head();
         Shard { queries_per_kv_head, shape, dtype, device, heads, vocab, comm, packed, amx_tiles }
     }
@@ -216,9 +216,9 @@ pub struct Placement {
     /// On CPU, prepack the matrices for oneDNN where it runs `dtype` natively (`onednn`);
     /// false keeps them as stored, for LibTorch's plain `linear`.
     pub pack_cpu_weights: bool,
-    /// With packed bf16 weights on a CPU with AMX, keep a second copy of each matrix laid out
-    /// for the decode-step kernel (`amx`): twice the weight memory, faster decode steps.
-    pub amx_decode_weights: bool,
+    /// Where weights would be packed, bf16, on a CPU with AMX: lay each matrix out as AMX tiles
+    /// for onehead's own kernels (`amx`) instead of oneDNN's packing.
+    pub amx_weights: bool,
 }
 
 /// A causal language model over a shared KV pool.
@@ -439,27 +439,33 @@ fn attend_causal(q: &Tensor, k: &Tensor, v: &Tensor, group: i64, scale: f64) -> 
     y.permute([2, 0, 1, 3]).reshape([n_new, n_heads * head_dim])
 }
 
-/// A dense layer `y = x W^T + b`, weights as stored by Hugging Face (`(out, in)`).
+/// A dense layer `y = x W^T + b`, weights as stored by Hugging Face (`(out, in)`), kept in one
+/// form: the one the products here read fastest.
 pub(crate) struct Linear {
-    /// `(out, in)`; prepacked for oneDNN when `packed` (then only `onednn::linear` reads it).
-    weight: Tensor,
+    matrix: Matrix,
     pub bias: Option<Tensor>,
-    packed: bool,
-    /// The weight again as AMX tiles, with the bias in f32, for products of at most
-    /// `amx::MAX_ROWS` rows (`Shard::amx_tiles`).
-    tiles: Option<(amx::Tiles, Option<Tensor>)>,
+}
+
+enum Matrix {
+    /// As stored, for LibTorch's plain `linear`.
+    Plain(Tensor),
+    /// Prepacked for oneDNN (only `onednn::linear` reads it).
+    Packed(Tensor),
+    /// AMX tiles, with the bias in f32 (`amx::Tiles`).
+    Tiles(amx::Tiles, Option<Tensor>),
 }
 
 impl Linear {
-    /// `pack`: lay the weight out for oneDNN's CPU kernels (`Shard::packed`); `tiles`: keep a
-    /// copy as AMX tiles for decode-sized products where the layout applies (`Shard::amx_tiles`).
+    /// `pack`: lay the weight out for oneDNN's CPU kernels (`Shard::packed`); `tiles`: as AMX
+    /// tiles instead, where that layout applies (`Shard::amx_tiles`).
     pub fn new(weight: Tensor, bias: Option<Tensor>, pack: bool, tiles: bool) -> Result<Self> {
-        let tiles = tiles
-            .then(|| amx::Tiles::pack(&weight))
-            .flatten()
-            .map(|t| (t, bias.as_ref().map(|b| b.to_kind(Kind::Float).contiguous())));
-        let weight = if pack { crate::onednn::pack(&weight)? } else { weight };
-        Ok(Linear { weight, bias, packed: pack, tiles })
+        let tiles = if tiles { amx::Tiles::pack(&weight) } else { None };
+        let matrix = match tiles {
+            Some(t) => Matrix::Tiles(t, bias.as_ref().map(|b| b.to_kind(Kind::Float).contiguous())),
+            None if pack => Matrix::Packed(crate::onednn::pack(&weight)?),
+            None => Matrix::Plain(weight),
+        };
+        Ok(Linear { matrix, bias })
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -479,29 +485,29 @@ impl Linear {
 
     fn run(&self, x: &Tensor, with_bias: bool, act: Option<Activation>) -> Tensor {
         // Shapes were checked at load, so a failure here is a bug: panic like tch's own calls.
-        let failed =
-            |e: tch::TchError| -> Tensor { panic!("linear of {:?} by {:?}: {e}", x.size(), self.weight.size()) };
-        if let Some((tiles, bias)) = &self.tiles
-            && amx::rows(x) <= amx::MAX_ROWS
-        {
-            let bias = if with_bias { bias.as_ref() } else { None };
-            return tiles.linear(x, bias, act).unwrap_or_else(failed);
-        }
+        let failed = |e: tch::TchError| -> Tensor { panic!("linear of {:?}: {e}", x.size()) };
         let bias = if with_bias { self.bias.as_ref() } else { None };
-        if self.packed {
-            return crate::onednn::linear(x, &self.weight, bias, act).unwrap_or_else(failed);
-        }
-        let y = x.linear(&self.weight, bias);
+        let y = match &self.matrix {
+            Matrix::Tiles(tiles, f32_bias) => {
+                let bias = if with_bias { f32_bias.as_ref() } else { None };
+                return tiles.linear(x, bias, act).unwrap_or_else(failed);
+            }
+            Matrix::Packed(packed) => return crate::onednn::linear(x, packed, bias, act).unwrap_or_else(failed),
+            Matrix::Plain(weight) => x.linear(weight, bias),
+        };
         match act {
             Some(act) => act.apply(&y),
             None => y,
         }
     }
 
-    /// Bytes a product reads: the weight once (a decode step reads the tiles instead of the
-    /// packed copy, not both).
+    /// Bytes a product reads: the matrix in its form, and the bias.
     pub fn bytes(&self) -> i64 {
-        tensor_bytes(&self.weight) + self.bias.as_ref().map_or(0, tensor_bytes)
+        let matrix = match &self.matrix {
+            Matrix::Plain(w) | Matrix::Packed(w) => tensor_bytes(w),
+            Matrix::Tiles(tiles, _) => tiles.bytes(),
+        };
+        matrix + self.bias.as_ref().map_or(0, tensor_bytes)
     }
 }
 
