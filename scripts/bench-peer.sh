@@ -9,7 +9,7 @@
 #   - onehead's engine in process (onehead-batch-bench), for the same shape without gRPC.
 # The machine's speed drifts by up to 2.5x within an hour (BENCHMARKS.md), so each transformers
 # run sits between two onehead runs at concurrency 32 (c32-1, c32-2, c32-3), and its ratio is
-# taken against their mean. Takes about 25 minutes on a 2-core machine. Results: $BENCH_DIR/peer/.
+# taken against their mean. Takes 15-30 minutes on a 2-core machine. Results: $BENCH_DIR/peer/.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
