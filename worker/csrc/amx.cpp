@@ -65,6 +65,16 @@ const Omp &omp() {
   return found;
 }
 
+// The calling thread's team: its size, and this thread's number in it.
+struct Team {
+  int64_t threads, me;
+};
+
+Team team() {
+  const Omp &o = omp();
+  return o.parallel ? Team{o.num_threads(), o.thread_num()} : Team{1, 0};
+}
+
 // `buffer` grown to at least `n` elements (kept between calls), from its first cache line.
 template <typename T>
 T *at_least(std::vector<T> &buffer, size_t n) {
@@ -137,6 +147,17 @@ AMX_TARGET inline __m512 activate(__m512 v, int act) {
   }
 }
 
+// All 8 tiles as 16 rows of 64 bytes.
+AMX_TARGET void configure_full_tiles() {
+  TileConfig config{};
+  config.palette = 1;
+  for (int t = 0; t < 8; t++) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+}
+
 // `rows` rows of one 32-column block `c` (f32, row stride 32) plus bias, activated, rounded to
 // bf16 into `y` (row stride `job.n`) at column `col`; columns past `job.n` are dropped.
 AMX_TARGET void store_block(const Job &job, const float *c, int64_t rows, uint16_t *y, int64_t col) {
@@ -205,13 +226,10 @@ AMX_TARGET void run_blocks(const Job &job, int64_t first_block, int64_t end_bloc
 
 AMX_TARGET void run_share(void *data) {
   const Job &job = *static_cast<const Job *>(data);
-  const Omp &o = omp();
-  const int64_t threads = o.parallel ? o.num_threads() : 1;
-  const int64_t me = o.parallel ? o.thread_num() : 0;
+  const auto [threads, me] = team();
   const int64_t blocks = (job.n + 31) / 32;
   run_blocks(job, blocks * me / threads, blocks * (me + 1) / threads);
 }
-
 
 // Products of more than 32 rows (prefill). x is first laid out as A tiles, 32 rows at a time:
 // for each 32 input columns, rows 0-15 then 16-31, 1 KiB each, so that a tile is one
@@ -226,9 +244,7 @@ constexpr int64_t kGroupBlocks = 64;
 
 AMX_TARGET void pack_rows(void *data) {
   const Job &job = *static_cast<const Job *>(data);
-  const Omp &o = omp();
-  const int64_t threads = o.parallel ? o.num_threads() : 1;
-  const int64_t me = o.parallel ? o.thread_num() : 0;
+  const auto [threads, me] = team();
   const int64_t k_steps = job.k / 32, blocks = (job.m + 31) / 32;
   for (int64_t block = me; block < blocks; block += threads) {
     for (int64_t r = 0; r < 32; r++) {
@@ -244,13 +260,7 @@ AMX_TARGET void pack_rows(void *data) {
 
 // Row blocks [m0, m1) by column blocks [n0, n1).
 AMX_TARGET void gemm_blocks(const Job &job, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  TileConfig config{};
-  config.palette = 1;
-  for (int t = 0; t < 8; t++) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  _tile_loadconfig(&config);
+  configure_full_tiles();
   const int64_t k_steps = job.k / 32, rows = m1 - m0;
   int64_t chunk = kChunkBytes / (rows * 2048);
   chunk = chunk < 1 ? 1 : chunk > k_steps ? k_steps : chunk;
@@ -317,9 +327,7 @@ AMX_TARGET void gemm_blocks(const Job &job, int64_t m0, int64_t m1, int64_t n0, 
 
 AMX_TARGET void gemm_share(void *data) {
   const Job &job = *static_cast<const Job *>(data);
-  const Omp &o = omp();
-  const int64_t threads = o.parallel ? o.num_threads() : 1;
-  const int64_t me = o.parallel ? o.thread_num() : 0;
+  const auto [threads, me] = team();
   const int64_t row_blocks = (job.m + 31) / 32, col_blocks = (job.n + 31) / 32;
   if (row_blocks >= 2 * threads) {
     gemm_blocks(job, row_blocks * me / threads, row_blocks * (me + 1) / threads, 0, col_blocks);
@@ -482,13 +490,7 @@ AMX_TARGET void attend_one(const Attention &job, Scratch &scratch, int64_t i, in
 AMX_TARGET void attend_share(void *data) {
   Attention &job = *static_cast<Attention *>(data);
   thread_local Scratch scratch;
-  TileConfig config{};
-  config.palette = 1;
-  for (int t = 0; t < 8; t++) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  _tile_loadconfig(&config);
+  configure_full_tiles();
   const int64_t items = job.n * job.n_kv_heads;
   for (int64_t item = job.next.fetch_add(1); item < items; item = job.next.fetch_add(1)) {
     attend_one(job, scratch, item / job.n_kv_heads, item % job.n_kv_heads);
