@@ -22,9 +22,10 @@ pub trait Runner: Send {
     fn dtype(&self) -> Dtype;
     /// Rank 0's device.
     fn device(&self) -> Device;
-    /// Whether the weight matrices are prepacked for oneDNN (`models::Placement`).
+    /// Whether CPU weight matrices are laid out once for a kernel: prepacked for oneDNN, or as
+    /// AMX tiles where [`Runner::amx_tiles`] (`models::Placement`).
     fn packed_weights(&self) -> bool;
-    /// Whether the shards also keep AMX tiles for decode steps (`Shard::amx_tiles`).
+    /// Whether the shards hold their bf16 matrices as AMX tiles (`Shard::amx_tiles`).
     fn amx_tiles(&self) -> bool;
     fn tp_degree(&self) -> usize;
     /// Weight bytes each shard reads per forward pass, by rank.
