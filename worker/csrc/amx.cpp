@@ -75,6 +75,17 @@ Team team() {
   return o.parallel ? Team{o.num_threads(), o.thread_num()} : Team{1, 0};
 }
 
+// Runs `share(job)` on LibTorch's OpenMP team where it was found and `shared`, else on the
+// calling thread alone.
+void on_team(void (*share)(void *), void *job, bool shared = true) {
+  const Omp &o = omp();
+  if (o.parallel && shared) {
+    o.parallel(share, job, 0, 0);
+  } else {
+    share(job);
+  }
+}
+
 // `buffer` grown to at least `n` elements (kept between calls), from its first cache line.
 template <typename T>
 T *at_least(std::vector<T> &buffer, size_t n) {
@@ -521,22 +532,14 @@ int onehead_amx_available() {
 void onehead_amx_linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t *tiles, int64_t n,
                         const float *bias, int act, uint16_t *y) {
   Job job{x, m, k, n, tiles, bias, act, y, nullptr};
-  const Omp &o = omp();
-  const auto run = [&](void (*share)(void *)) {
-    if (o.parallel) {
-      o.parallel(share, &job, 0, 0);
-    } else {
-      share(&job);
-    }
-  };
   if (m <= 32) {
-    run(run_share);
+    on_team(run_share, &job);
     return;
   }
   thread_local std::vector<uint16_t> packed;
   job.a = at_least(packed, static_cast<size_t>((m + 31) / 32 * 32 * k));
-  run(pack_rows);
-  run(gemm_share);
+  on_team(pack_rows, &job);
+  on_team(gemm_share, &job);
 }
 
 // Decode attention, as `Attention` above: `q` (n, n_kv_heads * group, d) one token per sequence;
@@ -547,12 +550,7 @@ void onehead_amx_decode_attention(const uint16_t *q, const uint16_t *k, const ui
                                   int64_t n_kv_heads, int64_t group, int64_t d, const int64_t *starts,
                                   const int64_t *lens, int64_t n, float scale, uint16_t *y) {
   Attention job{q, k, v, capacity, n_kv_heads, group, d, starts, lens, n, scale, y};
-  const Omp &o = omp();
-  if (o.parallel && n * n_kv_heads > 1) {
-    o.parallel(attend_share, &job, 0, 0);
-  } else {
-    attend_share(&job);
-  }
+  on_team(attend_share, &job, n * n_kv_heads > 1);
 }
 
 }  // extern "C"

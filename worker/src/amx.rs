@@ -3,7 +3,8 @@
 //! rows) streams every weight from memory once; oneDNN's kernels do it at about 75% of a plain
 //! read's rate here and fall further behind at 32 rows, this loop keeps close to it. Larger
 //! products (prefill) first lay their rows out as tiles, then share the row blocks between
-//! the threads, and run 20-30% faster than oneDNN's (BENCHMARKS.md, "AMX products").
+//! the threads; a SantaCoder prefill runs about 15% faster than on oneDNN's (BENCHMARKS.md,
+//! "After AMX prefill products").
 
 use tch::{Device, Kind, TchError, Tensor};
 

@@ -334,17 +334,20 @@ fn decoded_logprobs(lm: &mut LoadedModel, seq: &[u32], prompt_len: usize) -> Vec
 /// bf16 decode steps on the AMX tiles (the default where the CPU has AMX) give what oneDNN's
 /// packed weights give, to bf16 rounding, and stay near the f32 reference: GPTBigCode (tanh
 /// GELU) and Falcon (erf GELU, grouped K/V).
+/// Fixture `name` in `dtype` with the worker's default options, its matrices as AMX tiles where
+/// `amx_weights` and the CPU has AMX (checked), else packed for oneDNN.
+fn load_packed(name: &str, dtype: Dtype, amx_weights: bool) -> LoadedModel {
+    let options = LoadOptions { dtype: Some(dtype), amx_weights, ..Default::default() };
+    let lm = load_model(fixture(name).to_str().unwrap(), &options).unwrap();
+    let tiled = amx_weights && dtype == Dtype::Bf16 && onehead_worker::amx::available();
+    assert_eq!(lm.runner.amx_tiles(), tiled, "{name} {dtype}, AMX weights {amx_weights}");
+    lm
+}
+
 #[test]
 fn bf16_decode_steps_on_amx_tiles_agree_with_onednn() {
     for name in ["mqa_bf16", "falcon_gqa"] {
-        let dir = fixture(name);
-        let bf16 = |amx_weights| {
-            let options = LoadOptions { dtype: Some(Dtype::Bf16), amx_weights, ..Default::default() };
-            load_model(dir.to_str().unwrap(), &options).unwrap()
-        };
-        let (mut tiled, mut packed) = (bf16(true), bf16(false));
-        assert_eq!(tiled.runner.amx_tiles(), onehead_worker::amx::available(), "{name}");
-        assert!(!packed.runner.amx_tiles());
+        let (mut tiled, mut packed) = (load_packed(name, Dtype::Bf16, true), load_packed(name, Dtype::Bf16, false));
         let (_, reference) = load(name);
         let seq: Vec<u32> = reference.prompt_ids.iter().chain(&reference.new_ids).copied().collect();
         let prompt_len = reference.prompt_ids.len();
@@ -364,11 +367,7 @@ fn bf16_decode_steps_on_amx_tiles_agree_with_onednn() {
 fn bf16_prefills_on_amx_tiles_agree_with_onednn() {
     const LEN: usize = 50;
     for name in ["mqa_bf16", "falcon_gqa"] {
-        let dir = fixture(name);
-        let load = |dtype, amx_weights| {
-            let options = LoadOptions { dtype: Some(dtype), amx_weights, ..Default::default() };
-            load_model(dir.to_str().unwrap(), &options).unwrap()
-        };
+        let load = |dtype, amx_weights| load_packed(name, dtype, amx_weights);
         let mut models = [load(Dtype::Bf16, true), load(Dtype::Bf16, false), load(Dtype::F32, false)];
         let vocab = models[0].runner.shape().vocab_size as usize;
         let prompts: Vec<Vec<u32>> =
