@@ -55,8 +55,9 @@ struct DecodeRows {
     rows: Tensor,
     /// `rows` is every row of the batch, in order (a step of decodes only).
     all: bool,
-    /// `(n,)` pool positions where their keys and values go.
-    positions: Tensor,
+    /// Pool positions where their keys and values go, and the same as an `(n,)` tensor.
+    positions: Vec<i64>,
+    positions_tensor: Tensor,
     /// Each sequence's first pool position and its keys, the new one included.
     starts: Vec<i64>,
     lens: Vec<i64>,
@@ -88,7 +89,8 @@ impl DecodeRows {
         Some(DecodeRows {
             all: rows.len() as i64 == row,
             rows: tensor(&rows),
-            positions: tensor(&positions),
+            positions_tensor: tensor(&positions),
+            positions,
             longest: *lens.iter().max().expect("two or more"),
             starts,
             lens,
@@ -337,7 +339,7 @@ fn attend_decode(
 ) -> Tensor {
     let pick = |t: &Tensor| if d.all { t.shallow_clone() } else { t.index_select(0, &d.rows) };
     let (q, k, v) = (pick(q), pick(k), pick(v));
-    kv.write_tokens(layer, &d.positions, &k.transpose(0, 1), &v.transpose(0, 1));
+    kv.write_tokens(layer, (&d.positions, &d.positions_tensor), &k.transpose(0, 1), &v.transpose(0, 1));
     let [n, n_heads, head_dim] = q.size()[..] else { unreachable!("q must be 3-d") };
     if in_place {
         // The ranges come from the scheduler's slots, so a failure here is a bug: panic like tch.
