@@ -160,16 +160,19 @@ AMX_TARGET inline __m512 activate(__m512 v, int act) {
   }
 }
 
-// All 8 tiles as 16 rows of 64 bytes.
-AMX_TARGET void configure_full_tiles() {
+// Tile t as rows[t] rows of 64 bytes (none where 0).
+AMX_TARGET void configure_tiles(const int (&rows)[8]) {
   TileConfig config{};
   config.palette = 1;
   for (int t = 0; t < 8; t++) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
+    config.rows[t] = static_cast<uint8_t>(rows[t]);
+    config.colsb[t] = rows[t] > 0 ? 64 : 0;
   }
   _tile_loadconfig(&config);
 }
+
+// All 8 tiles as 16 rows of 64 bytes.
+AMX_TARGET void configure_full_tiles() { configure_tiles({16, 16, 16, 16, 16, 16, 16, 16}); }
 
 // `rows` rows of one 32-column block `c` (f32, row stride 32) plus bias, activated, rounded to
 // bf16 into `y` (row stride `job.n`) at column `col`; columns past `job.n` are dropped.
@@ -238,14 +241,7 @@ AMX_TARGET void run_share(void *data) {
   const int rows1 = job.m > 16 ? static_cast<int>(job.m) - 16 : 0;
   // Tiles: 0, 1 rows 0-15 and 16-31 of x; 2, 3 the weight's two 16-column tiles; 4-7 the sums
   // (4: x0 w0, 5: x0 w1, 6: x1 w0, 7: x1 w1).
-  TileConfig config{};
-  config.palette = 1;
-  const int tile_rows[8] = {rows0, rows1, 16, 16, rows0, rows0, rows1, rows1};
-  for (int t = 0; t < 8; t++) {
-    config.rows[t] = static_cast<uint8_t>(tile_rows[t]);
-    config.colsb[t] = tile_rows[t] > 0 ? 64 : 0;
-  }
-  _tile_loadconfig(&config);
+  configure_tiles({rows0, rows1, 16, 16, rows0, rows0, rows1, rows1});
   // Each run takes 1 / parts of the blocks left.
   const int64_t blocks = (job.n + 31) / 32, parts = 2 * team().threads;
   int64_t first = job.next.load(std::memory_order_relaxed);

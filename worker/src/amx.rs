@@ -131,7 +131,7 @@ pub fn decode_attention(
 }
 
 /// Rows of `x` `(..., in)`: the product of its leading dimensions.
-pub fn rows(x: &Tensor) -> i64 {
+fn rows(x: &Tensor) -> i64 {
     let size = x.size();
     size[..size.len().saturating_sub(1)].iter().product()
 }

@@ -488,14 +488,15 @@ impl Linear {
     fn run(&self, x: &Tensor, with_bias: bool, act: Option<Activation>) -> Tensor {
         // Shapes were checked at load, so a failure here is a bug: panic like tch's own calls.
         let failed = |e: tch::TchError| -> Tensor { panic!("linear of {:?}: {e}", x.size()) };
-        let bias = if with_bias { self.bias.as_ref() } else { None };
         let y = match &self.matrix {
             Matrix::Tiles(tiles, f32_bias) => {
-                let bias = if with_bias { f32_bias.as_ref() } else { None };
-                return tiles.linear(x, bias, act).unwrap_or_else(failed);
+                return tiles.linear(x, f32_bias.as_ref().filter(|_| with_bias), act).unwrap_or_else(failed);
             }
-            Matrix::Packed(packed) => return crate::onednn::linear(x, packed, bias, act).unwrap_or_else(failed),
-            Matrix::Plain(weight) => x.linear(weight, bias),
+            Matrix::Packed(packed) => {
+                return crate::onednn::linear(x, packed, self.bias.as_ref().filter(|_| with_bias), act)
+                    .unwrap_or_else(failed);
+            }
+            Matrix::Plain(weight) => x.linear(weight, self.bias.as_ref().filter(|_| with_bias)),
         };
         match act {
             Some(act) => act.apply(&y),
