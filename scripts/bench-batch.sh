@@ -6,5 +6,5 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 bash scripts/setup-libtorch.sh
 dir=${BENCH_DIR:-/tmp/onehead-bench}
-cargo build --release --locked -p onehead-worker --bin onehead-batch-bench
+cargo build --release --locked -p onehead-benches --bin onehead-batch-bench
 ./target/release/onehead-batch-bench --dir "$dir" --json "$dir/batch.json" "$@"

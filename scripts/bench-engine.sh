@@ -7,7 +7,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 bash scripts/setup-libtorch.sh
 dir=${BENCH_DIR:-/tmp/onehead-bench}
-cargo build --release -p onehead-worker --bin onehead-engine-bench
+cargo build --release -p onehead-benches --bin onehead-engine-bench
 ./target/release/onehead-engine-bench --dir "$dir" --json "$dir/engine.json" "$@"
 if ! .venv/bin/python -c 'import transformers' 2>/dev/null; then
     echo "installing transformers==5.24.0 into the torch environment, for the peer figure" >&2

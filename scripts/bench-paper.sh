@@ -8,5 +8,5 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 bash scripts/setup-libtorch.sh
 dir=${BENCH_DIR:-/tmp/onehead-bench}
-cargo build --release --locked -p onehead-worker --bin onehead-paper-bench
+cargo build --release --locked -p onehead-benches --bin onehead-paper-bench
 ./target/release/onehead-paper-bench --dir "$dir" --json "$dir/paper.json" "$@"

@@ -20,7 +20,7 @@ fi
 dir=${BENCH_DIR:-/tmp/onehead-bench}
 out=$dir/peer
 mkdir -p "$out"
-cargo build --release --locked -p onehead-worker -p onehead-router --bins
+cargo build --release --locked -p onehead-worker -p onehead-router -p onehead-loadgen --bins
 bin=target/release
 $bin/onehead-engine-bench --dir "$dir" --write-checkpoints
 ckpt=$dir/santacoder-mqa

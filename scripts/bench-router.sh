@@ -5,7 +5,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 bash scripts/setup-libtorch.sh
-cargo build --release --locked -p onehead-worker -p onehead-router --bins
+cargo build --release --locked -p onehead-worker -p onehead-router -p onehead-loadgen --bins
 bin=target/release
 trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT
 $bin/onehead-worker serve --model builtin:tiny --listen 127.0.0.1:50151 --threads 1 >/dev/null 2>&1 &

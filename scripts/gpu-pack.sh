@@ -5,8 +5,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 bash scripts/setup-libtorch.sh
-cargo build --release --locked -p onehead-worker --bins
-parity=$(cargo test --release --locked -p onehead-worker --test parity --no-run --message-format=json 2>/dev/null \
+cargo build --release --locked -p onehead-worker -p onehead-benches --bins
+parity=$(cargo test --release --locked -p onehead-engine --test parity --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json, sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == "parity"][-1])')
 rm -rf gpu-pack
 mkdir -p gpu-pack/tests

@@ -6,7 +6,6 @@
 
 pub mod client;
 pub mod discovery;
-pub mod loadgen;
 pub mod metrics;
 pub mod pool;
 pub mod server;

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc as tokio_mpsc, oneshot, watch};
 
-use crate::error::{Error, Result};
 use crate::metrics::WorkerMetrics;
-use crate::runner::Runner;
-use crate::scheduler::{Event, LoadSnapshot, Request, Scheduler, SchedulerConfig};
+use onehead_engine::batching::scheduler::{Event, LoadSnapshot, Request, Scheduler, SchedulerConfig};
+use onehead_engine::error::{Error, Result};
+use onehead_engine::runner::Runner;
 
 /// A request's event stream, as the engine holds it.
 pub type EventSender = tokio_mpsc::UnboundedSender<Event>;
@@ -293,7 +293,12 @@ impl Engine {
         }
     }
 
-    fn fail(&mut self, plan: crate::scheduler::StepPlan, message: String, now: Instant) -> Vec<(String, Event)> {
+    fn fail(
+        &mut self,
+        plan: onehead_engine::batching::scheduler::StepPlan,
+        message: String,
+        now: Instant,
+    ) -> Vec<(String, Event)> {
         tracing::error!(%message, "engine step failed; its requests are failed");
         self.scheduler.fail(plan, &message, now)
     }
@@ -301,8 +306,8 @@ impl Engine {
     /// One forward pass of one token through a scratch slot, so that LibTorch has set up its
     /// kernels before the first request.
     fn warm_up(&mut self) -> Result<()> {
-        use crate::kv_cache::KvSlot;
-        use crate::models::{ChunkInput, Logits};
+        use onehead_engine::kv_cache::KvSlot;
+        use onehead_engine::models::{ChunkInput, Logits};
         if self.scheduler.load().kv_tokens_total < 1 {
             return Err(Error::invalid("kv_cache_tokens", "the KV pool holds no token"));
         }
@@ -314,8 +319,8 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loader::{LoadOptions, load_model};
     use crate::metrics::{ShardBytes, WorkerMetrics};
+    use onehead_engine::loader::{LoadOptions, load_model};
 
     /// The load is published, not asked of the engine thread: it is read while the engine
     /// thread is busy (here, blocked on a command that never comes, as in a long step); an

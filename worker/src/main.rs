@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use onehead_worker::config::Dtype;
+use onehead_engine::batching::sampling::SamplingParams;
+use onehead_engine::batching::scheduler::SchedulerConfig;
+use onehead_engine::generate::{StoppingCriteria, generate};
+use onehead_engine::hf::config::Dtype;
+use onehead_engine::loader::{LoadOptions, LoadedModel, available_memory_bytes, load_model};
 use onehead_worker::engine;
-use onehead_worker::generate::{StoppingCriteria, generate};
-use onehead_worker::loader::{LoadOptions, LoadedModel, available_memory_bytes, load_model};
 use onehead_worker::metrics::{ShardBytes, WorkerMetrics};
-use onehead_worker::sampling::SamplingParams;
-use onehead_worker::scheduler::SchedulerConfig;
 use onehead_worker::server::{self, WorkerInfo};
 
 #[derive(Parser)]
@@ -137,7 +137,7 @@ struct GenerateArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    onehead_worker::loader::prefer_huge_pages();
+    onehead_engine::loader::prefer_huge_pages();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     // The OTLP exporter's gRPC client needs the runtime when it is built.
@@ -248,10 +248,10 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
             return None;
         }
         let gbs = if lm.runner.device().is_cuda() {
-            onehead_worker::bandwidth::device_copy_gbs(1.0)
+            onehead_engine::bandwidth::device_copy_gbs(1.0)
         } else {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            onehead_worker::bandwidth::streaming_read_gbs(cores, cores as f64)
+            onehead_engine::bandwidth::streaming_read_gbs(cores, cores as f64)
         };
         println!("peak memory bandwidth: {gbs:.1} GB/s (measured)");
         Some(gbs)
@@ -272,7 +272,7 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
         let listener =
             tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
         println!("listening on {}", listener.local_addr()?);
-        let ready = async move { ready.await.unwrap_or(Err(onehead_worker::Error::EngineStopped)) };
+        let ready = async move { ready.await.unwrap_or(Err(onehead_engine::Error::EngineStopped)) };
         let (stop, expired) = onehead_telemetry::shutdown_with_grace(Duration::from_secs(args.shutdown_grace_secs));
         tokio::select! {
             served = server::serve(listener, engine, info, ready, stop) => served,
@@ -303,7 +303,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             .encode(text)?,
         (None, None) => unreachable!("clap requires one"),
     };
-    let seed = args.seed.unwrap_or_else(onehead_worker::sampling::clock_seed);
+    let seed = args.seed.unwrap_or_else(onehead_engine::batching::sampling::clock_seed);
     let sampling = SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,

@@ -7,10 +7,10 @@
 
 use onehead_telemetry::{Counter, Gauge, Histogram, Registry, SECONDS_BUCKETS};
 
-use crate::comm::ShardHeads;
-use crate::kv_cache::KvShape;
-use crate::models::ModelShape;
-use crate::scheduler::{Finished, LoadSnapshot, StepPlan};
+use onehead_engine::batching::scheduler::{Finished, LoadSnapshot, StepPlan};
+use onehead_engine::kv_cache::KvShape;
+use onehead_engine::models::ModelShape;
+use onehead_engine::parallel::comm::ShardHeads;
 
 /// What one step read and wrote on one shard.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -210,10 +210,10 @@ impl WorkerMetrics {
 
     pub fn finished(&self, f: &Finished) {
         let reason = match f.reason {
-            crate::generate::FinishReason::Length => "length",
-            crate::generate::FinishReason::Stop => "stop",
-            crate::generate::FinishReason::Cancelled => "cancelled",
-            crate::generate::FinishReason::Error => "error",
+            onehead_engine::generate::FinishReason::Length => "length",
+            onehead_engine::generate::FinishReason::Stop => "stop",
+            onehead_engine::generate::FinishReason::Cancelled => "cancelled",
+            onehead_engine::generate::FinishReason::Error => "error",
         };
         if let Some((_, c)) = self.finished.iter().find(|(r, _)| *r == reason) {
             c.inc();

@@ -14,11 +14,11 @@ use tonic_health::ServingStatus;
 use tracing::Instrument;
 
 use crate::engine::EngineHandle;
-use crate::error::Error;
-use crate::generate::{FinishReason, StoppingCriteria, validate_request};
-use crate::models::ModelShape;
-use crate::sampling::{Choice, SamplingParams, clock_seed};
-use crate::scheduler::{self, Event};
+use onehead_engine::batching::sampling::{Choice, SamplingParams, clock_seed};
+use onehead_engine::batching::scheduler::{self, Event};
+use onehead_engine::error::Error;
+use onehead_engine::generate::{FinishReason, StoppingCriteria, validate_request};
+use onehead_engine::models::ModelShape;
 
 /// What `Info` reports; fixed at startup.
 #[derive(Clone, Debug)]
@@ -41,13 +41,12 @@ pub struct WorkerService {
     info: WorkerInfo,
 }
 
-impl From<Error> for Status {
-    fn from(e: Error) -> Status {
-        match e {
-            Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
-            Error::EngineStopped | Error::EngineWarmingUp => Status::unavailable(e.to_string()),
-            _ => Status::internal(e.to_string()),
-        }
+/// The one place where engine errors become a gRPC status.
+fn status(e: Error) -> Status {
+    match e {
+        Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+        Error::EngineStopped | Error::EngineWarmingUp => Status::unavailable(e.to_string()),
+        _ => Status::internal(e.to_string()),
     }
 }
 
@@ -131,8 +130,8 @@ impl Worker for WorkerService {
             trace_id = tracing::field::Empty,
         );
         onehead_telemetry::set_parent_from(&span, request.metadata());
-        let request = self.request(request.into_inner())?;
-        let events = self.engine.submit(request).instrument(span.clone()).await?;
+        let request = self.request(request.into_inner()).map_err(status)?;
+        let events = self.engine.submit(request).instrument(span.clone()).await.map_err(status)?;
         let stream = UnboundedReceiverStream::new(events).map(move |e| {
             let _in_span = &span;
             Ok(to_proto(e))
@@ -141,7 +140,7 @@ impl Worker for WorkerService {
     }
 
     async fn get_load(&self, _: Request<pb::GetLoadRequest>) -> Result<Response<pb::Load>, Status> {
-        let load = self.engine.load()?;
+        let load = self.engine.load().map_err(status)?;
         Ok(Response::new(pb::Load {
             waiting: load.scheduler.waiting as u32,
             running: load.scheduler.running as u32,
@@ -181,7 +180,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: EngineHandle,
     info: WorkerInfo,
-    ready: impl std::future::Future<Output = crate::Result<()>> + Send + 'static,
+    ready: impl std::future::Future<Output = onehead_engine::Result<()>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();

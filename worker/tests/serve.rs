@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use onehead_engine::batching::sampling::SamplingParams;
+use onehead_engine::generate::{StoppingCriteria, generate};
+use onehead_engine::loader::{LoadOptions, load_model};
 use onehead_proto::worker::v1 as pb;
 use onehead_tests::Proc;
-use onehead_worker::generate::{StoppingCriteria, generate};
-use onehead_worker::loader::{LoadOptions, load_model};
-use onehead_worker::sampling::SamplingParams;
 use pb::worker_client::WorkerClient;
 use tonic::transport::Channel;
 
@@ -90,7 +90,7 @@ async fn check_batched_equals_alone(model: &str, tp: &str) {
     let flags =
         ["--dtype", "f32", "--max-batch-size", "8", "--prefill-chunk", "4", "--max-step-tokens", "16", "--tp", tp];
     let server = Server::start(&fixture(model), &flags).await;
-    let options = LoadOptions { dtype: Some(onehead_worker::config::Dtype::F32), ..Default::default() };
+    let options = LoadOptions { dtype: Some(onehead_engine::hf::config::Dtype::F32), ..Default::default() };
     let mut alone = load_model(&fixture(model), &options).unwrap();
     let vocab = alone.runner.shape().vocab_size as u32;
     // Watch the batch while the requests run: they must really have shared steps.

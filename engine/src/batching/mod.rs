@@ -1,0 +1,4 @@
+//! Continuous batching: the scheduler and sampling.
+
+pub mod sampling;
+pub mod scheduler;

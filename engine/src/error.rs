@@ -1,0 +1,40 @@
+//! The worker library's one error type. Every variant names what was wrong: the file, the field,
+//! the tensor or the request parameter.
+
+use std::path::PathBuf;
+
+/// Errors of the worker library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: invalid JSON: {source}")]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: field `{field}`: {message}")]
+    Config { path: PathBuf, field: String, message: String },
+    #[error("{path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error("tensor {name}: {message}")]
+    Tensor { name: String, message: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("invalid argument `{field}`: {message}")]
+    InvalidArgument { field: &'static str, message: String },
+    #[error("the engine has stopped")]
+    EngineStopped,
+    #[error("the engine is warming up")]
+    EngineWarmingUp,
+    #[error("a tensor-parallel shard failed; this worker cannot run steps any more")]
+    ShardFailed,
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+impl Error {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Error::InvalidArgument { field, message: message.into() }
+    }
+}
+
+/// Shorthand for results of the worker library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

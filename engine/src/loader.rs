@@ -1,0 +1,114 @@
+//! Turns a model reference (a Hugging Face folder, or `builtin:tiny`) into a loaded model with
+//! its tokenizer and end-of-sequence ids.
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::hf::builtin::{BUILTIN_TINY, tiny_model_dir};
+use crate::hf::config::{Dtype, GenerationConfig, ModelConfig};
+use crate::hf::tokenizer::Tokenizer;
+use crate::hf::weights::Checkpoint;
+use crate::runner::{self, Runner, ShardOptions};
+
+/// How to load.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// None: the dtype the checkpoint is stored in.
+    pub dtype: Option<Dtype>,
+    /// `Cpu`, or `Cuda(0)` (shard r then runs on `cuda:r`).
+    pub device: tch::Device,
+    /// Tensor-parallel shards.
+    pub tp: usize,
+    /// Intra-op threads per shard (default: cores / tp).
+    pub threads_per_shard: Option<i32>,
+    /// On CPU, prepack weight matrices for oneDNN where it runs the dtype natively (default);
+    /// false keeps LibTorch's plain `linear`, for comparison.
+    pub pack_cpu_weights: bool,
+    /// Where weights would be packed, bf16, on a CPU with AMX: lay each matrix out as AMX tiles
+    /// for onehead's own kernels (`amx`; default) instead of oneDNN's packing.
+    pub amx_weights: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            dtype: None,
+            device: tch::Device::Cpu,
+            tp: 1,
+            threads_per_shard: None,
+            pack_cpu_weights: true,
+            amx_weights: true,
+        }
+    }
+}
+
+/// A model ready to run.
+pub struct LoadedModel {
+    /// The folder's name, or `builtin:tiny`.
+    pub id: String,
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    /// The model's shards, ready to run steps.
+    pub runner: Box<dyn Runner>,
+    /// Present when the folder has `tokenizer.json`.
+    pub tokenizer: Option<Tokenizer>,
+    /// From `generation_config.json` when it names them, else from `config.json`.
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Loads `spec`: a model folder, or `builtin:tiny`.
+pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
+    let (id, dir) = if spec == BUILTIN_TINY {
+        (BUILTIN_TINY.to_owned(), tiny_model_dir()?)
+    } else {
+        let dir = PathBuf::from(spec);
+        if !dir.is_dir() {
+            return Err(Error::Checkpoint { path: dir, message: "not a model folder".into() });
+        }
+        let id = dir.canonicalize().ok().and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
+        (id.unwrap_or_else(|| spec.to_owned()), dir)
+    };
+    let config = ModelConfig::from_dir(&dir)?;
+    let checkpoint = Checkpoint::open(&dir)?;
+    let dtype = options.dtype.or(checkpoint.stored_dtype()).unwrap_or(Dtype::F32);
+    drop(checkpoint);
+    let _guard = tch::no_grad_guard();
+    let shards = ShardOptions {
+        dtype,
+        device: options.device,
+        tp: options.tp,
+        threads_per_shard: options.threads_per_shard,
+        pack_cpu_weights: options.pack_cpu_weights,
+        amx_weights: options.amx_weights,
+    };
+    let runner = runner::load(&config, &dir, &shards)?;
+    let tokenizer_path = dir.join("tokenizer.json");
+    let tokenizer = if tokenizer_path.exists() { Some(Tokenizer::from_file(&tokenizer_path)?) } else { None };
+    let eos_token_ids = match GenerationConfig::from_dir(&dir)?.map(|g| g.eos_token_id.to_vec()) {
+        Some(ids) if !ids.is_empty() => ids,
+        _ => config.eos_token_ids().to_vec(),
+    };
+    Ok(LoadedModel { id, dir, config, runner, tokenizer, eos_token_ids })
+}
+
+/// Asks LibTorch's CPU allocator to back every allocation of 2 MiB or more with transparent
+/// huge pages (`THP_MEM_ALLOC_ENABLE=1`: 2 MiB-aligned, `madvise(MADV_HUGEPAGE)`), unless the
+/// environment already sets it. A decode step streams every weight once; through 4 KiB pages
+/// that is half a million TLB misses a step for SantaCoder, and the products ran 20-25% slower
+/// inside a step than back to back (BENCHMARKS.md, issue 2). Takes effect only before LibTorch's
+/// first allocation, so binaries call it first thing in `main`, before any thread starts.
+pub fn prefer_huge_pages() {
+    const VAR: &str = "THP_MEM_ALLOC_ENABLE";
+    if std::env::var_os(VAR).is_none() {
+        // SAFETY: called at the start of `main`, while the process has one thread.
+        unsafe { std::env::set_var(VAR, "1") };
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo.
+pub fn available_memory_bytes() -> Option<i64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

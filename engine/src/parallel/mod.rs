@@ -1,0 +1,4 @@
+//! Tensor parallelism: the communicators (CPU threads, NCCL).
+
+pub mod comm;
+pub mod nccl;

@@ -1,0 +1,480 @@
+//! Parity with the reference implementation: the fixtures under tests/fixtures/ were written by
+//! scripts/make_fixtures.py with Hugging Face `transformers`. Greedy ids must be identical and
+//! logprobs within 1e-4 (f32), over the prefill and 20 decode steps; incremental decode must
+//! equal one full forward, also when the prompt is prefilled in chunks.
+
+use std::path::PathBuf;
+
+use onehead_engine::batching::sampling::{SamplingParams, log_softmax_at};
+use onehead_engine::generate::{FinishReason, StoppingCriteria, generate, sequence_logprobs};
+use onehead_engine::hf::config::Dtype;
+use onehead_engine::kv_cache::KvSlot;
+use onehead_engine::loader::{LoadOptions, LoadedModel, load_model};
+use onehead_engine::models::{ChunkInput, Logits};
+use serde::Deserialize;
+
+const TOLERANCE: f32 = 1e-4;
+
+#[derive(Deserialize)]
+struct Reference {
+    prompt_ids: Vec<u32>,
+    new_ids: Vec<u32>,
+    logprobs: Vec<f32>,
+    sequence_logprobs: Vec<f32>,
+}
+
+/// `ONEHEAD_FIXTURES` (set by scripts/gpu-check.sh, which runs this binary elsewhere), else
+/// the repository's tests/fixtures.
+fn fixture(name: &str) -> PathBuf {
+    let root = std::env::var_os("ONEHEAD_FIXTURES")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"), PathBuf::from);
+    root.join(name)
+}
+
+fn load(name: &str) -> (LoadedModel, Reference) {
+    load_tp(name, 1)
+}
+
+/// Where the parity tests run: `ONEHEAD_TEST_DEVICE=cuda` (scripts/gpu-check.sh) puts them on the
+/// GPU; the default is the CPU.
+fn test_device() -> tch::Device {
+    match std::env::var("ONEHEAD_TEST_DEVICE").as_deref() {
+        Ok("cuda") => tch::Device::Cuda(0),
+        _ => tch::Device::Cpu,
+    }
+}
+
+/// Fixture `name` in f32, as `tp` tensor-parallel shards (threads, one intra-op thread each),
+/// CPU weights prepacked for oneDNN.
+fn load_tp(name: &str, tp: usize) -> (LoadedModel, Reference) {
+    load_with(name, tp, true)
+}
+
+fn load_with(name: &str, tp: usize, pack_cpu_weights: bool) -> (LoadedModel, Reference) {
+    let dir = fixture(name);
+    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+    let device = test_device();
+    let options = LoadOptions {
+        dtype: Some(Dtype::F32),
+        tp,
+        threads_per_shard: Some(1),
+        device,
+        pack_cpu_weights,
+        amx_weights: true,
+    };
+    (load_model(dir.to_str().unwrap(), &options).unwrap(), serde_json::from_str(&text).unwrap())
+}
+
+fn assert_close(what: &str, actual: &[f32], expected: &[f32]) {
+    assert_eq!(actual.len(), expected.len(), "{what}: lengths");
+    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+        assert!((a - e).abs() <= TOLERANCE, "{what}[{i}]: {a} vs reference {e}");
+    }
+}
+
+/// Greedy generation through the KV cache matches the reference's ids and logprobs, at every
+/// tensor-parallel degree from 1 to 4.
+fn check_greedy(name: &str) {
+    // On CUDA, shard r needs device r: as many degrees as there are GPUs.
+    let max_tp = if test_device().is_cuda() { (tch::Cuda::device_count() as usize).min(4) } else { 4 };
+    for tp in 1..=max_tp {
+        check_greedy_tp(name, tp);
+    }
+}
+
+fn check_greedy_tp(name: &str, tp: usize) {
+    let (mut lm, reference) = load_tp(name, tp);
+    let name = &format!("{name} at TP {tp}");
+    let stopping = StoppingCriteria { max_new_tokens: reference.new_ids.len(), ignore_eos: true, ..Default::default() };
+    let mut streamed = Vec::new();
+    let generation = generate(
+        lm.runner.as_mut(),
+        &lm.eos_token_ids,
+        &reference.prompt_ids,
+        &SamplingParams::default(),
+        &stopping,
+        |c| streamed.push(c.token),
+    )
+    .unwrap();
+    assert_eq!(generation.new_ids, reference.new_ids, "{name}: greedy ids");
+    assert_eq!(streamed, reference.new_ids, "{name}: streamed ids");
+    assert_eq!(generation.finish_reason, FinishReason::Length);
+    assert_close(&format!("{name} logprobs"), &generation.logprobs, &reference.logprobs);
+}
+
+/// One forward pass over the whole sequence gives the reference's logprob at every position,
+/// with CPU weights prepacked for oneDNN and as stored.
+fn check_full_forward(name: &str) {
+    let runs = [(1, true), (1, false), (3, true)];
+    for (tp, packed) in runs.into_iter().filter(|&(tp, _)| !test_device().is_cuda() || tp <= tch::Cuda::device_count())
+    {
+        let (mut lm, reference) = load_with(name, tp as usize, packed);
+        let seq: Vec<u32> = reference.prompt_ids.iter().chain(&reference.new_ids).copied().collect();
+        let logprobs = sequence_logprobs(lm.runner.as_mut(), &seq).unwrap();
+        let what = format!("{name} sequence logprobs at TP {tp}, packed weights {packed}");
+        assert_close(&what, &logprobs, &reference.sequence_logprobs);
+    }
+}
+
+/// Prefill in chunks of 3, then decode: every position's logprob equals the full forward's.
+fn check_chunked_prefill(name: &str) {
+    let (mut lm, reference) = load_tp(name, if test_device().is_cuda() { 1 } else { 2 });
+    let model = lm.runner.as_mut();
+    let seq: Vec<u32> = reference.prompt_ids.iter().chain(&reference.new_ids).copied().collect();
+    // Put the sequence in the middle of a larger pool, to check slot offsets too.
+    model.allocate_kv(100).unwrap();
+    let slot = KvSlot { start: 37, capacity: seq.len() as i64 };
+    let vocab = model.shape().vocab_size as usize;
+    let mut logprobs = Vec::new();
+    for (i, chunk) in seq[..seq.len() - 1].chunks(3).enumerate() {
+        let n_cached = 3 * i as i64;
+        let logits = model.step(&[ChunkInput { token_ids: chunk, slot, n_cached, logits: Logits::All }]).unwrap();
+        for j in 0..chunk.len() {
+            let next = seq[n_cached as usize + j + 1] as usize;
+            logprobs.push(log_softmax_at(&logits[j * vocab..(j + 1) * vocab], next));
+        }
+    }
+    assert_close(&format!("{name} chunked"), &logprobs, &reference.sequence_logprobs);
+}
+
+macro_rules! parity {
+    ($($name:ident),*) => {$(
+        mod $name {
+            #[test]
+            fn greedy_matches_reference() { super::check_greedy(stringify!($name)); }
+            #[test]
+            fn full_forward_matches_reference() { super::check_full_forward(stringify!($name)); }
+            #[test]
+            fn chunked_prefill_matches_reference() { super::check_chunked_prefill(stringify!($name)); }
+        }
+    )*};
+}
+
+/// The parity tests run on CPU weights prepacked for oneDNN (the default; f32 is packed on any
+/// x86 CPU), and `check_full_forward` also on plain ones; on CUDA nothing is packed.
+#[test]
+fn cpu_weights_are_packed_unless_told_otherwise() {
+    let on_cpu = !test_device().is_cuda();
+    assert_eq!(load_with("mqa_f32", 1, true).0.runner.packed_weights(), on_cpu);
+    assert_eq!(load_with("falcon_gqa", if on_cpu { 2 } else { 1 }, true).0.runner.packed_weights(), on_cpu);
+    assert!(!load_with("mqa_f32", 1, false).0.runner.packed_weights());
+}
+
+/// Decode tokens of several sequences, attended together in one padded and masked call per
+/// layer, give each sequence the logits it gets alone: in a step of decodes only, and beside a
+/// prefill chunk. Sequences of different lengths, MQA, MHA and grouped K/V, at TP 1 and at TP 3
+/// (where Falcon's groups are split unevenly and attention runs per sequence again).
+#[test]
+fn decodes_attended_together_equal_each_sequence_alone() {
+    for (name, tp) in [("mqa_f32", 1), ("mha_f32", 1), ("falcon_gqa", 1), ("falcon_gqa", 3)] {
+        let (mut lm, reference) = load_tp(name, tp);
+        check_decodes_together(&mut lm, &reference, &format!("{name} TP {tp}"), |a, e| (a - e).abs() <= TOLERANCE);
+    }
+}
+
+/// The same in bf16, with heads of 32: where the CPU has AMX, the decodes together are
+/// attended by `amx::decode_attention` over the pool in place, and alone by LibTorch's fused
+/// attention, so the two implementations agree to bf16 rounding.
+#[test]
+fn bf16_decodes_attended_in_place_equal_each_sequence_alone() {
+    use onehead_engine::kernels::amx;
+    let in_place = amx::attention_applies(tch::Kind::BFloat16, tch::Device::Cpu, 32);
+    eprintln!("decode attention in place on AMX: {in_place}");
+    for name in ["mqa_hd32_bf16", "falcon_gqa_hd32"] {
+        let dir = fixture(name);
+        let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+        let options = LoadOptions { dtype: Some(Dtype::Bf16), threads_per_shard: Some(1), ..Default::default() };
+        let mut lm = load_model(dir.to_str().unwrap(), &options).unwrap();
+        let reference: Reference = serde_json::from_str(&text).unwrap();
+        // Logits of about +-10 here; a bf16 rounding of the attention output moves them by a few 0.01.
+        check_decodes_together(&mut lm, &reference, name, |a, e| (a - e).abs() <= 0.05 + 0.01 * e.abs());
+    }
+}
+
+/// `decodes_attended_together_equal_each_sequence_alone` for one model, logits compared by `close`.
+fn check_decodes_together(lm: &mut LoadedModel, reference: &Reference, what: &str, close: impl Fn(f32, f32) -> bool) {
+    let model = lm.runner.as_mut();
+    let vocab = model.shape().vocab_size as usize;
+    model.allocate_kv(4 * 64).unwrap();
+    let ids = &reference.prompt_ids;
+    // Prompts of 3, 8 and 5 tokens (decoded: their last one), and one of 6 prefilled at once.
+    let prompts: Vec<Vec<u32>> = [3, 8, 5, 6].iter().map(|&n| ids.iter().cycle().take(n).copied().collect()).collect();
+    let slot = |i: usize, round: i64| KvSlot { start: 64 * i as i64 + 32 * round, capacity: 32 };
+    let prefill = |model: &mut dyn onehead_engine::runner::Runner, i: usize, round: i64| {
+        let p = &prompts[i][..prompts[i].len() - 1];
+        model.step(&[ChunkInput { token_ids: p, slot: slot(i, round), n_cached: 0, logits: Logits::None }]).unwrap();
+    };
+    let last = |i: usize, round: i64| {
+        let p = &prompts[i];
+        ChunkInput {
+            token_ids: &p[p.len() - 1..],
+            slot: slot(i, round),
+            n_cached: p.len() as i64 - 1,
+            logits: Logits::Last,
+        }
+    };
+    let assert_rows = |what: &str, actual: &[f32], expected: &[f32]| {
+        for (j, (&a, &e)) in actual.iter().zip(expected).enumerate() {
+            assert!(close(a, e), "{what}[{j}]: {a} vs alone {e}");
+        }
+    };
+    // Alone: each sequence's last token in a step of its own.
+    let alone: Vec<Vec<f32>> = (0..3)
+        .map(|i| {
+            prefill(model, i, 0);
+            model.step(&[last(i, 0)]).unwrap()
+        })
+        .collect();
+    let whole = ChunkInput { token_ids: &prompts[3], slot: slot(3, 0), n_cached: 0, logits: Logits::Last };
+    let whole_alone = model.step(&[whole]).unwrap();
+    // Together, in fresh slots: the three decodes in one step, then again beside the prefill.
+    for (round, with_prefill) in [(1, false), (1, true)] {
+        (0..3).for_each(|i| prefill(model, i, round));
+        let mut inputs = vec![last(0, round), last(1, round), last(2, round)];
+        if with_prefill {
+            inputs.insert(
+                1,
+                ChunkInput { token_ids: &prompts[3], slot: slot(3, round), n_cached: 0, logits: Logits::Last },
+            );
+        }
+        let logits = model.step(&inputs).unwrap();
+        let mut rows = logits.chunks(vocab);
+        for (i, expected) in alone.iter().enumerate() {
+            if with_prefill && i == 1 {
+                assert_rows(&format!("{what}: the prefill beside decodes"), rows.next().unwrap(), &whole_alone);
+            }
+            let which = format!("{what}: sequence {i} decoded with others (prefill beside: {with_prefill})");
+            assert_rows(&which, rows.next().unwrap(), expected);
+        }
+    }
+}
+
+parity!(mqa_f32, mha_f32, mqa_hd12_untied, mqa_sharded, mqa_bf16, mqa_hd32_bf16);
+parity!(falcon_mqa, falcon_gqa, falcon_gqa_one_ln, falcon_rw_mha_sequential, falcon_rw40b, falcon_gqa_hd32);
+
+/// Falcon's K/V heads per shard: the one multi-query head on every shard; grouped K/V split by
+/// whole groups where the shard count divides them, else the straddled groups on both shards.
+#[test]
+fn falcon_shards_hold_the_kv_heads_their_queries_read() {
+    for (name, tp, kv_heads_per_shard) in [
+        ("falcon_mqa", 1, vec![1]),
+        ("falcon_mqa", 3, vec![1, 1, 1]),
+        ("falcon_gqa", 1, vec![4]),
+        ("falcon_gqa", 2, vec![2, 2]),
+        ("falcon_gqa", 4, vec![1, 1, 1, 1]),
+        // 8 query heads in 4 groups of 2 over 3 shards: heads 0-2, 3-5, 6-7.
+        ("falcon_gqa", 3, vec![2, 2, 1]),
+        ("falcon_rw40b", 2, vec![1, 1]),
+        // 6 heads in 2 groups of 3 over 4 shards: heads 0-1, 2-3, 4, 5.
+        ("falcon_rw40b", 4, vec![1, 2, 1, 1]),
+        ("falcon_rw_mha_sequential", 3, vec![2, 1, 1]),
+    ] {
+        let (lm, _) = load_tp(name, tp);
+        let found: Vec<i64> = lm.runner.shard_kv_shapes().iter().map(|s| s.n_kv_heads).collect();
+        assert_eq!(found, kv_heads_per_shard, "{name} at TP {tp}");
+    }
+}
+
+#[test]
+fn the_cache_holds_one_kv_head_for_mqa_and_all_for_mha() {
+    let (mqa, _) = load("mqa_f32");
+    let (mha, _) = load("mha_f32");
+    assert_eq!((mqa.runner.shape().n_heads, mqa.runner.shape().n_kv_heads), (4, 1));
+    assert_eq!((mha.runner.shape().n_heads, mha.runner.shape().n_kv_heads), (4, 4));
+    // 2 layers x K and V x head_dim 8 x 4 bytes: 128 bytes a token for MQA, 4x that for MHA.
+    assert_eq!(mqa.runner.shard_kv_shapes()[0].bytes_per_token(tch::Kind::Float), 128);
+    assert_eq!(mha.runner.shard_kv_shapes()[0].bytes_per_token(tch::Kind::Float), 512);
+    // Sharded: MQA replicates its one K/V head on every shard; MHA splits its heads (4 over 3: 2, 1, 1).
+    let (mqa3, _) = load_tp("mqa_f32", 3);
+    let (mha3, _) = load_tp("mha_f32", 3);
+    assert_eq!(mqa3.runner.shard_kv_shapes()[0].n_kv_heads, 1);
+    assert_eq!(mha3.runner.shard_kv_shapes()[0].n_kv_heads, 2, "rank 0 of 3 holds 2 of the 4 heads");
+    // Each shard reads about a third of the split weights, plus the replicated ones.
+    let (whole, parts) = (mqa.runner.shard_weight_bytes()[0], mqa3.runner.shard_weight_bytes());
+    assert_eq!(parts.len(), 3);
+    assert!(parts.iter().all(|&p| p < whole / 2 && p > whole / 5), "{parts:?} of {whole}");
+}
+
+#[test]
+fn a_bf16_checkpoint_loads_as_bf16_by_default_and_agrees_with_f32() {
+    let dir = fixture("mqa_bf16");
+    let mut lm = load_model(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert_eq!(lm.runner.dtype(), Dtype::Bf16);
+    let (_, reference) = load("mqa_bf16");
+    let seq: Vec<u32> = reference.prompt_ids.iter().chain(&reference.new_ids).copied().collect();
+    let logprobs = sequence_logprobs(lm.runner.as_mut(), &seq).unwrap();
+    // bf16 activations carry about 3 significant digits.
+    for (i, (a, e)) in logprobs.iter().zip(&reference.sequence_logprobs).enumerate() {
+        assert!((a - e).abs() <= 0.1 + 0.05 * e.abs(), "position {i}: bf16 {a} vs f32 reference {e}");
+    }
+}
+
+/// Logprobs of every next token of `seq`: the prompt prefilled in one chunk, then one decode
+/// step per token, as served.
+fn decoded_logprobs(lm: &mut LoadedModel, seq: &[u32], prompt_len: usize) -> Vec<f32> {
+    let model = lm.runner.as_mut();
+    model.allocate_kv(seq.len() as i64).unwrap();
+    let slot = KvSlot { start: 0, capacity: seq.len() as i64 };
+    let vocab = model.shape().vocab_size as usize;
+    let mut logprobs = Vec::new();
+    let mut start = 0;
+    while start < seq.len() - 1 {
+        let len = if start == 0 { prompt_len } else { 1 };
+        let chunk =
+            ChunkInput { token_ids: &seq[start..start + len], slot, n_cached: start as i64, logits: Logits::All };
+        let logits = model.step(&[chunk]).unwrap();
+        for j in 0..len {
+            logprobs.push(log_softmax_at(&logits[j * vocab..(j + 1) * vocab], seq[start + j + 1] as usize));
+        }
+        start += len;
+    }
+    logprobs
+}
+
+/// bf16 decode steps on the AMX tiles (the default where the CPU has AMX) give what oneDNN's
+/// packed weights give, to bf16 rounding, and stay near the f32 reference: GPTBigCode (tanh
+/// GELU) and Falcon (erf GELU, grouped K/V).
+/// Fixture `name` in `dtype` with the worker's default options, its matrices as AMX tiles where
+/// `amx_weights` and the CPU has AMX (checked), else packed for oneDNN.
+fn load_packed(name: &str, dtype: Dtype, amx_weights: bool) -> LoadedModel {
+    let options = LoadOptions { dtype: Some(dtype), amx_weights, ..Default::default() };
+    let lm = load_model(fixture(name).to_str().unwrap(), &options).unwrap();
+    let tiled = amx_weights && dtype == Dtype::Bf16 && onehead_engine::kernels::amx::available();
+    assert_eq!(lm.runner.amx_tiles(), tiled, "{name} {dtype}, AMX weights {amx_weights}");
+    lm
+}
+
+#[test]
+fn bf16_decode_steps_on_amx_tiles_agree_with_onednn() {
+    for name in ["mqa_bf16", "falcon_gqa"] {
+        let (mut tiled, mut packed) = (load_packed(name, Dtype::Bf16, true), load_packed(name, Dtype::Bf16, false));
+        let (_, reference) = load(name);
+        let seq: Vec<u32> = reference.prompt_ids.iter().chain(&reference.new_ids).copied().collect();
+        let prompt_len = reference.prompt_ids.len();
+        let (a, b) = (decoded_logprobs(&mut tiled, &seq, prompt_len), decoded_logprobs(&mut packed, &seq, prompt_len));
+        for (i, ((a, b), e)) in a.iter().zip(&b).zip(&reference.sequence_logprobs).enumerate() {
+            assert!((a - b).abs() <= 0.02 + 0.02 * b.abs(), "{name} position {i}: AMX {a} vs oneDNN {b}");
+            assert!((a - e).abs() <= 0.1 + 0.05 * e.abs(), "{name} position {i}: AMX {a} vs f32 reference {e}");
+        }
+    }
+}
+
+/// A bf16 prefill of more than 32 rows (the AMX tiles' large-product path): four 50-token
+/// prompts in one step, 200 rows, so that the threads share the row blocks, then one 50-token
+/// prompt alone, whose two row blocks the threads share by columns. Each token's log-probability
+/// of the next agrees with oneDNN's packed weights to bf16 rounding and stays near f32.
+#[test]
+fn bf16_prefills_on_amx_tiles_agree_with_onednn() {
+    const LEN: usize = 50;
+    for name in ["mqa_bf16", "falcon_gqa"] {
+        let load = |dtype, amx_weights| load_packed(name, dtype, amx_weights);
+        let mut models = [load(Dtype::Bf16, true), load(Dtype::Bf16, false), load(Dtype::F32, false)];
+        let vocab = models[0].runner.shape().vocab_size as usize;
+        let prompts: Vec<Vec<u32>> =
+            (0..4).map(|p| (0..LEN).map(|t| ((t * 31 + p * 17 + t * t) % vocab) as u32).collect()).collect();
+        let prefill = |lm: &mut LoadedModel, batch: &[Vec<u32>]| -> Vec<f32> {
+            let model = lm.runner.as_mut();
+            model.allocate_kv((batch.len() * LEN) as i64).unwrap();
+            let inputs: Vec<ChunkInput> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, ids)| ChunkInput {
+                    token_ids: ids,
+                    slot: KvSlot { start: (i * LEN) as i64, capacity: LEN as i64 },
+                    n_cached: 0,
+                    logits: Logits::All,
+                })
+                .collect();
+            let logits = model.step(&inputs).unwrap();
+            let next = batch.iter().flat_map(|ids| ids[1..].iter().chain([&0]));
+            next.enumerate()
+                .map(|(row, &id)| log_softmax_at(&logits[row * vocab..(row + 1) * vocab], id as usize))
+                .collect()
+        };
+        for batch in [&prompts[..], &prompts[..1]] {
+            let [tiled, packed, f32] = models.each_mut().map(|lm| prefill(lm, batch));
+            for (i, ((a, b), e)) in tiled.iter().zip(&packed).zip(&f32).enumerate() {
+                let what = format!("{name}, {} prompts, row {i}", batch.len());
+                assert!((a - b).abs() <= 0.02 + 0.02 * b.abs(), "{what}: AMX {a} vs oneDNN {b}");
+                assert!((a - e).abs() <= 0.1 + 0.05 * e.abs(), "{what}: AMX {a} vs f32 {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn generation_stops_at_eos_unless_told_otherwise() {
+    let (mut lm, reference) = load("mqa_f32");
+    let model = lm.runner.as_mut();
+    // Declare the reference's third token the end-of-sequence token.
+    let eos = reference.new_ids[2];
+    let first = reference.new_ids.iter().position(|&t| t == eos).unwrap();
+    let stopping = StoppingCriteria { max_new_tokens: 20, ..Default::default() };
+    let g = generate(model, &[eos], &reference.prompt_ids, &SamplingParams::default(), &stopping, |_| {}).unwrap();
+    assert_eq!(g.new_ids, reference.new_ids[..=first]);
+    assert_eq!(g.finish_reason, FinishReason::Stop);
+    let stopping =
+        StoppingCriteria { max_new_tokens: 20, stop_token_ids: vec![reference.new_ids[4]], ignore_eos: true };
+    let g = generate(model, &[eos], &reference.prompt_ids, &SamplingParams::default(), &stopping, |_| {}).unwrap();
+    assert_eq!(*g.new_ids.last().unwrap(), reference.new_ids[4]);
+    assert_eq!(g.finish_reason, FinishReason::Stop);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let (mut lm, reference) = load("mqa_f32");
+    let mut run = |seed| {
+        let sampling = SamplingParams { temperature: 1.0, top_k: 20, top_p: 0.95, repetition_penalty: 1.1, seed };
+        let stopping = StoppingCriteria { max_new_tokens: 24, ignore_eos: true, ..Default::default() };
+        generate(lm.runner.as_mut(), &[], &reference.prompt_ids, &sampling, &stopping, |_| {}).unwrap().new_ids
+    };
+    assert_eq!(run(7), run(7));
+    assert_ne!(run(7), run(8));
+}
+
+#[test]
+fn bad_requests_name_the_field() {
+    let (mut lm, _) = load("mqa_f32");
+    let mut err = |prompt: &[u32], max_new_tokens, sampling: SamplingParams| {
+        let stopping = StoppingCriteria { max_new_tokens, ..Default::default() };
+        generate(lm.runner.as_mut(), &[], prompt, &sampling, &stopping, |_| {}).unwrap_err().to_string()
+    };
+    let greedy = SamplingParams::default;
+    assert!(err(&[], 4, greedy()).contains("`prompt_ids`: is empty"));
+    assert!(err(&[1, 97], 4, greedy()).contains("`prompt_ids`: token id 97 is outside the vocabulary (size 97)"));
+    assert!(err(&[1, 2], 0, greedy()).contains("`max_new_tokens`: must be at least 1"));
+    assert!(err(&[1, 2], 63, greedy()).contains("exceeds the model's context of 64 tokens"));
+    assert!(err(&[1, 2], 4, SamplingParams { temperature: -0.5, ..greedy() }).contains("`temperature`"));
+}
+
+#[test]
+fn a_bad_tp_is_refused_clearly() {
+    for (tp, expected) in [(0, "0 shards"), (5, "5 shards for a model with 4 query heads")] {
+        let options = LoadOptions { tp, ..Default::default() };
+        let err = load_model(fixture("mqa_f32").to_str().unwrap(), &options).err().unwrap().to_string();
+        assert!(err.contains("`tp`") && err.contains(expected), "{err}");
+    }
+}
+
+/// A step that fails inside the shards (here: a KV slot past the end of the pool) returns an
+/// error at every TP degree instead of hanging the shards that are waiting for the others.
+#[test]
+fn a_failing_sharded_step_errors_instead_of_hanging() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut lm, _) = load_tp("mqa_f32", 2);
+        lm.runner.allocate_kv(8).unwrap();
+        let bad = KvSlot { start: 6, capacity: 8 };
+        let first =
+            lm.runner.step(&[ChunkInput { token_ids: &[1, 2, 3, 4], slot: bad, n_cached: 0, logits: Logits::Last }]);
+        let ok_slot = KvSlot { start: 0, capacity: 8 };
+        let second =
+            lm.runner.step(&[ChunkInput { token_ids: &[1], slot: ok_slot, n_cached: 0, logits: Logits::Last }]);
+        let _ = tx.send((first.is_err(), second.map(|_| ()).map_err(|e| e.to_string())));
+    });
+    let (first_failed, second) = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("no hang");
+    assert!(first_failed);
+    // The group is broken after a shard failed: later steps say so.
+    let err = second.expect_err("a broken group refuses further steps");
+    assert!(err.contains("shard"), "{err}");
+}
