@@ -300,13 +300,13 @@ pub const FALCON_40B_SPEC: DecoderSpec = DecoderSpec {
 impl DecoderSpec {
     /// K/V heads shard `rank` of `world` caches: the ones its query heads read.
     pub fn kv_heads(&self, rank: usize, world: usize) -> i64 {
-        onehead_engine::parallel::comm::ShardHeads::new(self.n_heads, self.n_kv_heads, rank, world).n_kv_heads
+        onehead_engine::parallel::heads::ShardHeads::new(self.n_heads, self.n_kv_heads, rank, world).n_kv_heads
     }
 
     /// Weight elements one forward pass reads on shard `rank` of `world` (the LM head whole,
     /// embeddings not at all), as the engine counts them.
     pub fn shard_weight_elements(&self, rank: usize, world: usize) -> i64 {
-        let split = |n| onehead_engine::parallel::comm::split(n, rank, world).1;
+        let split = |n| onehead_engine::parallel::heads::split(n, rank, world).1;
         let (heads, ffn, vocab) = (split(self.n_heads), split(self.ffn), split(self.vocab));
         let kv = self.kv_heads(rank, world);
         let b = i64::from(self.bias);
@@ -328,7 +328,8 @@ impl DecoderSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use onehead_engine::generate::{Generation, StoppingCriteria, generate};
+    use onehead_engine::batching::request::StoppingCriteria;
+    use onehead_engine::generate::{Generation, generate};
     use onehead_engine::loader::{LoadOptions, load_model};
 
     /// Greedy decoding of `prompt` for `n` tokens with checkpoint `path` at `tp` shards; and

@@ -1,34 +1,12 @@
 //! Generation for one sequence: prefill the prompt, then decode token by token through the KV
 //! cache until a stopping criterion holds. Also scoring a whole sequence in one forward pass.
 
+use crate::batching::request::{FinishReason, StoppingCriteria, validate};
 use crate::batching::sampling::{Choice, Sampler, SamplingParams, log_softmax_at};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvSlot;
-use crate::models::{ChunkInput, Logits, ModelShape};
+use crate::models::{ChunkInput, Logits};
 use crate::runner::Runner;
-
-/// When generation ends.
-#[derive(Clone, Debug, Default)]
-pub struct StoppingCriteria {
-    pub max_new_tokens: usize,
-    /// Stop after any of these (returned) tokens.
-    pub stop_token_ids: Vec<u32>,
-    /// Do not stop at the model's end-of-sequence tokens.
-    pub ignore_eos: bool,
-}
-
-/// Why generation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// `max_new_tokens` reached.
-    Length,
-    /// A stop or end-of-sequence token was generated.
-    Stop,
-    /// The client went away, or cancelled.
-    Cancelled,
-    /// The engine failed while running the request.
-    Error,
-}
 
 /// The result of `generate`.
 #[derive(Clone, Debug)]
@@ -37,34 +15,6 @@ pub struct Generation {
     /// `logprobs[i]`: log-softmax of the raw logits at `new_ids[i]`.
     pub logprobs: Vec<f32>,
     pub finish_reason: FinishReason,
-}
-
-/// Checks a prompt and a token budget against the model, naming the offending field.
-pub fn validate_request(shape: &ModelShape, prompt_ids: &[u32], max_new_tokens: usize) -> Result<()> {
-    if prompt_ids.is_empty() {
-        return Err(Error::invalid("prompt_ids", "is empty"));
-    }
-    if let Some(&bad) = prompt_ids.iter().find(|&&t| i64::from(t) >= shape.vocab_size) {
-        return Err(Error::invalid(
-            "prompt_ids",
-            format!("token id {bad} is outside the vocabulary (size {})", shape.vocab_size),
-        ));
-    }
-    if max_new_tokens == 0 {
-        return Err(Error::invalid("max_new_tokens", "must be at least 1"));
-    }
-    let total = prompt_ids.len() + max_new_tokens;
-    if total as i64 > shape.max_context {
-        return Err(Error::invalid(
-            "max_new_tokens",
-            format!(
-                "prompt ({} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's context of {} tokens",
-                prompt_ids.len(),
-                shape.max_context
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// Generates a continuation of `prompt_ids`, calling `on_token` as each token exists. The
@@ -77,8 +27,7 @@ pub fn generate(
     stopping: &StoppingCriteria,
     mut on_token: impl FnMut(Choice),
 ) -> Result<Generation> {
-    validate_request(model.shape(), prompt_ids, stopping.max_new_tokens)?;
-    sampling.validate()?;
+    validate(model.shape(), prompt_ids, sampling, stopping)?;
     let capacity = (prompt_ids.len() + stopping.max_new_tokens) as i64;
     model.allocate_kv(capacity)?;
     let slot = KvSlot { start: 0, capacity };

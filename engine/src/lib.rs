@@ -6,6 +6,7 @@
 
 pub mod bandwidth;
 pub mod batching;
+pub mod bytes;
 pub mod error;
 pub mod generate;
 pub mod hf;
@@ -15,5 +16,6 @@ pub mod loader;
 pub mod models;
 pub mod parallel;
 pub mod runner;
+pub mod testing;
 
 pub use error::{Error, Result};

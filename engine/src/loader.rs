@@ -8,6 +8,7 @@ use crate::hf::builtin::{BUILTIN_TINY, tiny_model_dir};
 use crate::hf::config::{Dtype, GenerationConfig, ModelConfig};
 use crate::hf::tokenizer::Tokenizer;
 use crate::hf::weights::Checkpoint;
+use crate::kernels::WeightForm;
 use crate::runner::{self, Runner, ShardOptions};
 
 /// How to load.
@@ -21,12 +22,8 @@ pub struct LoadOptions {
     pub tp: usize,
     /// Intra-op threads per shard (default: cores / tp).
     pub threads_per_shard: Option<i32>,
-    /// On CPU, prepack weight matrices for oneDNN where it runs the dtype natively (default);
-    /// false keeps LibTorch's plain `linear`, for comparison.
-    pub pack_cpu_weights: bool,
-    /// Where weights would be packed, bf16, on a CPU with AMX: lay each matrix out as AMX tiles
-    /// for onehead's own kernels (`amx`; default) instead of oneDNN's packing.
-    pub amx_weights: bool,
+    /// The form asked for the weight matrices (default: AMX tiles where they apply).
+    pub weight_form: WeightForm,
 }
 
 impl Default for LoadOptions {
@@ -36,8 +33,7 @@ impl Default for LoadOptions {
             device: tch::Device::Cpu,
             tp: 1,
             threads_per_shard: None,
-            pack_cpu_weights: true,
-            amx_weights: true,
+            weight_form: WeightForm::Tiles,
         }
     }
 }
@@ -78,8 +74,7 @@ pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
         device: options.device,
         tp: options.tp,
         threads_per_shard: options.threads_per_shard,
-        pack_cpu_weights: options.pack_cpu_weights,
-        amx_weights: options.amx_weights,
+        weight_form: options.weight_form,
     };
     let runner = runner::load(&config, &dir, &shards)?;
     let tokenizer_path = dir.join("tokenizer.json");

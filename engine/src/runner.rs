@@ -12,6 +12,7 @@ use tch::Device;
 use crate::error::{Error, Result};
 use crate::hf::config::{Dtype, ModelConfig};
 use crate::hf::weights::Checkpoint;
+use crate::kernels::WeightForm;
 use crate::kv_cache::{KvPool, KvShape, KvSlot};
 use crate::models::{self, Batch, CausalLm, ChunkInput, Logits, ModelShape, Placement};
 use crate::parallel::comm::{Communicator, CpuComm, Solo};
@@ -22,11 +23,8 @@ pub trait Runner: Send {
     fn dtype(&self) -> Dtype;
     /// Rank 0's device.
     fn device(&self) -> Device;
-    /// Whether CPU weight matrices are laid out once for a kernel: prepacked for oneDNN, or as
-    /// AMX tiles where [`Runner::amx_tiles`] (`models::Placement`).
-    fn packed_weights(&self) -> bool;
-    /// Whether the shards hold their bf16 matrices as AMX tiles (`Shard::amx_tiles`).
-    fn amx_tiles(&self) -> bool;
+    /// The form the shards hold their weight matrices in (`Shard::weight_form`).
+    fn weight_form(&self) -> WeightForm;
     fn tp_degree(&self) -> usize;
     /// Weight bytes each shard reads per forward pass, by rank.
     fn shard_weight_bytes(&self) -> Vec<i64>;
@@ -60,11 +58,8 @@ impl Runner for Local {
     fn device(&self) -> Device {
         self.model.device()
     }
-    fn packed_weights(&self) -> bool {
-        self.model.shard().packed
-    }
-    fn amx_tiles(&self) -> bool {
-        self.model.shard().amx_tiles
+    fn weight_form(&self) -> WeightForm {
+        self.model.shard().weight_form
     }
     fn tp_degree(&self) -> usize {
         1
@@ -131,10 +126,8 @@ pub struct ShardOptions {
     pub tp: usize,
     /// Intra-op threads of each shard (default: cores / tp, at least 1).
     pub threads_per_shard: Option<i32>,
-    /// See `Placement::pack_cpu_weights`.
-    pub pack_cpu_weights: bool,
-    /// See `Placement::amx_weights`.
-    pub amx_weights: bool,
+    /// See `Placement::weight_form`.
+    pub weight_form: WeightForm,
 }
 
 /// Loads the model in `dir` as `options.tp` shards and returns its runner.
@@ -156,8 +149,7 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
             Device::Cuda(_) => Device::Cuda(rank),
             other => other,
         },
-        pack_cpu_weights: options.pack_cpu_weights,
-        amx_weights: options.amx_weights,
+        weight_form: options.weight_form,
     };
     if options.tp == 1 {
         if let Some(n) = options.threads_per_shard {
@@ -279,11 +271,8 @@ impl Runner for TensorParallel {
     fn device(&self) -> Device {
         self.leader.device()
     }
-    fn packed_weights(&self) -> bool {
-        self.leader.packed_weights()
-    }
-    fn amx_tiles(&self) -> bool {
-        self.leader.amx_tiles()
+    fn weight_form(&self) -> WeightForm {
+        self.leader.weight_form()
     }
     fn tp_degree(&self) -> usize {
         self.followers.len() + 1

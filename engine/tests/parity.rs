@@ -5,9 +5,11 @@
 
 use std::path::PathBuf;
 
+use onehead_engine::batching::request::{FinishReason, StoppingCriteria};
 use onehead_engine::batching::sampling::{SamplingParams, log_softmax_at};
-use onehead_engine::generate::{FinishReason, StoppingCriteria, generate, sequence_logprobs};
+use onehead_engine::generate::{generate, sequence_logprobs};
 use onehead_engine::hf::config::Dtype;
+use onehead_engine::kernels::WeightForm;
 use onehead_engine::kv_cache::KvSlot;
 use onehead_engine::loader::{LoadOptions, LoadedModel, load_model};
 use onehead_engine::models::{ChunkInput, Logits};
@@ -47,21 +49,14 @@ fn test_device() -> tch::Device {
 /// Fixture `name` in f32, as `tp` tensor-parallel shards (threads, one intra-op thread each),
 /// CPU weights prepacked for oneDNN.
 fn load_tp(name: &str, tp: usize) -> (LoadedModel, Reference) {
-    load_with(name, tp, true)
+    load_with(name, tp, WeightForm::Tiles)
 }
 
-fn load_with(name: &str, tp: usize, pack_cpu_weights: bool) -> (LoadedModel, Reference) {
+fn load_with(name: &str, tp: usize, weight_form: WeightForm) -> (LoadedModel, Reference) {
     let dir = fixture(name);
     let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
     let device = test_device();
-    let options = LoadOptions {
-        dtype: Some(Dtype::F32),
-        tp,
-        threads_per_shard: Some(1),
-        device,
-        pack_cpu_weights,
-        amx_weights: true,
-    };
+    let options = LoadOptions { dtype: Some(Dtype::F32), tp, threads_per_shard: Some(1), device, weight_form };
     (load_model(dir.to_str().unwrap(), &options).unwrap(), serde_json::from_str(&text).unwrap())
 }
 
@@ -105,13 +100,12 @@ fn check_greedy_tp(name: &str, tp: usize) {
 /// One forward pass over the whole sequence gives the reference's logprob at every position,
 /// with CPU weights prepacked for oneDNN and as stored.
 fn check_full_forward(name: &str) {
-    let runs = [(1, true), (1, false), (3, true)];
-    for (tp, packed) in runs.into_iter().filter(|&(tp, _)| !test_device().is_cuda() || tp <= tch::Cuda::device_count())
-    {
-        let (mut lm, reference) = load_with(name, tp as usize, packed);
+    let runs = [(1, WeightForm::Tiles), (1, WeightForm::Plain), (3, WeightForm::Tiles)];
+    for (tp, form) in runs.into_iter().filter(|&(tp, _)| !test_device().is_cuda() || tp <= tch::Cuda::device_count()) {
+        let (mut lm, reference) = load_with(name, tp as usize, form);
         let seq: Vec<u32> = reference.prompt_ids.iter().chain(&reference.new_ids).copied().collect();
         let logprobs = sequence_logprobs(lm.runner.as_mut(), &seq).unwrap();
-        let what = format!("{name} sequence logprobs at TP {tp}, packed weights {packed}");
+        let what = format!("{name} sequence logprobs at TP {tp}, weights asked as {form:?}");
         assert_close(&what, &logprobs, &reference.sequence_logprobs);
     }
 }
@@ -155,9 +149,11 @@ macro_rules! parity {
 #[test]
 fn cpu_weights_are_packed_unless_told_otherwise() {
     let on_cpu = !test_device().is_cuda();
-    assert_eq!(load_with("mqa_f32", 1, true).0.runner.packed_weights(), on_cpu);
-    assert_eq!(load_with("falcon_gqa", if on_cpu { 2 } else { 1 }, true).0.runner.packed_weights(), on_cpu);
-    assert!(!load_with("mqa_f32", 1, false).0.runner.packed_weights());
+    // f32 never takes AMX tiles, so the default asks for tiles and gets oneDNN's packing.
+    let packed = if on_cpu { WeightForm::Packed } else { WeightForm::Plain };
+    assert_eq!(load_with("mqa_f32", 1, WeightForm::Tiles).0.runner.weight_form(), packed);
+    assert_eq!(load_with("falcon_gqa", if on_cpu { 2 } else { 1 }, WeightForm::Tiles).0.runner.weight_form(), packed);
+    assert_eq!(load_with("mqa_f32", 1, WeightForm::Plain).0.runner.weight_form(), WeightForm::Plain);
 }
 
 /// Decode tokens of several sequences, attended together in one padded and masked call per
@@ -337,10 +333,11 @@ fn decoded_logprobs(lm: &mut LoadedModel, seq: &[u32], prompt_len: usize) -> Vec
 /// Fixture `name` in `dtype` with the worker's default options, its matrices as AMX tiles where
 /// `amx_weights` and the CPU has AMX (checked), else packed for oneDNN.
 fn load_packed(name: &str, dtype: Dtype, amx_weights: bool) -> LoadedModel {
-    let options = LoadOptions { dtype: Some(dtype), amx_weights, ..Default::default() };
+    let weight_form = if amx_weights { WeightForm::Tiles } else { WeightForm::Packed };
+    let options = LoadOptions { dtype: Some(dtype), weight_form, ..Default::default() };
     let lm = load_model(fixture(name).to_str().unwrap(), &options).unwrap();
     let tiled = amx_weights && dtype == Dtype::Bf16 && onehead_engine::kernels::amx::available();
-    assert_eq!(lm.runner.amx_tiles(), tiled, "{name} {dtype}, AMX weights {amx_weights}");
+    assert_eq!(lm.runner.weight_form() == WeightForm::Tiles, tiled, "{name} {dtype}, AMX weights {amx_weights}");
     lm
 }
 

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot, watch};
 
 use crate::metrics::WorkerMetrics;
-use onehead_engine::batching::scheduler::{Event, LoadSnapshot, Request, Scheduler, SchedulerConfig};
+use onehead_engine::batching::request::{Event, Request};
+use onehead_engine::batching::scheduler::{LoadSnapshot, Scheduler, SchedulerConfig};
 use onehead_engine::error::{Error, Result};
 use onehead_engine::runner::Runner;
 
@@ -116,8 +117,10 @@ pub struct EngineLoop {
 
 impl EngineLoop {
     /// Allocates the KV pool, runs the warm-up step, then serves commands until `stop` or until
-    /// every handle is gone.
-    pub fn run(self) {
+    /// every handle is gone. An error means no step can run here any more (a tensor-parallel
+    /// shard failed): the caller should exit non-zero so that the worker is restarted. A failed
+    /// warm-up goes to `ready` instead.
+    pub fn run(self) -> Result<()> {
         let EngineLoop { mut engine, kv_tokens, inbox, ready } = self;
         let warm = engine.runner.allocate_kv(kv_tokens).and_then(|()| engine.warm_up());
         let ok = warm.is_ok();
@@ -126,9 +129,7 @@ impl EngineLoop {
             engine.publish_load();
         }
         let _ = ready.send(warm);
-        if ok {
-            engine.run(inbox);
-        }
+        if ok { engine.run(inbox) } else { Ok(()) }
     }
 }
 
@@ -149,7 +150,9 @@ struct Engine {
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 
 impl Engine {
-    fn run(&mut self, inbox: mpsc::Receiver<Command>) {
+    /// Serves commands and steps until `Stop` or every handle is gone; an error once a
+    /// tensor-parallel shard has failed, after that step's requests have their error.
+    fn run(&mut self, inbox: mpsc::Receiver<Command>) -> Result<()> {
         loop {
             // Idle: sleep until a command comes (publishing the load each second, as its step
             // rate decays). Busy: take what has come, then step.
@@ -157,32 +160,28 @@ impl Engine {
                 match inbox.recv_timeout(Duration::from_secs(1)) {
                     Ok(command) => {
                         if !self.handle(command) {
-                            return;
+                            return Ok(());
                         }
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) => self.publish_load(),
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
                 }
             }
             loop {
                 match inbox.try_recv() {
                     Ok(command) => {
                         if !self.handle(command) {
-                            return;
+                            return Ok(());
                         }
                     }
                     Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => return,
+                    Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
                 }
             }
             self.cancel_abandoned();
             self.step();
             if self.unrecoverable {
-                // The failed step's requests have their error. Nothing else can run here, so the
-                // process exits non-zero: Kubernetes restarts it, routers take it out.
-                tracing::error!("a tensor-parallel shard failed; exiting so that the worker is restarted");
-                std::thread::sleep(Duration::from_millis(200));
-                std::process::exit(70);
+                return Err(Error::ShardFailed);
             }
         }
     }
@@ -319,7 +318,8 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{ShardBytes, WorkerMetrics};
+    use crate::metrics::WorkerMetrics;
+    use onehead_engine::bytes::ShardBytes;
     use onehead_engine::loader::{LoadOptions, load_model};
 
     /// The load is published, not asked of the engine thread: it is read while the engine
@@ -345,7 +345,7 @@ mod tests {
         assert_eq!((load.scheduler.waiting, load.scheduler.running), (0, 0));
         assert_eq!(load.scheduler.kv_tokens_total, 256);
         stop.stop();
-        engine.join().unwrap();
+        engine.join().unwrap().unwrap();
         assert!(matches!(handle.load(), Err(Error::EngineStopped)));
     }
 }

@@ -3,4 +3,5 @@
 
 pub mod engine;
 pub mod metrics;
+pub mod serve;
 pub mod server;

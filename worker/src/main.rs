@@ -5,13 +5,17 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use onehead_engine::batching::request::StoppingCriteria;
 use onehead_engine::batching::sampling::SamplingParams;
 use onehead_engine::batching::scheduler::SchedulerConfig;
-use onehead_engine::generate::{StoppingCriteria, generate};
+use onehead_engine::bytes::ShardBytes;
+use onehead_engine::generate::generate;
 use onehead_engine::hf::config::Dtype;
+use onehead_engine::kernels::WeightForm;
 use onehead_engine::loader::{LoadOptions, LoadedModel, available_memory_bytes, load_model};
 use onehead_worker::engine;
-use onehead_worker::metrics::{ShardBytes, WorkerMetrics};
+use onehead_worker::metrics::WorkerMetrics;
+use onehead_worker::serve::{KvPoolLimits, KvPoolRequest, kv_pool_tokens};
 use onehead_worker::server::{self, WorkerInfo};
 
 #[derive(Parser)]
@@ -172,13 +176,12 @@ impl ModelArgs {
             device,
             tp: self.tp,
             threads_per_shard: self.threads,
-            pack_cpu_weights: !self.plain_cpu_weights,
-            amx_weights: !self.no_amx_weights,
+            weight_form: WeightForm::from_flags(self.plain_cpu_weights, self.no_amx_weights),
         };
         let lm = load_model(&self.model, &options).with_context(|| format!("loading model {}", self.model))?;
         let bytes = lm.runner.shard_weight_bytes();
-        let (packed, amx_tiles) = (lm.runner.packed_weights(), lm.runner.amx_tiles());
-        tracing::info!(model = %lm.id, dtype = %lm.runner.dtype(), tp = self.tp, packed, amx_tiles, secs = started.elapsed().as_secs_f64(), "model loaded");
+        let weight_form = lm.runner.weight_form();
+        tracing::info!(model = %lm.id, dtype = %lm.runner.dtype(), tp = self.tp, ?weight_form, secs = started.elapsed().as_secs_f64(), "model loaded");
         for (rank, b) in bytes.iter().enumerate() {
             println!("shard {rank}: {:.1} MiB of weights", *b as f64 / (1 << 20) as f64);
         }
@@ -203,20 +206,18 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
     let kv_shapes = lm.runner.shard_kv_shapes();
     let kv_shape = *kv_shapes.iter().max_by_key(|s| s.n_kv_heads).expect("at least one shard");
     let bytes_per_token = kv_shape.bytes_per_token(lm.runner.dtype().kind());
-    let kv_cache_tokens = match (args.kv_cache_tokens, args.kv_cache_bytes) {
-        (Some(tokens), _) => tokens,
-        (None, Some(bytes)) => bytes / bytes_per_token,
-        (None, None) => {
-            let needed = args.max_batch_size as i64 * shape.max_context;
-            let available = available_memory_bytes().map_or(needed, |b| b / 2 / bytes_per_token);
-            needed.min(available)
-        }
+    let request = match (args.kv_cache_tokens, args.kv_cache_bytes) {
+        (Some(tokens), _) => KvPoolRequest::Tokens(tokens),
+        (None, Some(bytes)) => KvPoolRequest::Bytes(bytes),
+        (None, None) => KvPoolRequest::Auto,
     };
-    if kv_cache_tokens < 1 {
-        bail!(
-            "--kv-cache-tokens / --kv-cache-bytes: the KV pool must hold at least one token ({bytes_per_token} bytes)"
-        );
-    }
+    let limits = KvPoolLimits {
+        bytes_per_token,
+        max_batch_size: args.max_batch_size,
+        max_context: shape.max_context,
+        free_bytes: available_memory_bytes(),
+    };
+    let kv_cache_tokens = kv_pool_tokens(request, limits).map_err(anyhow::Error::msg)?;
     println!(
         "KV pool per shard: {kv_cache_tokens} tokens, {:.1} MiB ({bytes_per_token} bytes a token: {} layers x K,V x {} KV head(s) x {})",
         (kv_cache_tokens * bytes_per_token) as f64 / (1 << 20) as f64,
@@ -279,9 +280,18 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
             () = expired => Ok(()),
         }
     });
-    engine_loop.run();
+    if let Err(e) = engine_loop.run() {
+        // The failed step's requests have their error. Nothing else can run here, so the
+        // process exits non-zero: Kubernetes restarts it, routers take it out.
+        tracing::error!(error = %e, "exiting so that the worker is restarted");
+        std::thread::sleep(Duration::from_millis(200));
+        std::process::exit(EXIT_ENGINE_FAILED);
+    }
     runtime.block_on(server).context("the gRPC server task")?
 }
+
+/// The exit status when the engine cannot run steps any more (EX_SOFTWARE).
+const EXIT_ENGINE_FAILED: i32 = 70;
 
 /// Stops the engine when dropped: when the server task ends, however it ends.
 struct StopOnDrop(engine::EngineHandle);

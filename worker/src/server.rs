@@ -14,10 +14,9 @@ use tonic_health::ServingStatus;
 use tracing::Instrument;
 
 use crate::engine::EngineHandle;
+use onehead_engine::batching::request::{self, Event, FinishReason, StoppingCriteria};
 use onehead_engine::batching::sampling::{Choice, SamplingParams, clock_seed};
-use onehead_engine::batching::scheduler::{self, Event};
 use onehead_engine::error::Error;
-use onehead_engine::generate::{FinishReason, StoppingCriteria, validate_request};
 use onehead_engine::models::ModelShape;
 
 /// What `Info` reports; fixed at startup.
@@ -52,18 +51,13 @@ fn status(e: Error) -> Status {
 
 impl WorkerService {
     /// Checks a proto request against the model and turns it into an engine request.
-    fn request(&self, r: pb::GenerateRequest) -> Result<scheduler::Request, Error> {
+    fn request(&self, r: pb::GenerateRequest) -> Result<request::Request, Error> {
         let arrived = Instant::now();
-        if r.request_id.is_empty() {
-            return Err(Error::invalid("request_id", "is empty"));
-        }
         let sampling = r.sampling.unwrap_or_default();
         let stopping = r.stopping.unwrap_or_default();
         if sampling.top_k < 0 {
             return Err(Error::invalid("top_k", format!("must be >= 0, got {}", sampling.top_k)));
         }
-        let max_new_tokens = stopping.max_new_tokens as usize;
-        validate_request(&self.info.shape, &r.prompt_ids, max_new_tokens)?;
         let sampling = SamplingParams {
             temperature: sampling.temperature,
             top_k: sampling.top_k as usize,
@@ -71,19 +65,20 @@ impl WorkerService {
             repetition_penalty: sampling.repetition_penalty.unwrap_or(1.0),
             seed: sampling.seed.unwrap_or_else(clock_seed),
         };
-        sampling.validate()?;
-        Ok(scheduler::Request {
+        let request = request::Request {
             id: r.request_id,
             prompt_ids: r.prompt_ids,
             sampling,
             stopping: StoppingCriteria {
-                max_new_tokens,
+                max_new_tokens: stopping.max_new_tokens as usize,
                 stop_token_ids: stopping.stop_token_ids,
                 ignore_eos: stopping.ignore_eos,
             },
             top_n_logprobs: r.top_n_logprobs as usize,
             arrived,
-        })
+        };
+        request.validate(&self.info.shape)?;
+        Ok(request)
     }
 }
 

@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use onehead_engine::batching::request::StoppingCriteria;
 use onehead_engine::batching::sampling::SamplingParams;
-use onehead_engine::generate::{StoppingCriteria, generate};
+use onehead_engine::generate::generate;
 use onehead_engine::loader::{LoadOptions, load_model};
 use onehead_proto::worker::v1 as pb;
 use onehead_tests::Proc;

@@ -13,10 +13,11 @@ use std::time::Instant;
 
 use clap::Parser;
 use onehead_benches::{CheckpointArgs, decode_over_full_caches, median};
+use onehead_engine::batching::request::{Request, StoppingCriteria};
 use onehead_engine::batching::sampling::SamplingParams;
-use onehead_engine::batching::scheduler::{Request, Scheduler, SchedulerConfig};
-use onehead_engine::generate::StoppingCriteria;
+use onehead_engine::batching::scheduler::{Scheduler, SchedulerConfig};
 use onehead_engine::hf::config::Dtype;
+use onehead_engine::kernels::WeightForm;
 use onehead_engine::loader::{LoadOptions, LoadedModel, load_model};
 use tch::Kind;
 
@@ -70,8 +71,7 @@ fn main() -> anyhow::Result<()> {
         let dir = args.checkpoints.checkpoint(multi_query)?;
         let options = LoadOptions {
             dtype: Some(Dtype::Bf16),
-            pack_cpu_weights: !args.plain_cpu_weights,
-            amx_weights: !args.no_amx_weights,
+            weight_form: WeightForm::from_flags(args.plain_cpu_weights, args.no_amx_weights),
             ..Default::default()
         };
         Ok(load_model(dir.to_str().unwrap(), &options)?)
@@ -194,7 +194,8 @@ fn compare_run(lm: &mut LoadedModel, args: &Args) -> anyhow::Result<Step> {
 /// What the engine's per-step telemetry costs: the step span, the per-shard byte counters, the
 /// histograms and the load gauges, for a batch of 32 decodes, with the default subscriber.
 fn telemetry_overhead() -> anyhow::Result<()> {
-    use onehead_worker::metrics::{ShardBytes, WorkerMetrics};
+    use onehead_engine::bytes::ShardBytes;
+    use onehead_worker::metrics::WorkerMetrics;
     let _telemetry = onehead_telemetry::init("onehead-batch-bench", false);
     let registry = onehead_telemetry::Registry::default();
     let kv = onehead_engine::kv_cache::KvShape { n_layers: 24, n_kv_heads: 1, head_dim: 128 };

@@ -15,7 +15,7 @@ use onehead_benches::{CheckpointArgs, median};
 use onehead_engine::bandwidth::{device_copy_gbs, streaming_read_gbs};
 use onehead_engine::hf::config::Dtype;
 use onehead_engine::hf::weights::Checkpoint;
-use onehead_engine::kernels::{amx, onednn};
+use onehead_engine::kernels::{WeightForm, amx, onednn};
 use onehead_engine::kv_cache::KvSlot;
 use onehead_engine::loader::{LoadOptions, load_model};
 use onehead_engine::models::{ChunkInput, Logits};
@@ -151,8 +151,7 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
         dtype: Some(Dtype::Bf16),
         tp: args.tp,
         device,
-        pack_cpu_weights: !args.plain_cpu_weights,
-        amx_weights: !args.no_amx_weights,
+        weight_form: WeightForm::from_flags(args.plain_cpu_weights, args.no_amx_weights),
         ..Default::default()
     };
     let mut lm = load_model(dir.to_str().context("path")?, &options)?;
@@ -164,12 +163,7 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
     let mut logits = model.step(&[ChunkInput { token_ids: &prompt, slot, n_cached: 0, logits: Logits::Last }])?;
     // Engine steps and kernel-only passes alternate, so that drift in the machine's speed
     // (other tenants, frequency) hits both alike. The kernels' weights are packed as the engine's.
-    let form = match (model.amx_tiles(), model.packed_weights()) {
-        (true, _) => Form::Tiles,
-        (false, true) => Form::Packed,
-        (false, false) => Form::Plain,
-    };
-    let kernels = KernelPass::load(dir, device, args.kernel_layers, form)?;
+    let kernels = KernelPass::load(dir, device, args.kernel_layers, model.weight_form())?;
     let mut times = Vec::new();
     let mut kernel_times = Vec::new();
     for (step, n_cached) in (0..args.steps + 3).zip(args.context..) {
@@ -212,7 +206,7 @@ struct KernelPass {
 }
 
 impl KernelPass {
-    fn load(dir: &Path, device: tch::Device, max_layers: Option<usize>, form: Form) -> anyhow::Result<Self> {
+    fn load(dir: &Path, device: tch::Device, max_layers: Option<usize>, form: WeightForm) -> anyhow::Result<Self> {
         let ckpt = Checkpoint::open(dir)?;
         let (matrices, head) = if ckpt.contains("transformer.h.0.attn.c_attn.weight") {
             (["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], "transformer.wte")
@@ -236,12 +230,12 @@ impl KernelPass {
                 let x = Tensor::ones([1, w.size()[1]], (Kind::BFloat16, device));
                 // The AMX kernel takes its bias in f32, as `Linear` keeps it.
                 let (kernel, b) = match form {
-                    Form::Tiles => {
+                    WeightForm::Tiles => {
                         let tiles = amx::Tiles::pack(&w).with_context(|| format!("AMX tiles for {name}"))?;
                         (Kernel::Tiles(tiles), b.map(|b| b.to_kind(Kind::Float)))
                     }
-                    Form::Packed => (Kernel::Packed(onednn::pack(&w)?), b),
-                    Form::Plain => (Kernel::Plain(w), b),
+                    WeightForm::Packed => (Kernel::Packed(onednn::pack(&w)?), b),
+                    WeightForm::Plain => (Kernel::Plain(w), b),
                 };
                 Ok((kernel, b, x))
             })
@@ -272,13 +266,6 @@ impl KernelPass {
         }
         Ok(started.elapsed().as_secs_f64() * 1e3)
     }
-}
-
-#[derive(Clone, Copy)]
-enum Form {
-    Tiles,
-    Packed,
-    Plain,
 }
 
 enum Kernel {

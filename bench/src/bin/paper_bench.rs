@@ -14,10 +14,10 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use onehead_benches::{CheckpointArgs, decode_over_full_caches, median};
+use onehead_engine::bytes::ShardBytes;
 use onehead_engine::hf::config::Dtype;
 use onehead_engine::loader::{LoadOptions, load_model};
 use onehead_engine::runner::Runner;
-use onehead_worker::metrics::ShardBytes;
 
 #[derive(Parser)]
 struct Args {

@@ -1,4 +1,5 @@
-//! Continuous batching: the scheduler and sampling.
+//! Continuous batching: the request vocabulary, the scheduler and sampling.
 
+pub mod request;
 pub mod sampling;
 pub mod scheduler;

@@ -13,9 +13,9 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use crate::batching::sampling::{Choice, Sampler, SamplingParams, top_logprobs};
+use crate::batching::request::{Event, FinishReason, Finished, Request, Usage};
+use crate::batching::sampling::{Sampler, top_logprobs};
 use crate::error::{Error, Result};
-use crate::generate::{FinishReason, StoppingCriteria};
 use crate::kv_cache::{KvSlot, SlotAllocator};
 use crate::models::{ChunkInput, Logits};
 
@@ -28,41 +28,6 @@ pub struct SchedulerConfig {
     pub max_step_tokens: usize,
     /// Most prompt tokens of one sequence prefilled in one step.
     pub prefill_chunk: usize,
-}
-
-/// One generation request, validated against the model.
-#[derive(Clone, Debug)]
-pub struct Request {
-    pub id: String,
-    pub prompt_ids: Vec<u32>,
-    pub sampling: SamplingParams,
-    pub stopping: StoppingCriteria,
-    pub top_n_logprobs: usize,
-    pub arrived: Instant,
-}
-
-/// What a request's stream receives.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Event {
-    Token { choice: Choice, top: Vec<Choice> },
-    Finished(Finished),
-}
-
-/// The end of a request.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Finished {
-    pub reason: FinishReason,
-    pub error: Option<String>,
-    pub usage: Usage,
-}
-
-/// Token counts and timings of one request.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Usage {
-    pub prompt_tokens: usize,
-    pub generated_tokens: usize,
-    pub queue_secs: f64,
-    pub time_to_first_token_secs: f64,
 }
 
 /// The scheduler's load, for `GetLoad`.
@@ -339,6 +304,8 @@ fn chunk_of(seq_idx: usize, seq: &Sequence, n: usize) -> PlannedChunk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batching::request::StoppingCriteria;
+    use crate::batching::sampling::SamplingParams;
 
     const VOCAB: usize = 8;
 

@@ -246,10 +246,17 @@ mod tests {
         (y.to_kind(Kind::Float) - reference).abs().max().double_value(&[]) / scale
     }
 
+    /// Whether this CPU has AMX; if not, the test says it is skipped.
+    fn amx_here(test: &str) -> bool {
+        available() || {
+            crate::testing::skip(test, "no AMX on this CPU");
+            false
+        }
+    }
+
     #[test]
     fn products_equal_f32_ones_to_bf16_rounding() {
-        if !available() {
-            eprintln!("no AMX on this CPU: nothing to check");
+        if !amx_here("kernels::amx::products_equal_f32_ones_to_bf16_rounding") {
             return;
         }
         // Rows 1, 16, 17 and 32 reach each tile case; 80 columns end in a partial block.
@@ -264,7 +271,7 @@ mod tests {
 
     #[test]
     fn products_of_many_rows_equal_f32_ones_to_bf16_rounding() {
-        if !available() {
+        if !amx_here("kernels::amx::products_of_many_rows_equal_f32_ones_to_bf16_rounding") {
             return;
         }
         // 33 and 40 rows: too few row blocks to share, so the threads split the columns; 100,
@@ -281,7 +288,7 @@ mod tests {
 
     #[test]
     fn activations_are_applied_as_libtorch_defines_them() {
-        if !available() {
+        if !amx_here("kernels::amx::activations_are_applied_as_libtorch_defines_them") {
             return;
         }
         for act in [Activation::Gelu, Activation::GeluTanh, Activation::Relu] {
@@ -292,7 +299,7 @@ mod tests {
 
     #[test]
     fn bad_inputs_are_errors() {
-        if !available() {
+        if !amx_here("kernels::amx::bad_inputs_are_errors") {
             return;
         }
         let w = Tensor::randn([64, 64], opts()).to_kind(Kind::BFloat16);
@@ -348,8 +355,7 @@ mod tests {
 
     #[test]
     fn decode_attention_equals_f32_attention_to_bf16_rounding() {
-        if !available() {
-            eprintln!("no AMX on this CPU: nothing to check");
+        if !amx_here("kernels::amx::decode_attention_equals_f32_attention_to_bf16_rounding") {
             return;
         }
         // Multi-query (16 and 71 query heads: one and five blocks of 16), grouped (4 per K/V
@@ -371,7 +377,7 @@ mod tests {
 
     #[test]
     fn decode_attention_rejects_what_it_cannot_read() {
-        if !available() {
+        if !amx_here("kernels::amx::decode_attention_rejects_what_it_cannot_read") {
             return;
         }
         let z = |dims: &[i64]| Tensor::zeros(dims, (Kind::BFloat16, Device::Cpu));
@@ -394,7 +400,7 @@ mod tests {
 
     #[test]
     fn batched_inputs_keep_their_leading_dimensions() {
-        if !available() {
+        if !amx_here("kernels::amx::batched_inputs_keep_their_leading_dimensions") {
             return;
         }
         let w = Tensor::randn([64, 64], opts()).to_kind(Kind::BFloat16);

@@ -1,4 +1,74 @@
-//! CPU kernels of our own: AMX tiles and oneDNN's prepacked products.
+//! CPU kernels of our own: AMX tiles and oneDNN's prepacked products, and the choice between
+//! them (`WeightForm`).
 
 pub mod amx;
 pub mod onednn;
+
+use tch::{Device, Kind};
+
+/// The form a weight matrix is kept in, for one kernel. Asked for at load (the most specialised
+/// form wanted), then resolved per shard to what its dtype, device and CPU allow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightForm {
+    /// AMX tiles for onehead's own kernels (`amx`): bf16 on a CPU with AMX; elsewhere `Packed`.
+    #[default]
+    Tiles,
+    /// Prepacked for oneDNN's kernels (`onednn`), on a CPU that runs the dtype natively (f32;
+    /// bf16 from AVX-512 on); elsewhere `Plain`.
+    Packed,
+    /// As stored, for LibTorch's plain `linear` (CUDA, and for comparison on CPU).
+    Plain,
+}
+
+impl WeightForm {
+    /// The form the binaries' flags ask for: `--plain-cpu-weights` and `--no-amx-weights`.
+    pub fn from_flags(plain_cpu_weights: bool, no_amx_weights: bool) -> Self {
+        match (plain_cpu_weights, no_amx_weights) {
+            (true, _) => WeightForm::Plain,
+            (false, true) => WeightForm::Packed,
+            (false, false) => WeightForm::Tiles,
+        }
+    }
+
+    /// The most specialised form at or below this one that weights of `kind` on `device` can
+    /// take here.
+    pub fn resolve(self, kind: Kind, device: Device) -> Self {
+        let packs = device == Device::Cpu && onednn::supported(kind);
+        match self {
+            WeightForm::Tiles if packs && amx::applies(kind, device) => WeightForm::Tiles,
+            WeightForm::Tiles | WeightForm::Packed if packs => WeightForm::Packed,
+            _ => WeightForm::Plain,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms_fall_back_to_what_the_device_allows() {
+        // CUDA and f16 on CPU: always as stored.
+        for form in [WeightForm::Tiles, WeightForm::Packed, WeightForm::Plain] {
+            assert_eq!(form.resolve(Kind::BFloat16, Device::Cuda(0)), WeightForm::Plain);
+            assert_eq!(form.resolve(Kind::Half, Device::Cpu), WeightForm::Plain);
+        }
+        // f32 packs for oneDNN wherever it runs, but never as tiles.
+        let f32_packs = onednn::supported(Kind::Float);
+        let packed_or_plain = if f32_packs { WeightForm::Packed } else { WeightForm::Plain };
+        assert_eq!(WeightForm::Tiles.resolve(Kind::Float, Device::Cpu), packed_or_plain);
+        assert_eq!(WeightForm::Plain.resolve(Kind::Float, Device::Cpu), WeightForm::Plain);
+        // bf16 takes tiles exactly where AMX applies.
+        let bf16 = WeightForm::Tiles.resolve(Kind::BFloat16, Device::Cpu);
+        assert_eq!(bf16 == WeightForm::Tiles, amx::applies(Kind::BFloat16, Device::Cpu));
+        assert_ne!(WeightForm::Packed.resolve(Kind::BFloat16, Device::Cpu), WeightForm::Tiles);
+    }
+
+    #[test]
+    fn flags_map_to_forms() {
+        assert_eq!(WeightForm::from_flags(false, false), WeightForm::Tiles);
+        assert_eq!(WeightForm::from_flags(false, true), WeightForm::Packed);
+        assert_eq!(WeightForm::from_flags(true, false), WeightForm::Plain);
+        assert_eq!(WeightForm::from_flags(true, true), WeightForm::Plain);
+    }
+}

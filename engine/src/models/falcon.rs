@@ -14,7 +14,8 @@ use crate::error::Result;
 use crate::hf::config::{Activation, FalconConfig, FalconNorms};
 use crate::hf::weights::Checkpoint;
 use crate::kv_cache::KvPool;
-use crate::parallel::comm::{Communicator, split};
+use crate::parallel::comm::Communicator;
+use crate::parallel::heads::split;
 
 pub struct Falcon {
     /// This shard's rows of the token embedding (all of it at TP 1).
@@ -222,6 +223,7 @@ mod tests {
 
     use super::*;
     use crate::hf::config::{Dtype, ModelConfig};
+    use crate::kernels::WeightForm;
     use crate::kv_cache::KvSlot;
     use crate::models::{ChunkInput, Logits};
     use crate::parallel::comm::CpuComm;
@@ -266,7 +268,7 @@ mod tests {
                     let model = Falcon::load(
                         &config,
                         &ckpt,
-                        Placement { dtype: Dtype::F32, device: Device::Cpu, pack_cpu_weights: true, amx_weights: true },
+                        Placement { dtype: Dtype::F32, device: Device::Cpu, weight_form: WeightForm::Tiles },
                         comm.clone(),
                     )
                     .unwrap();

@@ -13,7 +13,8 @@ use crate::error::Result;
 use crate::hf::config::{Activation, GptBigCodeConfig};
 use crate::hf::weights::Checkpoint;
 use crate::kv_cache::KvPool;
-use crate::parallel::comm::{Communicator, split};
+use crate::parallel::comm::Communicator;
+use crate::parallel::heads::split;
 
 pub struct GptBigCode {
     /// This shard's rows of the token embedding (all of it at TP 1).

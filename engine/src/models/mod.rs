@@ -18,9 +18,10 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::hf::config::{Activation, Dtype, ModelConfig};
 use crate::hf::weights::Checkpoint;
-use crate::kernels::amx;
+use crate::kernels::{WeightForm, amx};
 use crate::kv_cache::{KvPool, KvShape, KvSlot};
-use crate::parallel::comm::{Communicator, ShardHeads};
+use crate::parallel::comm::Communicator;
+use crate::parallel::heads::ShardHeads;
 
 /// One sequence's part of a batch.
 #[derive(Clone, Copy, Debug)]
@@ -190,23 +191,19 @@ pub struct Shard {
     pub queries_per_kv_head: Vec<i64>,
     pub(crate) vocab: parallel::VocabShard,
     pub comm: Arc<dyn Communicator>,
-    /// Matrices are prepacked for oneDNN (`Placement::pack_cpu_weights`, on a CPU that runs
-    /// `dtype` natively).
-    pub packed: bool,
-    /// Matrices are laid out as AMX tiles instead (`Placement::amx_weights`, bf16, on a CPU
-    /// with AMX).
-    pub amx_tiles: bool,
+    /// The form the matrices are kept in: `Placement::weight_form` as far as `dtype` and
+    /// `device` allow.
+    pub weight_form: WeightForm,
 }
 
 impl Shard {
     pub fn new(shape: ModelShape, placement: Placement, comm: Arc<dyn Communicator>) -> Self {
-        let Placement { dtype, device, pack_cpu_weights, amx_weights } = placement;
+        let Placement { dtype, device, weight_form } = placement;
         let heads = ShardHeads::new(shape.n_heads, shape.n_kv_heads, comm.rank(), comm.world_size());
         let vocab = parallel::VocabShard::new(shape.vocab_size, comm.as_ref());
-        let packed = pack_cpu_weights && device == Device::Cpu && crate::kernels::onednn::supported(dtype.kind());
-        let amx_tiles = amx_weights && packed && amx::applies(dtype.kind(), device);
+        let weight_form = weight_form.resolve(dtype.kind(), device);
         let queries_per_kv_head = heads.queries_per_kv_head();
-        Shard { queries_per_kv_head, shape, dtype, device, heads, vocab, comm, packed, amx_tiles }
+        Shard { queries_per_kv_head, shape, dtype, device, heads, vocab, comm, weight_form }
     }
 }
 
@@ -215,12 +212,8 @@ impl Shard {
 pub struct Placement {
     pub dtype: Dtype,
     pub device: Device,
-    /// On CPU, prepack the matrices for oneDNN where it runs `dtype` natively (`onednn`);
-    /// false keeps them as stored, for LibTorch's plain `linear`.
-    pub pack_cpu_weights: bool,
-    /// Where weights would be packed, bf16, on a CPU with AMX: lay each matrix out as AMX tiles
-    /// for onehead's own kernels (`amx`) instead of oneDNN's packing.
-    pub amx_weights: bool,
+    /// The form asked for the matrices; each shard keeps what its dtype and device allow.
+    pub weight_form: WeightForm,
 }
 
 /// A causal language model over a shared KV pool.
@@ -458,13 +451,13 @@ enum Matrix {
 }
 
 impl Linear {
-    /// `pack`: lay the weight out for oneDNN's CPU kernels (`Shard::packed`); `tiles`: as AMX
-    /// tiles instead, where that layout applies (`Shard::amx_tiles`).
-    pub fn new(weight: Tensor, bias: Option<Tensor>, pack: bool, tiles: bool) -> Result<Self> {
-        let tiles = if tiles { amx::Tiles::pack(&weight) } else { None };
+    /// The weight in `form`, a shard's resolved `Shard::weight_form`; a matrix whose shape the
+    /// tiles do not take is packed for oneDNN instead.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, form: WeightForm) -> Result<Self> {
+        let tiles = if form == WeightForm::Tiles { amx::Tiles::pack(&weight) } else { None };
         let matrix = match tiles {
             Some(t) => Matrix::Tiles(t, bias.as_ref().map(|b| b.to_kind(Kind::Float).contiguous())),
-            None if pack => Matrix::Packed(crate::kernels::onednn::pack(&weight)?),
+            None if form != WeightForm::Plain => Matrix::Packed(crate::kernels::onednn::pack(&weight)?),
             None => Matrix::Plain(weight),
         };
         Ok(Linear { matrix, bias })

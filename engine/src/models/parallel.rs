@@ -11,7 +11,8 @@ use tch::Tensor;
 use super::{LayerNorm, Linear, Shard};
 use crate::error::{Error, Result};
 use crate::hf::weights::Checkpoint;
-use crate::parallel::comm::{Communicator, split};
+use crate::parallel::comm::Communicator;
+use crate::parallel::heads::split;
 
 /// Reads `shard`'s parts of checkpoint tensors, in its dtype, onto its device.
 pub(crate) struct ShardLoader<'a> {
@@ -134,7 +135,7 @@ impl ShardLoader<'_> {
 
     /// A linear layer of this shard's `weight` and `bias`, packed as the shard keeps them.
     fn linear(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
-        Linear::new(weight, bias, self.shard.packed, self.shard.amx_tiles)
+        Linear::new(weight, bias, self.shard.weight_form)
     }
 }
 

@@ -1,4 +1,5 @@
-//! Tensor parallelism: the communicators (CPU threads, NCCL).
+//! Tensor parallelism: the head-split rule and the communicators (CPU threads, NCCL).
 
 pub mod comm;
+pub mod heads;
 pub mod nccl;

@@ -175,7 +175,8 @@ mod tests {
     #[test]
     fn nccl_all_reduce_and_gather_across_two_devices() {
         if tch::Cuda::device_count() < 2 {
-            eprintln!("skipped: needs 2 CUDA devices, LibTorch sees {}", tch::Cuda::device_count());
+            let why = format!("needs 2 CUDA devices, LibTorch sees {}", tch::Cuda::device_count());
+            crate::testing::skip("parallel::nccl::nccl_all_reduce_and_gather_across_two_devices", &why);
             return;
         }
         let comms = group(2).unwrap();

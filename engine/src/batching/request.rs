@@ -1,0 +1,155 @@
+//! The vocabulary of a generation request, shared by the scheduler, the one-sequence loop and
+//! the serving edge: what a request asks for, what its stream receives, why it ended, and the
+//! one function that checks a request's content against the model.
+
+use std::time::Instant;
+
+use crate::batching::sampling::{Choice, SamplingParams};
+use crate::error::{Error, Result};
+use crate::models::ModelShape;
+
+/// One generation request; `validate` checks it against the model.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub id: String,
+    pub prompt_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub stopping: StoppingCriteria,
+    pub top_n_logprobs: usize,
+    pub arrived: Instant,
+}
+
+/// What a request's stream receives.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Token { choice: Choice, top: Vec<Choice> },
+    Finished(Finished),
+}
+
+/// The end of a request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finished {
+    pub reason: FinishReason,
+    pub error: Option<String>,
+    pub usage: Usage,
+}
+
+/// Token counts and timings of one request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub queue_secs: f64,
+    pub time_to_first_token_secs: f64,
+}
+
+impl Request {
+    /// Checks the request against the model (`validate`), and that it has an id.
+    pub fn validate(&self, shape: &ModelShape) -> Result<()> {
+        if self.id.is_empty() {
+            return Err(Error::invalid("request_id", "is empty"));
+        }
+        validate(shape, &self.prompt_ids, &self.sampling, &self.stopping)
+    }
+}
+
+/// When generation ends.
+#[derive(Clone, Debug, Default)]
+pub struct StoppingCriteria {
+    pub max_new_tokens: usize,
+    /// Stop after any of these (returned) tokens.
+    pub stop_token_ids: Vec<u32>,
+    /// Do not stop at the model's end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `max_new_tokens` reached.
+    Length,
+    /// A stop or end-of-sequence token was generated.
+    Stop,
+    /// The client went away, or cancelled.
+    Cancelled,
+    /// The engine failed while running the request.
+    Error,
+}
+
+/// Checks a prompt, its sampling parameters and its token budget against the model, naming the
+/// offending field: every check of a request's content (the scheduler adds those that depend on
+/// its own state: a duplicate id, a KV pool too small).
+pub fn validate(
+    shape: &ModelShape,
+    prompt_ids: &[u32],
+    sampling: &SamplingParams,
+    stopping: &StoppingCriteria,
+) -> Result<()> {
+    let max_new_tokens = stopping.max_new_tokens;
+    if prompt_ids.is_empty() {
+        return Err(Error::invalid("prompt_ids", "is empty"));
+    }
+    if let Some(&bad) = prompt_ids.iter().find(|&&t| i64::from(t) >= shape.vocab_size) {
+        return Err(Error::invalid(
+            "prompt_ids",
+            format!("token id {bad} is outside the vocabulary (size {})", shape.vocab_size),
+        ));
+    }
+    if max_new_tokens == 0 {
+        return Err(Error::invalid("max_new_tokens", "must be at least 1"));
+    }
+    let total = prompt_ids.len() + max_new_tokens;
+    if total as i64 > shape.max_context {
+        return Err(Error::invalid(
+            "max_new_tokens",
+            format!(
+                "prompt ({} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's context of {} tokens",
+                prompt_ids.len(),
+                shape.max_context
+            ),
+        ));
+    }
+    sampling.validate()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHAPE: ModelShape =
+        ModelShape { n_layers: 1, n_heads: 4, n_kv_heads: 1, head_dim: 8, vocab_size: 97, max_context: 64 };
+
+    /// `expected`: None when the request is valid, else a part of the error message.
+    fn check(edit: impl FnOnce(&mut Request), expected: Option<&str>) {
+        let mut request = Request {
+            id: "r".into(),
+            prompt_ids: vec![1, 2, 3],
+            sampling: SamplingParams::default(),
+            stopping: StoppingCriteria { max_new_tokens: 4, ..Default::default() },
+            top_n_logprobs: 0,
+            arrived: Instant::now(),
+        };
+        edit(&mut request);
+        match (request.validate(&SHAPE), expected) {
+            (Ok(()), None) => {}
+            (Err(e), Some(part)) => assert!(e.to_string().contains(part), "{e} should contain {part:?}"),
+            (found, expected) => panic!("{found:?}, expected {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_are_checked_field_by_field() {
+        check(|_| {}, None);
+        check(|r| r.id.clear(), Some("`request_id`: is empty"));
+        check(|r| r.prompt_ids.clear(), Some("`prompt_ids`: is empty"));
+        check(|r| r.prompt_ids.push(96), None);
+        check(|r| r.prompt_ids.push(97), Some("`prompt_ids`: token id 97 is outside the vocabulary (size 97)"));
+        check(|r| r.stopping.max_new_tokens = 0, Some("`max_new_tokens`: must be at least 1"));
+        check(|r| r.stopping.max_new_tokens = 61, None);
+        check(|r| r.stopping.max_new_tokens = 62, Some("= 65 exceeds the model's context of 64 tokens"));
+        check(|r| r.sampling.temperature = -0.5, Some("`temperature`"));
+        check(|r| r.sampling.temperature = f32::NAN, Some("`temperature`"));
+        check(|r| r.sampling.top_p = 0.0, Some("`top_p`"));
+        check(|r| r.sampling.repetition_penalty = 0.0, Some("`repetition_penalty`"));
+    }
+}
