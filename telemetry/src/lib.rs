@@ -1,19 +1,26 @@
-//! Telemetry shared by the router and the worker: a small metrics registry rendered in the
-//! Prometheus text format on `GET /metrics` (`--metrics-listen`), and log setup.
+//! Telemetry shared by the router and the worker: metrics rendered in the Prometheus text
+//! format on `GET /metrics` (`--metrics-listen`) and mirrored into OpenTelemetry instruments;
+//! log setup; OTLP export of spans and metrics; W3C trace-context propagation from the router
+//! to the worker; and the shutdown signal both binaries stop on.
 //!
 //! Metric names follow the OpenTelemetry GenAI semantic conventions where they exist
 //! (`gen_ai.server.time_to_first_token` becomes `gen_ai_server_time_to_first_token_seconds`),
 //! and onehead's own live under `onehead_`. Histogram buckets are set explicitly.
 //!
-//! Architecture invariant: no LibTorch and no gRPC here; recording a metric is a few atomic
-//! operations, cheap enough for every decode step.
+//! Architecture invariant: this crate knows nothing of LibTorch, the engine or the `.proto`
+//! types; it depends on tokio, tracing, OpenTelemetry, and axum/hyper for `/metrics` only.
+//! gRPC appears in two places and no others: tonic's `MetadataMap` is the carrier type of
+//! [`inject_context`] and [`set_parent_from`] (the propagation itself works on the
+//! `http::HeaderMap` underneath), and tonic is the OTLP exporter's transport. Recording a metric
+//! is a few atomic operations (plus the OpenTelemetry instrument's record when OTLP export is
+//! on), cheap enough for every decode step.
 
 mod metrics;
 mod server;
 
 pub use metrics::{Counter, Gauge, Histogram, Registry, SECONDS_BUCKETS};
 pub use server::serve_metrics;
-use tonic::metadata as tonic_metadata;
+use tonic::metadata::MetadataMap;
 
 /// Keeps the OpenTelemetry exporters alive; dropping it flushes what is buffered.
 pub struct TelemetryGuard {
@@ -83,19 +90,21 @@ pub fn init(default_service: &str, json: bool) -> TelemetryGuard {
 }
 
 /// Writes the current span's W3C trace context into gRPC metadata (router to worker).
-pub fn inject_context(metadata: &mut tonic_metadata::MetadataMap) {
+pub fn inject_context(metadata: &mut MetadataMap) {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let context = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut MetadataInjector(metadata)));
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&context, &mut HeaderInjector(metadata.as_mut()));
+    });
 }
 
 /// Makes `span` a child of the W3C trace context in `metadata`, if there is one, and records
 /// its trace id in the span's `trace_id` field (declared `Empty`), so that JSON log lines
 /// written inside it carry the trace id.
-pub fn set_parent_from(span: &tracing::Span, metadata: &tonic_metadata::MetadataMap) {
+pub fn set_parent_from(span: &tracing::Span, metadata: &MetadataMap) {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(metadata.as_ref())));
     let _ = span.set_parent(parent);
     let trace_id = span.context().span().span_context().trace_id();
     if trace_id != opentelemetry::trace::TraceId::INVALID {
@@ -103,30 +112,28 @@ pub fn set_parent_from(span: &tracing::Span, metadata: &tonic_metadata::Metadata
     }
 }
 
-struct MetadataInjector<'a>(&'a mut tonic_metadata::MetadataMap);
+/// The propagator's view of the headers under gRPC metadata: `traceparent` and `tracestate`
+/// are plain ASCII headers, so nothing of tonic's metadata rules is needed to carry them.
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
 
-impl opentelemetry::propagation::Injector for MetadataInjector<'_> {
+impl opentelemetry::propagation::Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(key), Ok(value)) = (tonic_metadata::MetadataKey::from_bytes(key.as_bytes()), value.parse()) {
+        if let (Ok(key), Ok(value)) =
+            (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value))
+        {
             self.0.insert(key, value);
         }
     }
 }
 
-struct MetadataExtractor<'a>(&'a tonic_metadata::MetadataMap);
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
-impl opentelemetry::propagation::Extractor for MetadataExtractor<'_> {
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).and_then(|v| v.to_str().ok())
     }
     fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic_metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic_metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
+        self.0.keys().map(http::HeaderName::as_str).collect()
     }
 }
 
@@ -169,4 +176,33 @@ pub fn shutdown_with_grace(
         tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over; exiting with requests still open");
     };
     (stop, expired)
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+
+    use super::*;
+
+    #[test]
+    fn trace_context_survives_grpc_metadata() {
+        let propagator = TraceContextPropagator::new();
+        let sent = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        let context = opentelemetry::Context::new().with_remote_span_context(sent.clone());
+        let mut metadata = MetadataMap::new();
+        propagator.inject_context(&context, &mut HeaderInjector(metadata.as_mut()));
+        assert_eq!(metadata.get("traceparent").unwrap(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        // The worker reads what tonic made of the request's HTTP/2 headers.
+        let received = MetadataMap::from_headers(metadata.into_headers());
+        let extracted = propagator.extract(&HeaderExtractor(received.as_ref()));
+        assert_eq!(extracted.span().span_context(), &sent);
+    }
 }
