@@ -4,18 +4,23 @@
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
-# Dependencies first: this layer is reused until a manifest or the lock file changes.
+# Dependencies first: this layer is reused until a manifest or the lock file changes. Every
+# member's manifest is copied (cargo resolves the whole workspace against the lock file) with
+# empty sources; only the router's dependencies are compiled, and a failure fails the build.
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY proto/Cargo.toml proto/build.rs proto/
 COPY proto/proto proto/proto
 COPY telemetry/Cargo.toml telemetry/
+COPY engine/Cargo.toml engine/
+COPY worker/Cargo.toml worker/
 COPY router/Cargo.toml router/
-RUN mkdir -p proto/src telemetry/src router/src/bin \
-    && echo 'fn main() {}' > router/src/main.rs && echo 'fn main() {}' > router/src/bin/router_bench.rs \
-    && touch proto/src/lib.rs telemetry/src/lib.rs router/src/lib.rs \
-    && sed -i 's/members = .*/members = ["proto", "telemetry", "router"]/' Cargo.toml
+COPY bench/Cargo.toml bench/
+COPY loadgen/Cargo.toml loadgen/
+COPY tests/Cargo.toml tests/
+COPY deploy/docker/stub-sources.sh /usr/local/bin/
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    cargo build --release --locked -p onehead-router --bin onehead-router || true
+    stub-sources.sh \
+    && cargo build --release --locked -p onehead-router --bin onehead-router
 COPY proto/src proto/src
 COPY telemetry/src telemetry/src
 COPY router/src router/src

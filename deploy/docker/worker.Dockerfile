@@ -9,7 +9,7 @@ RUN python -m venv /opt/torch \
     && /opt/torch/bin/pip install --no-cache-dir "torch==2.11.0"
 
 FROM rust:1.95-slim-bookworm AS build
-# A C++ compiler: torch-sys and the worker's own build script (worker/csrc/onednn.cpp) compile
+# A C++ compiler: torch-sys and the engine's build script (engine/csrc/onednn.cpp, amx.cpp) compile
 # against LibTorch's headers; the slim image has only gcc.
 # hadolint ignore=DL3008
 RUN apt-get update \
