@@ -7,7 +7,7 @@
 #     (4 requests), 8 and 32 (the 32 requests);
 #   - an f32 spot check: the greedy ids of 4 prompts (16 tokens) from both must be equal.
 #   - onehead's engine in process (onehead-batch-bench), for the same shape without gRPC.
-# The machine's speed drifts by up to 2.5x within an hour (BENCHMARKS.md), so each transformers
+# The machine's speed drifts by up to 2.5x within an hour (docs/benchmarks-history.md), so each transformers
 # run sits between two onehead runs at concurrency 32 (c32-1, c32-2, c32-3), and its ratio is
 # taken against their mean. Takes 15-30 minutes on a 2-core machine. Results: $BENCH_DIR/peer/.
 set -euo pipefail

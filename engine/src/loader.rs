@@ -90,7 +90,7 @@ pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
 /// huge pages (`THP_MEM_ALLOC_ENABLE=1`: 2 MiB-aligned, `madvise(MADV_HUGEPAGE)`), unless the
 /// environment already sets it. A decode step streams every weight once; through 4 KiB pages
 /// that is half a million TLB misses a step for SantaCoder, and the products ran 20-25% slower
-/// inside a step than back to back (BENCHMARKS.md, issue 2). Takes effect only before LibTorch's
+/// inside a step than back to back (docs/benchmarks-history.md, issue 2). Takes effect only before LibTorch's
 /// first allocation, so binaries call it first thing in `main`, before any thread starts.
 pub fn prefer_huge_pages() {
     const VAR: &str = "THP_MEM_ALLOC_ENABLE";

@@ -8,7 +8,7 @@
 //! The engine runs on the thread that loaded the model (`EngineLoop::run`), not on a new one:
 //! LibTorch's OpenMP keeps a team of threads for every thread that starts parallel regions, and
 //! with a second team on the same cores every region of a step waits for a sleeping thread to
-//! be woken (on 2 cores a batch-32 SantaCoder step took 290 ms instead of 188; BENCHMARKS.md).
+//! be woken (on 2 cores a batch-32 SantaCoder step took 290 ms instead of 188; docs/benchmarks-history.md).
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;

@@ -3,7 +3,7 @@
 //! rows) streams every weight from memory once; oneDNN's kernels do it at about 75% of a plain
 //! read's rate here and fall further behind at 32 rows, this loop keeps close to it. Larger
 //! products (prefill) first lay their rows out as tiles, then share the row blocks between
-//! the threads; a SantaCoder prefill runs about 15% faster than on oneDNN's (BENCHMARKS.md,
+//! the threads; a SantaCoder prefill runs about 15% faster than on oneDNN's (docs/benchmarks-history.md,
 //! "After AMX prefill products").
 
 use tch::{Device, Kind, TchError, Tensor};

@@ -1,6 +1,6 @@
 //! Matrix products on CPU weights prepacked for oneDNN, which tch does not bind (see
 //! `csrc/onednn.cpp`). LibTorch's plain `linear` lays the weight out for the kernels again on
-//! every call; a weight packed once at load reads faster (BENCHMARKS.md: a SantaCoder decode
+//! every call; a weight packed once at load reads faster (docs/benchmarks-history.md: a SantaCoder decode
 //! step 19% faster at batch 1 and 15% at batch 32 on an AVX-512/AMX Xeon).
 //! On a CPU with AMX, bf16 matrices are laid out for `amx` instead, which runs every product.
 
