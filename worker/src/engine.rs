@@ -203,14 +203,18 @@ impl Engine {
         true
     }
 
-    /// Publishes the scheduler's load and the steps of the last `RATE_WINDOW`.
+    /// Publishes the scheduler's load and the steps of the last `RATE_WINDOW`, to `GetLoad` and
+    /// to the load gauges alike: every change of load goes through here, a submission or a
+    /// cancellation that no step follows included.
     fn publish_load(&mut self) {
         let now = Instant::now();
         while self.recent_steps.front().is_some_and(|t| now.duration_since(*t) > RATE_WINDOW) {
             self.recent_steps.pop_front();
         }
         let steps_per_sec = self.recent_steps.len() as f64 / RATE_WINDOW.as_secs_f64();
-        self.load.send_replace(Some(Load { scheduler: self.scheduler.load(), steps_per_sec }));
+        let scheduler = self.scheduler.load();
+        self.metrics.load(scheduler);
+        self.load.send_replace(Some(Load { scheduler, steps_per_sec }));
     }
 
     /// Cancels every request whose client has gone, and publishes the load they freed.
@@ -274,7 +278,6 @@ impl Engine {
             }
         };
         self.recent_steps.push_back(now);
-        self.metrics.load(self.scheduler.load());
         // Before the events: a client that has its token sees the load that produced it (and
         // steps older than `RATE_WINDOW` leave `recent_steps`).
         self.publish_load();

@@ -19,14 +19,14 @@ fn fixture(name: &str) -> String {
 
 /// A running `onehead-worker serve` (killed on drop) and a client for it.
 struct Server {
-    _process: Proc,
+    process: Proc,
     client: WorkerClient<Channel>,
 }
 
 impl Server {
     async fn start(model: &str, flags: &[&str]) -> Server {
         let process = onehead_tests::worker_with_model(model, flags).await;
-        Server { client: WorkerClient::new(process.channel().await), _process: process }
+        Server { client: WorkerClient::new(process.channel().await), process }
     }
 
     async fn load(&self) -> pb::Load {
@@ -212,6 +212,33 @@ async fn cancellation_frees_the_kv_of_running_and_queued_requests() {
     assert_eq!(load.kv_tokens_free, 3000);
 }
 
+/// The load gauges on /metrics (the autoscaler's input) follow every change of load, also a
+/// submission or a cancellation after which no step runs (issue 19, F3: they stayed at the last
+/// step's values while the worker sat idle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_gauges_follow_cancellations_with_no_step_after_them() {
+    let process = onehead_tests::worker_with_model(
+        "builtin:tiny",
+        &["--max-batch-size", "1", "--kv-cache-tokens", "3000", "--metrics-listen", "127.0.0.1:0"],
+    )
+    .await;
+    let server = Server { client: WorkerClient::new(process.channel().await), process };
+    let gauges = |m: &std::collections::HashMap<String, f64>| {
+        let get = |name: &str| m.get(name).copied().unwrap_or(f64::NAN);
+        (get("onehead_worker_running_sequences"), get("onehead_worker_waiting_requests"))
+    };
+    let mut client = server.client.clone();
+    let mut a = client.generate(request("a", vec![1, 2, 3], 2000, greedy())).await.unwrap().into_inner();
+    let b = client.generate(request("b", vec![1, 2, 3], 500, greedy())).await.unwrap().into_inner();
+    a.message().await.unwrap().unwrap();
+    server.wait_for_load("a running, b waiting", |l| (l.running, l.waiting) == (1, 1)).await;
+    assert_eq!(gauges(&server.process.scrape().await), (1.0, 1.0));
+    drop((a, b));
+    server.wait_for_load("both to leave", |l| (l.running, l.waiting) == (0, 0)).await;
+    // The engine is idle now: no step runs that could refresh the gauges.
+    assert_eq!(gauges(&server.process.scrape().await), (0.0, 0.0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_by_name_and_disturbs_nothing() {
     let server = Server::start(&fixture("mqa_f32"), &["--kv-cache-tokens", "50"]).await;
@@ -230,6 +257,15 @@ async fn bad_input_is_refused_by_name_and_disturbs_nothing() {
         (request("q", vec![1], 4, pb::SamplingParams { top_p: Some(1.5), ..greedy() }), "`top_p`"),
         (request("k", vec![1], 4, pb::SamplingParams { top_k: -1, ..greedy() }), "`top_k`"),
         (request("", vec![1], 4, greedy()), "`request_id`: is empty"),
+        // Issue 19, F8: the whole vocabulary sorted per token, and stop ids that can never match.
+        (pb::GenerateRequest { top_n_logprobs: u32::MAX, ..request("n", vec![1], 4, greedy()) }, "`top_n_logprobs`"),
+        (
+            pb::GenerateRequest {
+                stopping: Some(pb::StoppingCriteria { max_new_tokens: 4, stop_token_ids: vec![97], ignore_eos: false }),
+                ..request("s", vec![1], 4, greedy())
+            },
+            "`stop_token_ids`: token id 97 is outside the vocabulary",
+        ),
         // Fits the context (64) but never the pool (50): refused at once, not queued forever.
         (request("big", vec![1; 10], 45, greedy()), "can never fit the KV pool of 50 tokens"),
     ];

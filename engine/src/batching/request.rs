@@ -43,11 +43,22 @@ pub struct Usage {
     pub time_to_first_token_secs: f64,
 }
 
+/// The most alternatives a request may ask for at each position (as the router's API and
+/// vLLM's default `max_logprobs`): each costs a pass over the vocabulary on the engine thread.
+pub const MAX_TOP_N_LOGPROBS: usize = 20;
+
 impl Request {
-    /// Checks the request against the model (`validate`), and that it has an id.
+    /// Checks the request against the model (`validate`), that it has an id, and how many
+    /// alternatives it asks for.
     pub fn validate(&self, shape: &ModelShape) -> Result<()> {
         if self.id.is_empty() {
             return Err(Error::invalid("request_id", "is empty"));
+        }
+        if self.top_n_logprobs > MAX_TOP_N_LOGPROBS {
+            return Err(Error::invalid(
+                "top_n_logprobs",
+                format!("at most {MAX_TOP_N_LOGPROBS}, got {}", self.top_n_logprobs),
+            ));
         }
         validate(shape, &self.prompt_ids, &self.sampling, &self.stopping)
     }
@@ -92,6 +103,12 @@ pub fn validate(
     if let Some(&bad) = prompt_ids.iter().find(|&&t| i64::from(t) >= shape.vocab_size) {
         return Err(Error::invalid(
             "prompt_ids",
+            format!("token id {bad} is outside the vocabulary (size {})", shape.vocab_size),
+        ));
+    }
+    if let Some(&bad) = stopping.stop_token_ids.iter().find(|&&t| i64::from(t) >= shape.vocab_size) {
+        return Err(Error::invalid(
+            "stop_token_ids",
             format!("token id {bad} is outside the vocabulary (size {})", shape.vocab_size),
         ));
     }
@@ -151,5 +168,9 @@ mod tests {
         check(|r| r.sampling.temperature = f32::NAN, Some("`temperature`"));
         check(|r| r.sampling.top_p = 0.0, Some("`top_p`"));
         check(|r| r.sampling.repetition_penalty = 0.0, Some("`repetition_penalty`"));
+        check(|r| r.top_n_logprobs = 20, None);
+        check(|r| r.top_n_logprobs = 21, Some("`top_n_logprobs`: at most 20, got 21"));
+        check(|r| r.stopping.stop_token_ids = vec![0, 96], None);
+        check(|r| r.stopping.stop_token_ids = vec![5, 97], Some("`stop_token_ids`: token id 97 is outside"));
     }
 }
