@@ -23,6 +23,27 @@ for dir in deploy/k8s/overlays/cpu deploy/k8s/overlays/gpu deploy/otel; do
     kubectl kustomize "$dir" > "$file"
     # Custom resources (the Prometheus Operator's PodMonitor) have no schema here; they are
     # reported as warnings, everything else must validate.
+    # A worker's gRPC port opens only after its model loads: the startup probe must allow a long
+    # load, and deploy/README.md must give the figures the manifests have.
+    if ! "$tools/bin/python" - "$file" deploy/README.md <<'PY'
+import sys, yaml
+rendered, readme = sys.argv[1], open(sys.argv[2]).read()
+for doc in yaml.safe_load_all(open(rendered)):
+    if not doc or doc.get("kind") != "StatefulSet":
+        continue
+    for c in doc["spec"]["template"]["spec"]["containers"]:
+        start, live = c.get("startupProbe"), c.get("livenessProbe")
+        assert start, f"{c['name']}: no startupProbe"
+        n, period = start["failureThreshold"], start["periodSeconds"]
+        assert n * period >= 600, f"{c['name']}: startup probe allows {n * period} s, under 10 minutes"
+        text = f"{n} x {period} s = {n * period // 60} minutes"
+        assert text in readme, f"deploy/README.md does not say {text!r}"
+        text = f"{live['failureThreshold']} failed liveness probes {live['periodSeconds']} s apart"
+        assert text in readme, f"deploy/README.md does not say {text!r}"
+PY
+    then
+        status=1
+    fi
     if "$tools/bin/kubernetes-validate" --strict --quiet -k "$KUBERNETES_VERSION" "$file"; then
         echo "validate-deploy: $dir: $(grep -c '^kind:' "$file") objects valid (Kubernetes $KUBERNETES_VERSION, strict)"
     else
