@@ -31,6 +31,24 @@ pub type EventSender = tokio_mpsc::UnboundedSender<Event>;
 pub struct Load {
     pub scheduler: LoadSnapshot,
     pub steps_per_sec: f64,
+    /// When the engine published this: after a step or a command, or each second while idle.
+    pub published: Instant,
+}
+
+impl Load {
+    /// Why the engine looks stuck at `now`: work is queued or running, and nothing has been
+    /// published (no step has finished) for longer than `limit`.
+    pub fn stalled(&self, now: Instant, limit: Duration) -> Option<String> {
+        let work = self.scheduler.waiting + self.scheduler.running;
+        let silent = now.saturating_duration_since(self.published);
+        (work > 0 && silent > limit).then(|| {
+            format!(
+                "no engine step has completed for {:.1} s (limit {:.1} s) with {work} request(s) waiting or running",
+                silent.as_secs_f64(),
+                limit.as_secs_f64()
+            )
+        })
+    }
 }
 
 enum Command {
@@ -214,7 +232,7 @@ impl Engine {
         let steps_per_sec = self.recent_steps.len() as f64 / RATE_WINDOW.as_secs_f64();
         let scheduler = self.scheduler.load();
         self.metrics.load(scheduler);
-        self.load.send_replace(Some(Load { scheduler, steps_per_sec }));
+        self.load.send_replace(Some(Load { scheduler, steps_per_sec, published: now }));
     }
 
     /// Cancels every request whose client has gone, and publishes the load they freed.
@@ -324,6 +342,23 @@ mod tests {
     use crate::metrics::WorkerMetrics;
     use onehead_engine::bytes::ShardBytes;
     use onehead_engine::loader::{LoadOptions, load_model};
+
+    #[test]
+    fn a_stall_is_silence_while_work_waits() {
+        let t0 = Instant::now();
+        let load = |waiting, running| Load {
+            scheduler: LoadSnapshot { waiting, running, kv_tokens_free: 0, kv_tokens_total: 0 },
+            steps_per_sec: 0.0,
+            published: t0,
+        };
+        let limit = Duration::from_secs(10);
+        let at = |secs| t0 + Duration::from_secs(secs);
+        assert_eq!(load(1, 0).stalled(at(10), limit), None);
+        assert!(load(1, 0).stalled(at(11), limit).unwrap().contains("no engine step has completed for 11.0 s"));
+        assert!(load(0, 2).stalled(at(11), limit).unwrap().contains("with 2 request(s)"));
+        // Idle: silence is no stall.
+        assert_eq!(load(0, 0).stalled(at(1000), limit), None);
+    }
 
     /// The load is published, not asked of the engine thread: it is read while the engine
     /// thread is busy (here, blocked on a command that never comes, as in a long step); an

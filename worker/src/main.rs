@@ -70,6 +70,11 @@ struct ServeArgs {
     /// Log JSON lines instead of human-readable ones.
     #[arg(long, env = "ONEHEAD_LOG_JSON")]
     log_json: bool,
+    /// Seconds without a completed engine step, while work waits, after which health turns
+    /// NOT_SERVING and GetLoad fails saying why (a hung step, a stuck device); it turns back
+    /// when steps resume. Keep it well above the slowest step (a full prefill chunk).
+    #[arg(long, env = "ONEHEAD_STALL_TIMEOUT_SECS", default_value_t = 60.0)]
+    stall_timeout_secs: f64,
     /// After SIGTERM, seconds that in-flight requests get to finish (new ones are refused).
     #[arg(long, env = "ONEHEAD_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
@@ -193,6 +198,10 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
     if args.max_batch_size == 0 || args.prefill_chunk == 0 {
         bail!("--max-batch-size and --prefill-chunk must be at least 1");
     }
+    let stall_limit =
+        Duration::try_from_secs_f64(args.stall_timeout_secs).ok().filter(|d| !d.is_zero()).with_context(|| {
+            format!("--stall-timeout-secs: expected a positive number, got {}", args.stall_timeout_secs)
+        })?;
     if args.max_step_tokens < args.max_batch_size {
         bail!(
             "--max-step-tokens ({}) must be at least --max-batch-size ({})",
@@ -276,7 +285,7 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
         let ready = async move { ready.await.unwrap_or(Err(onehead_engine::Error::EngineStopped)) };
         let (stop, expired) = onehead_telemetry::shutdown_with_grace(Duration::from_secs(args.shutdown_grace_secs));
         tokio::select! {
-            served = server::serve(listener, engine, info, ready, stop) => served,
+            served = server::serve(listener, engine, info, ready, stop, stall_limit) => served,
             () = expired => Ok(()),
         }
     });

@@ -3,7 +3,7 @@
 //! become `tonic::Status`.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use onehead_proto::worker::v1 as pb;
 use pb::worker_server::{Worker, WorkerServer};
@@ -38,6 +38,7 @@ pub struct WorkerInfo {
 pub struct WorkerService {
     engine: EngineHandle,
     info: WorkerInfo,
+    stall_limit: Duration,
 }
 
 /// The one place where engine errors become a gRPC status.
@@ -136,6 +137,10 @@ impl Worker for WorkerService {
 
     async fn get_load(&self, _: Request<pb::GetLoadRequest>) -> Result<Response<pb::Load>, Status> {
         let load = self.engine.load().map_err(status)?;
+        // A stuck engine answers no work: the routers' health checks count this as a failure.
+        if let Some(why) = load.stalled(Instant::now(), self.stall_limit) {
+            return Err(Status::unavailable(why));
+        }
         Ok(Response::new(pb::Load {
             waiting: load.scheduler.waiting as u32,
             running: load.scheduler.running as u32,
@@ -177,6 +182,7 @@ pub async fn serve(
     info: WorkerInfo,
     ready: impl std::future::Future<Output = onehead_engine::Result<()>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    stall_limit: Duration,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::NotServing).await;
@@ -194,17 +200,20 @@ pub async fn serve(
     let addr: SocketAddr = listener.local_addr()?;
     // Draining: health turns NOT_SERVING, so probes and routers stop sending work here.
     let draining = health.clone();
+    let (drain_started, drain_seen) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         shutdown.await;
+        let _ = drain_started.send(true);
         draining.set_service_status("", ServingStatus::NotServing).await;
         draining.set_not_serving::<WorkerServer<WorkerService>>().await;
     };
+    let watched = engine.clone();
     tokio::spawn(async move {
         match ready.await {
             Ok(()) => {
-                health.set_service_status("", ServingStatus::Serving).await;
-                health.set_serving::<WorkerServer<WorkerService>>().await;
+                set_serving(&health, true).await;
                 tracing::info!(%addr, "warmed up; serving");
+                watch_for_stalls(&health, &watched, stall_limit, drain_seen).await;
             }
             Err(e) => tracing::error!(error = %e, "engine failed to start; health stays NOT_SERVING"),
         }
@@ -213,10 +222,52 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(WorkerServer::new(WorkerService { engine, info }))
+        .add_service(WorkerServer::new(WorkerService { engine, info, stall_limit }))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     Ok(())
+}
+
+async fn set_serving(health: &tonic_health::server::HealthReporter, serving: bool) {
+    if serving {
+        health.set_service_status("", ServingStatus::Serving).await;
+        health.set_serving::<WorkerServer<WorkerService>>().await;
+    } else {
+        health.set_service_status("", ServingStatus::NotServing).await;
+        health.set_not_serving::<WorkerServer<WorkerService>>().await;
+    }
+}
+
+/// Health follows the engine: NOT_SERVING while work waits and no step has completed for
+/// `stall_limit` (a hung step, a stuck device), SERVING again once steps resume. Stops when
+/// the worker starts draining, which owns health from then on.
+async fn watch_for_stalls(
+    health: &tonic_health::server::HealthReporter,
+    engine: &EngineHandle,
+    stall_limit: Duration,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+) {
+    let period = (stall_limit / 4).clamp(Duration::from_millis(1), Duration::from_secs(1));
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            _ = draining.wait_for(|&d| d) => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        let Ok(load) = engine.load() else { return };
+        let stall = load.stalled(Instant::now(), stall_limit);
+        if stall.is_some() == serving {
+            match &stall {
+                Some(why) => tracing::warn!(reason = %why, "engine stalled; health NOT_SERVING"),
+                None => tracing::info!("engine steps again; health SERVING"),
+            }
+            serving = stall.is_none();
+            // Draining may have begun meanwhile: it has the last word.
+            if !*draining.borrow() {
+                set_serving(health, serving).await;
+            }
+        }
+    }
 }
 
 /// Accepted connections with TCP_NODELAY: without it, small stream messages wait for delayed

@@ -239,6 +239,63 @@ async fn load_gauges_follow_cancellations_with_no_step_after_them() {
     assert_eq!(gauges(&server.process.scrape().await), (0.0, 0.0));
 }
 
+/// Health follows the engine (issue 19): while work waits and no step has completed for
+/// `--stall-timeout-secs`, GetLoad fails saying why and health is NOT_SERVING; both recover when
+/// steps resume. Here the limit (5 ms) is below a 1500-token prefill step of `builtin:tiny`, so
+/// each prefill looks like a stall while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_stalled_and_resumed_engine_steps() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let flags = ["--stall-timeout-secs", "0.005", "--max-batch-size", "1", "--prefill-chunk", "2048"];
+    let server = Server::start("builtin:tiny", &[&flags[..], &["--max-step-tokens", "2048"]].concat()).await;
+    let health = HealthClient::new(server.process.channel().await);
+    let serving = || {
+        let mut health = health.clone();
+        async move {
+            let request = HealthCheckRequest { service: String::new() };
+            health.check(request).await.unwrap().into_inner().status == ServingStatus::Serving as i32
+        }
+    };
+    let mut client = server.client.clone();
+    let mut streams = Vec::new();
+    for i in 0..4 {
+        let req = request(&format!("long-{i}"), vec![7; 1500], 2, greedy());
+        streams.push(tokio::spawn(collect_owned(client.clone(), req)));
+    }
+    let (mut stalled_load, mut not_serving) = (None, false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (stalled_load.is_none() || !not_serving) && Instant::now() < deadline {
+        if let Err(status) = client.get_load(pb::GetLoadRequest {}).await {
+            stalled_load = Some(status);
+        }
+        not_serving |= !serving().await;
+    }
+    let status = stalled_load.expect("GetLoad never reported the stall");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("no engine step has completed for"), "{}", status.message());
+    assert!(not_serving, "health never turned NOT_SERVING");
+    for stream in streams {
+        assert_eq!(stream.await.unwrap().0.len(), 2);
+    }
+    // Nothing waits any more: no stall, whatever the silence.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(server.load().await.running == 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !serving().await {
+        assert!(Instant::now() < deadline, "health stayed NOT_SERVING after the steps resumed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn collect_owned(
+    mut client: WorkerClient<Channel>,
+    req: pb::GenerateRequest,
+) -> (Vec<u32>, Vec<f32>, pb::Finished) {
+    collect(&mut client, req).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_by_name_and_disturbs_nothing() {
     let server = Server::start(&fixture("mqa_f32"), &["--kv-cache-tokens", "50"]).await;
