@@ -1,7 +1,7 @@
 //! Finding workers (a static list and DNS names re-resolved each round) and checking their
-//! health: every round each worker's `GetLoad` is called with a short timeout. A worker that
-//! fails `FAILED_CHECKS` checks in a row is out (a request that fails on it takes it out at
-//! once, `Pool::mark_unhealthy`); one that answers again is back, after its model is checked.
+//! health: every round each worker's `GetLoad` is called with a short timeout, and its `Info`
+//! at the first answer. This loop only does the I/O: it feeds each result to the pool, whose
+//! `Health` state machine (`health.rs`) decides who is in and out, and logs what changed.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -11,6 +11,7 @@ use onehead_proto::worker::v1 as wpb;
 use onehead_proto::worker::v1::worker_client::WorkerClient;
 use tonic::transport::Endpoint;
 
+use crate::health::Change;
 use crate::pool::{Pool, WorkerEntry};
 use crate::service::ModelView;
 use crate::text::Tokenizer;
@@ -26,10 +27,6 @@ pub struct Discovery {
 }
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
-/// Failed checks in a row that take a worker out, as Kubernetes' probes count them: one slow
-/// answer from a busy machine is not a dead worker, and with one worker it would fail every
-/// request that arrives before the next round.
-pub const FAILED_CHECKS: u32 = 3;
 
 /// Runs the discovery and health loop forever.
 pub async fn run(discovery: Discovery, pool: Arc<Mutex<Pool>>, model: Arc<std::sync::RwLock<Option<Arc<ModelView>>>>) {
@@ -52,20 +49,21 @@ pub async fn run(discovery: Discovery, pool: Arc<Mutex<Pool>>, model: Arc<std::s
             let load = match load {
                 Ok(load) => load,
                 Err(why) => {
-                    let mut p = pool.lock().unwrap();
-                    if let Some(w) = p.workers.iter_mut().find(|w| w.url == url) {
-                        w.failed_checks += 1;
-                        if w.healthy && w.failed_checks >= FAILED_CHECKS {
-                            tracing::warn!(worker = %url, %why, checks = w.failed_checks, "health checks failed; worker taken out");
-                            w.healthy = false;
-                        } else if w.healthy {
-                            tracing::info!(worker = %url, %why, checks = w.failed_checks, "health check failed");
+                    let change = pool.lock().unwrap().on_check_failed(&url);
+                    match change {
+                        Change::Out { failed_checks } => {
+                            tracing::warn!(worker = %url, %why, checks = failed_checks, "health checks failed; worker taken out");
                         }
+                        Change::CheckFailed { failed_checks } => {
+                            tracing::info!(worker = %url, %why, checks = failed_checks, "health check failed");
+                        }
+                        _ => {}
                     }
                     continue;
                 }
             };
-            let needs_info = pool.lock().unwrap().workers.iter().any(|w| w.url == url && w.info.is_none());
+            // A worker whose description cannot be fetched is judged again next round.
+            let needs_info = pool.lock().unwrap().needs_info(&url);
             let info = if needs_info {
                 match tokio::time::timeout(CHECK_TIMEOUT, client.info(wpb::InfoRequest {})).await {
                     Ok(Ok(r)) => Some(r.into_inner()),
@@ -74,28 +72,16 @@ pub async fn run(discovery: Discovery, pool: Arc<Mutex<Pool>>, model: Arc<std::s
             } else {
                 None
             };
-            let became_healthy = {
-                let mut p = pool.lock().unwrap();
-                let verdict = info.as_ref().map(|i| p.admit_model(&url, i));
-                let Some(w) = p.workers.iter_mut().find(|w| w.url == url) else { continue };
-                if let Some(verdict) = verdict {
-                    w.info = info.clone();
-                    if let Err(why) = verdict {
-                        tracing::error!(worker = %url, %why, "worker refused: it serves a different model");
-                        w.refused = Some(why);
-                    }
+            let change = pool.lock().unwrap().on_check_ok(&url, load, info);
+            match change {
+                Change::Refused(why) => {
+                    tracing::error!(worker = %url, %why, "worker refused: it serves a different model")
                 }
-                w.load = Some(load);
-                w.failed_checks = 0;
-                let was = w.healthy;
-                w.healthy = w.refused.is_none();
-                !was && w.healthy
-            };
-            if became_healthy {
-                tracing::info!(worker = %url, "worker healthy");
+                Change::In => tracing::info!(worker = %url, "worker healthy"),
+                _ => {}
             }
             // Until the router knows the tokenizer, every healthy worker is asked in turn.
-            let healthy = pool.lock().unwrap().workers.iter().any(|w| w.url == url && w.healthy);
+            let healthy = pool.lock().unwrap().is_in(&url);
             if healthy && model.read().unwrap().is_none() {
                 load_model_view(&mut client, &pool, &url, &model).await;
             }

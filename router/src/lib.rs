@@ -6,8 +6,10 @@
 
 pub mod client;
 pub mod discovery;
+pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod service;
 pub mod text;
+pub mod validate;

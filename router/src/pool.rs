@@ -1,14 +1,18 @@
 //! The workers the router knows, their health and load, and the choice of worker for a request.
 //!
 //! Plain synchronous state behind one mutex (short critical sections, no `.await` inside), so the
-//! policy is unit-tested without a network. The health loop (`discovery.rs`) writes it; request
-//! handlers read it and hold `Assignment`s, which count their tokens as outstanding until dropped.
+//! policy is unit-tested without a network. The health loop (`discovery.rs`) feeds it the results
+//! of its checks, and request handlers their failures, through the `on_*` methods, which apply
+//! each worker's `Health` state machine and return what changed; request handlers hold
+//! `Assignment`s, which count their tokens as outstanding until dropped.
 
 use std::sync::{Arc, Mutex};
 
 use onehead_proto::worker::v1 as wpb;
 use onehead_proto::worker::v1::worker_client::WorkerClient;
 use tonic::transport::Channel;
+
+use crate::health::{Change, Health};
 
 /// What must match for workers to serve the same model.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,11 +40,8 @@ pub struct WorkerEntry {
     pub client: WorkerClient<Channel>,
     /// From static configuration (kept when DNS forgets it).
     pub is_static: bool,
-    pub healthy: bool,
-    /// Health checks failed in a row (`discovery::FAILED_CHECKS`).
-    pub failed_checks: u32,
-    /// Why the worker is refused (a different model), if it is.
-    pub refused: Option<String>,
+    pub health: Health,
+    /// Fetched at the first passing health check.
     pub info: Option<wpb::WorkerInfo>,
     pub load: Option<wpb::Load>,
     /// Tokens (prompt + max_new_tokens) of this router's requests in flight there.
@@ -49,17 +50,7 @@ pub struct WorkerEntry {
 
 impl WorkerEntry {
     pub fn new(url: String, client: WorkerClient<Channel>, is_static: bool) -> Self {
-        WorkerEntry {
-            url,
-            client,
-            is_static,
-            healthy: false,
-            failed_checks: 0,
-            refused: None,
-            info: None,
-            load: None,
-            outstanding_tokens: 0,
-        }
+        WorkerEntry { url, client, is_static, health: Health::default(), info: None, load: None, outstanding_tokens: 0 }
     }
 
     /// KV tokens the worker can still take: its pool minus what is in use, judged by the larger
@@ -106,7 +97,7 @@ impl Pool {
         self.workers
             .iter()
             .enumerate()
-            .filter(|(_, w)| w.healthy && w.refused.is_none() && !exclude.contains(&w.url))
+            .filter(|(_, w)| w.health.is_in() && !exclude.contains(&w.url))
             .max_by_key(|(_, w)| {
                 let waiting = w.load.as_ref().map_or(0, |l| l.waiting);
                 (w.headroom(), std::cmp::Reverse(waiting), std::cmp::Reverse(w.outstanding_tokens))
@@ -115,21 +106,48 @@ impl Pool {
     }
 
     pub fn healthy_count(&self) -> usize {
-        self.workers.iter().filter(|w| w.healthy && w.refused.is_none()).count()
+        self.workers.iter().filter(|w| w.health.is_in()).count()
     }
 
-    /// Marks a worker unhealthy at once (a request to it failed); the health loop re-admits it.
-    pub fn mark_unhealthy(&mut self, url: &str) {
-        if let Some(w) = self.workers.iter_mut().find(|w| w.url == url)
-            && w.healthy
-        {
-            tracing::warn!(worker = url, "worker failed a request; taken out until its health check passes");
-            w.healthy = false;
+    fn worker_mut(&mut self, url: &str) -> Option<&mut WorkerEntry> {
+        self.workers.iter_mut().find(|w| w.url == url)
+    }
+
+    /// Whether requests may go to the worker at `url`.
+    pub fn is_in(&self, url: &str) -> bool {
+        self.workers.iter().any(|w| w.url == url && w.health.is_in())
+    }
+
+    /// Whether the worker at `url` is known and its description not fetched yet: the health loop
+    /// fetches it with the next passing check, and hands it to `on_check_ok`.
+    pub fn needs_info(&self, url: &str) -> bool {
+        self.workers.iter().any(|w| w.url == url && w.info.is_none())
+    }
+
+    /// A health check of `url` answered with `load`; `info`, when this check fetched it, is
+    /// checked against the cluster's model first.
+    pub fn on_check_ok(&mut self, url: &str, load: wpb::Load, info: Option<wpb::WorkerInfo>) -> Change {
+        let verdict = info.as_ref().map(|i| self.admit_model(url, i));
+        let Some(w) = self.worker_mut(url) else { return Change::None };
+        if info.is_some() {
+            w.info = info;
         }
+        w.load = Some(load);
+        w.health.on_check_ok(verdict)
+    }
+
+    /// A health check of `url` failed or did not answer in time.
+    pub fn on_check_failed(&mut self, url: &str) -> Change {
+        self.worker_mut(url).map_or(Change::None, |w| w.health.on_check_failed())
+    }
+
+    /// A request to `url` failed: the worker is out at once, until a health check passes.
+    pub fn on_request_failed(&mut self, url: &str) -> Change {
+        self.worker_mut(url).map_or(Change::None, |w| w.health.on_request_failed())
     }
 
     /// Checks a worker's model against the pool's; the first healthy worker sets it.
-    pub fn admit_model(&mut self, url: &str, info: &wpb::WorkerInfo) -> Result<(), String> {
+    fn admit_model(&mut self, url: &str, info: &wpb::WorkerInfo) -> Result<(), String> {
         let identity = ModelIdentity::from(info);
         if let Some(expected) = &self.expected_model_id
             && *expected != identity.model_id
@@ -163,13 +181,24 @@ pub fn assign(pool: &Arc<Mutex<Pool>>, exclude: &[String], tokens: u64) -> Optio
 mod tests {
     use super::*;
 
+    /// A client that never connects. Making one needs a Tokio runtime, hence `#[tokio::test]`.
+    fn client() -> WorkerClient<Channel> {
+        WorkerClient::new(tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy())
+    }
+
     fn worker(url: &str, kv_free: u64, waiting: u32) -> WorkerEntry {
-        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
-        let mut w = WorkerEntry::new(url.into(), WorkerClient::new(channel), true);
-        w.healthy = true;
-        w.load =
-            Some(wpb::Load { waiting, running: 0, kv_tokens_free: kv_free, kv_tokens_total: 1000, steps_per_sec: 0.0 });
+        let mut w = WorkerEntry::new(url.into(), client(), true);
+        w.health.on_check_ok(None);
+        w.load = Some(load(kv_free, waiting));
         w
+    }
+
+    fn load(kv_free: u64, waiting: u32) -> wpb::Load {
+        wpb::Load { waiting, running: 0, kv_tokens_free: kv_free, kv_tokens_total: 1000, steps_per_sec: 0.0 }
+    }
+
+    fn info(model_id: &str) -> wpb::WorkerInfo {
+        wpb::WorkerInfo { model_id: model_id.into(), vocab_size: 10, ..Default::default() }
     }
 
     fn pool(workers: Vec<WorkerEntry>) -> Arc<Mutex<Pool>> {
@@ -194,17 +223,17 @@ mod tests {
     #[tokio::test]
     async fn skips_unhealthy_refused_and_excluded_workers() {
         let p = pool(vec![worker("a", 100, 0), worker("b", 900, 0), worker("c", 500, 3)]);
-        p.lock().unwrap().mark_unhealthy("b");
+        assert_eq!(p.lock().unwrap().on_request_failed("b"), Change::Out { failed_checks: 0 });
         assert_eq!(assign(&p, &[], 1).unwrap().url, "c");
         assert_eq!(assign(&p, &["c".into()], 1).unwrap().url, "a");
-        p.lock().unwrap().workers[0].refused = Some("other model".into());
+        p.lock().unwrap().workers[0].health.on_check_ok(Some(Err("other model".into())));
         assert!(assign(&p, &["c".into()], 1).is_none());
+        assert_eq!(p.lock().unwrap().healthy_count(), 1);
     }
 
     #[tokio::test]
     async fn the_first_model_wins_and_others_are_refused() {
         let mut pool = Pool::default();
-        let info = |id: &str| wpb::WorkerInfo { model_id: id.into(), vocab_size: 10, ..Default::default() };
         assert!(pool.admit_model("a", &info("m")).is_ok());
         assert!(pool.admit_model("b", &info("m")).is_ok());
         let err = pool.admit_model("c", &info("other")).unwrap_err();
@@ -212,5 +241,36 @@ mod tests {
         let mut pool = Pool { expected_model_id: Some("m".into()), ..Default::default() };
         assert!(pool.admit_model("c", &info("other")).unwrap_err().contains("configured for \"m\""));
         assert!(pool.admit_model("a", &info("m")).is_ok());
+    }
+
+    /// Health checks as the discovery loop reports them, through to whom requests go.
+    #[tokio::test]
+    async fn checks_admit_refuse_and_take_out_workers_by_url() {
+        let mut pool = Pool { expected_model_id: Some("m".into()), ..Default::default() };
+        for url in ["a", "b"] {
+            pool.workers.push(WorkerEntry::new(url.into(), client(), false));
+        }
+        assert!(pool.needs_info("a") && !pool.is_in("a"));
+        assert_eq!(pool.on_check_ok("a", load(500, 0), Some(info("m"))), Change::In);
+        assert!(!pool.needs_info("a") && pool.is_in("a"));
+        assert_eq!(pool.workers[0].load.as_ref().unwrap().kv_tokens_free, 500);
+        let refused = pool.on_check_ok("b", load(900, 0), Some(info("other")));
+        assert!(matches!(&refused, Change::Refused(why) if why.contains("configured for \"m\"")), "{refused:?}");
+        assert!(!pool.needs_info("b") && !pool.is_in("b"));
+        assert_eq!(pool.on_check_ok("b", load(900, 0), None), Change::None);
+        assert_eq!(pool.healthy_count(), 1);
+        // A later check without info updates the load only.
+        assert_eq!(pool.on_check_ok("a", load(400, 2), None), Change::None);
+        assert_eq!(pool.workers[0].load.as_ref().unwrap().waiting, 2);
+        for _ in 0..2 {
+            assert!(matches!(pool.on_check_failed("a"), Change::CheckFailed { .. }));
+        }
+        assert_eq!(pool.on_check_failed("a"), Change::Out { failed_checks: 3 });
+        assert_eq!(pool.healthy_count(), 0);
+        // Events for a worker the pool no longer knows change nothing.
+        assert!(!pool.needs_info("gone"));
+        assert_eq!(pool.on_check_ok("gone", load(1, 0), None), Change::None);
+        assert_eq!(pool.on_check_failed("gone"), Change::None);
+        assert_eq!(pool.on_request_failed("gone"), Change::None);
     }
 }

@@ -1,4 +1,4 @@
-//! The public API (`onehead.v1.TextGeneration`): validation, tokenization, assignment to a
+//! The public API (`onehead.v1.TextGeneration`): validation (`validate.rs`), assignment to a
 //! worker, streaming text back, retries before the first token, deadlines and backpressure.
 //! The one place where router errors become `tonic::Status`.
 
@@ -16,9 +16,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
+use crate::health::Change;
 use crate::metrics::RouterMetrics;
 use crate::pool::{Pool, assign};
 use crate::text::{Detokenizer, StopMatcher, Tokenizer};
+use crate::validate::{self, Bounds, Generation, Invalid};
 
 /// What the router knows of the model: from the first healthy worker.
 pub struct ModelView {
@@ -36,11 +38,6 @@ pub struct Limits {
     /// Workers tried for one request before its first token.
     pub max_attempts: usize,
 }
-
-const MAX_STOP_SEQUENCES: usize = 8;
-const MAX_STOP_BYTES: usize = 256;
-const MAX_TOP_N: u32 = 20;
-const DEFAULT_MAX_NEW_TOKENS: u32 = 64;
 
 pub struct Router {
     pub metrics: Arc<RouterMetrics>,
@@ -60,11 +57,44 @@ struct Job {
     tokens: u64,
 }
 
+impl Job {
+    fn new(request_id: String, g: Generation) -> Self {
+        let tokens = g.kv_tokens();
+        let worker_request = wpb::GenerateRequest {
+            request_id,
+            prompt_ids: g.prompt_ids.clone(),
+            sampling: Some(wpb::SamplingParams {
+                temperature: g.sampling.temperature,
+                top_k: g.sampling.top_k,
+                top_p: g.sampling.top_p,
+                repetition_penalty: g.sampling.repetition_penalty,
+                seed: g.sampling.seed,
+            }),
+            stopping: Some(wpb::StoppingCriteria {
+                max_new_tokens: g.max_new_tokens,
+                stop_token_ids: g.stop_token_ids,
+                ignore_eos: g.ignore_eos,
+            }),
+            top_n_logprobs: g.top_n_logprobs,
+        };
+        Job { tokens, prompt_ids: g.prompt_ids, worker_request, stops: g.stop }
+    }
+}
+
 /// Events of one generation, as the stream and the unary call both consume them.
 type Events = mpsc::Receiver<Result<pb::GenerateStreamResponse, Status>>;
 
-fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("invalid argument `{field}`: {message}"))
+impl From<Invalid> for Status {
+    fn from(invalid: Invalid) -> Self {
+        Status::invalid_argument(invalid.to_string())
+    }
+}
+
+/// Takes a worker out at once: a request to it failed. The health loop lets it back in.
+fn take_out(pool: &Mutex<Pool>, url: &str) {
+    if let Change::Out { .. } = pool.lock().unwrap().on_request_failed(url) {
+        tracing::warn!(worker = url, "worker failed a request; taken out until its health check passes");
+    }
 }
 
 impl Router {
@@ -87,123 +117,15 @@ impl Router {
     }
 
     /// Checks every field and tokenizes; each failure names its field.
-    fn validate(&self, model: &ModelView, r: pb::GenerateRequest) -> Result<Job, Status> {
-        let info = &model.info;
-        let prompt_ids = match r.prompt {
-            None => return Err(invalid("prompt", "is missing: set `text` or `token_ids`")),
-            Some(pb::generate_request::Prompt::Text(text)) => {
-                if text.is_empty() {
-                    return Err(invalid("prompt.text", "is empty"));
-                }
-                model
-                    .tokenizer
-                    .encode(&text)
-                    .map_err(|e| invalid("prompt.text", e))?
-                    .into_iter()
-                    .map(|t| t.id)
-                    .collect()
-            }
-            Some(pb::generate_request::Prompt::TokenIds(ids)) => {
-                if ids.ids.is_empty() {
-                    return Err(invalid("prompt.token_ids", "is empty"));
-                }
-                if let Some(bad) = ids.ids.iter().find(|&&t| t >= info.vocab_size) {
-                    return Err(invalid(
-                        "prompt.token_ids",
-                        format!("unknown token id {bad} (vocabulary size {})", info.vocab_size),
-                    ));
-                }
-                ids.ids
-            }
+    fn validate(&self, model: &ModelView, request: pb::GenerateRequest) -> Result<Job, Status> {
+        let bounds = Bounds {
+            vocab_size: model.info.vocab_size,
+            max_context: model.info.max_context,
+            max_new_tokens: self.limits.max_new_tokens,
         };
-        let p = r.parameters.unwrap_or_default();
-        let n_prompt = prompt_ids.len() as u32;
-        if n_prompt >= info.max_context {
-            return Err(invalid(
-                "prompt",
-                format!("{n_prompt} tokens leave no room in the model's context of {} tokens", info.max_context),
-            ));
-        }
-        let room = info.max_context - n_prompt;
-        let max_new_tokens = match p.max_new_tokens {
-            None => DEFAULT_MAX_NEW_TOKENS.min(room).min(self.limits.max_new_tokens),
-            Some(0) => return Err(invalid("max_new_tokens", "must be at least 1")),
-            Some(n) if n > self.limits.max_new_tokens => {
-                return Err(invalid(
-                    "max_new_tokens",
-                    format!("{n} is over the limit of {}", self.limits.max_new_tokens),
-                ));
-            }
-            Some(n) if n > room => {
-                return Err(invalid(
-                    "max_new_tokens",
-                    format!(
-                        "prompt ({n_prompt}) + max_new_tokens ({n}) exceeds the model's context of {} tokens",
-                        info.max_context
-                    ),
-                ));
-            }
-            Some(n) => n,
-        };
-        if !(p.temperature >= 0.0) || !p.temperature.is_finite() {
-            return Err(invalid("temperature", format!("must be >= 0, got {}", p.temperature)));
-        }
-        if p.top_k < 0 {
-            return Err(invalid("top_k", format!("must be >= 0, got {}", p.top_k)));
-        }
-        if let Some(top_p) = p.top_p
-            && !(top_p > 0.0 && top_p <= 1.0)
-        {
-            return Err(invalid("top_p", format!("must be in (0, 1], got {top_p}")));
-        }
-        if let Some(rp) = p.repetition_penalty
-            && !(rp > 0.0 && rp.is_finite())
-        {
-            return Err(invalid("repetition_penalty", format!("must be > 0, got {rp}")));
-        }
-        if p.stop.len() > MAX_STOP_SEQUENCES {
-            return Err(invalid("stop", format!("{} stop sequences, at most {MAX_STOP_SEQUENCES}", p.stop.len())));
-        }
-        if let Some(s) = p.stop.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
-            return Err(invalid(
-                "stop",
-                format!("each stop sequence must be 1 to {MAX_STOP_BYTES} bytes, got {}", s.len()),
-            ));
-        }
-        if !p.stop.is_empty() && !model.tokenizer.has_text() {
-            return Err(invalid(
-                "stop",
-                "the model has no tokenizer.json, so there is no text to match: use stop_token_ids",
-            ));
-        }
-        if let Some(bad) = p.stop_token_ids.iter().find(|&&t| t >= info.vocab_size) {
-            return Err(invalid(
-                "stop_token_ids",
-                format!("unknown token id {bad} (vocabulary size {})", info.vocab_size),
-            ));
-        }
-        if p.top_n_logprobs > MAX_TOP_N {
-            return Err(invalid("top_n_logprobs", format!("at most {MAX_TOP_N}, got {}", p.top_n_logprobs)));
-        }
+        let generation = validate::generate_request(request, bounds, &model.tokenizer)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let worker_request = wpb::GenerateRequest {
-            request_id: format!("{}-{id}", std::process::id()),
-            prompt_ids: prompt_ids.clone(),
-            sampling: Some(wpb::SamplingParams {
-                temperature: p.temperature,
-                top_k: p.top_k,
-                top_p: p.top_p,
-                repetition_penalty: p.repetition_penalty,
-                seed: p.seed,
-            }),
-            stopping: Some(wpb::StoppingCriteria {
-                max_new_tokens,
-                stop_token_ids: p.stop_token_ids,
-                ignore_eos: p.ignore_eos,
-            }),
-            top_n_logprobs: p.top_n_logprobs,
-        };
-        Ok(Job { tokens: u64::from(n_prompt + max_new_tokens), prompt_ids, worker_request, stops: p.stop })
+        Ok(Job::new(format!("{}-{id}", std::process::id()), generation))
     }
 
     /// Admits, validates and starts a generation; its events come on the returned channel.
@@ -284,7 +206,7 @@ impl Run {
             tried.push(assignment.url.clone());
             match self.attempt(&assignment.url, assignment.client.clone()).await {
                 Attempt::Done => return,
-                Attempt::Retry => self.pool.lock().unwrap().mark_unhealthy(&assignment.url),
+                Attempt::Retry => take_out(&self.pool, &assignment.url),
             }
         }
         let why = if tried.is_empty() { "no healthy worker".to_owned() } else { format!("workers {tried:?} failed") };
@@ -350,7 +272,7 @@ impl Run {
                 Ok(Some(wpb::GenerateResponse { event: Some(event) })) => event,
                 Ok(_) | Err(_) if n_tokens == 0 => return Attempt::Retry,
                 Ok(_) | Err(_) => {
-                    self.pool.lock().unwrap().mark_unhealthy(url);
+                    take_out(&self.pool, url);
                     let text: String = generated.chars().take(200).collect();
                     let status = Status::unavailable(format!(
                         "worker {url} failed after {n_tokens} tokens; generated so far: {text:?}"
@@ -500,7 +422,7 @@ impl TextGeneration for Router {
 
     async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
         let model = self.model()?;
-        let tokens = model.tokenizer.encode(&request.into_inner().text).map_err(|e| invalid("text", e))?;
+        let tokens = model.tokenizer.encode(&request.into_inner().text).map_err(|e| Invalid::new("text", e))?;
         Ok(Response::new(pb::TokenizeResponse {
             tokens: tokens
                 .into_iter()
@@ -542,5 +464,40 @@ mod tests {
         check("1H", Some(Duration::from_secs(3600)));
         check("9x", None);
         check("m", None);
+    }
+
+    #[test]
+    fn the_worker_request_carries_every_validated_field() {
+        let generation = Generation {
+            prompt_ids: vec![5, 6],
+            max_new_tokens: 7,
+            sampling: validate::Sampling {
+                temperature: 0.7,
+                top_k: 40,
+                top_p: Some(0.9),
+                repetition_penalty: Some(1.1),
+                seed: Some(42),
+            },
+            stop: vec!["\n".into()],
+            stop_token_ids: vec![2],
+            ignore_eos: true,
+            top_n_logprobs: 3,
+        };
+        let job = Job::new("r-1".into(), generation);
+        let expected = wpb::GenerateRequest {
+            request_id: "r-1".into(),
+            prompt_ids: vec![5, 6],
+            sampling: Some(wpb::SamplingParams {
+                temperature: 0.7,
+                top_k: 40,
+                top_p: Some(0.9),
+                repetition_penalty: Some(1.1),
+                seed: Some(42),
+            }),
+            stopping: Some(wpb::StoppingCriteria { max_new_tokens: 7, stop_token_ids: vec![2], ignore_eos: true }),
+            top_n_logprobs: 3,
+        };
+        assert_eq!(job.worker_request, expected);
+        assert_eq!((job.prompt_ids, job.stops, job.tokens), (vec![5, 6], vec!["\n".to_owned()], 9));
     }
 }

@@ -60,6 +60,14 @@ impl Tokenizer {
 /// Incremental detokenization: each new token yields the text it completes. A token that ends
 /// inside a multi-byte character yields nothing until the character is whole. Decoding a window
 /// that starts a few tokens back (as Hugging Face TGI does) keeps the cost per token constant.
+///
+/// `tokenizers`' own `DecodeStream` (0.22) runs the same window and yields the same pieces, token
+/// for token, on every case the tests try (byte-level emoji and CJK split across tokens, special
+/// tokens skipped, invalid bytes, Llama-style byte fallback); it is not used because it has no
+/// `finish`: a generation that ends inside a character, say the bytes `61 F0 9F A6` ("a" and
+/// three of the four bytes of 🦀), gives "a" from `DecodeStream` but "a\u{FFFD}" from a full
+/// `decode` of the ids, which this type's `finish` returns (`decode_stream_has_no_finish` below).
+/// It would also fail the stream (`InvalidPrefix`) where this type waits for more tokens.
 #[derive(Default)]
 pub struct Detokenizer {
     ids: Vec<u32>,
@@ -141,6 +149,42 @@ impl StopMatcher {
     }
 }
 
+/// A byte-level BPE tokenizer with one token per byte (id = the byte, GPT-2's byte map) and no
+/// merges, so that every multi-byte character is split across tokens; `<|endoftext|>` (256) is a
+/// special token, `<sep>` (257) an added one that is not.
+#[cfg(test)]
+pub(crate) fn byte_level_tokenizer() -> Tokenizer {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let mut next = 256;
+    let vocab: Vec<String> = (0u32..256)
+        .map(|b| {
+            let c = if printable(b) {
+                char::from_u32(b).unwrap()
+            } else {
+                next += 1;
+                char::from_u32(next - 1).unwrap()
+            };
+            format!("{:?}:{b}", c.to_string())
+        })
+        .collect();
+    let added = |id: u32, content: &str, special: bool| {
+        format!(
+            r#"{{"id":{id},"content":"{content}","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":{special}}}"#
+        )
+    };
+    let json = format!(
+        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[{},{}],"normalizer":null,
+        "pre_tokenizer":{{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true}},
+        "post_processor":null,"decoder":{{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true}},
+        "model":{{"type":"BPE","dropout":null,"unk_token":null,"continuing_subword_prefix":null,"end_of_word_suffix":null,
+        "fuse_unk":false,"byte_fallback":false,"ignore_merges":false,"vocab":{{{}}},"merges":[]}}}}"#,
+        added(256, "<|endoftext|>", true),
+        added(257, "<sep>", false),
+        vocab.join(",")
+    );
+    Tokenizer::from_json(&json).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,17 +223,7 @@ mod tests {
 
     #[test]
     fn detokenized_pieces_are_whole_characters_and_add_up() {
-        let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
-            "pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true},
-            "post_processor":null,"decoder":{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true},
-            "model":{"type":"BPE","dropout":null,"unk_token":null,"continuing_subword_prefix":null,"end_of_word_suffix":null,
-            "fuse_unk":false,"byte_fallback":false,"ignore_merges":false,"vocab":{},"merges":[]}}"#;
-        // One token per byte: build the vocabulary from GPT-2's byte map.
-        let mut vocab = serde_like_vocab();
-        vocab.sort_by_key(|(_, id)| *id);
-        let vocab_json: Vec<String> = vocab.iter().map(|(c, id)| format!("{:?}:{id}", c.to_string())).collect();
-        let json = json.replace(r#""vocab":{}"#, &format!(r#""vocab":{{{}}}"#, vocab_json.join(",")));
-        let tok = Tokenizer::from_json(&json).unwrap();
+        let tok = byte_level_tokenizer();
         let text = "héllo ✓ 🦀!";
         let ids: Vec<u32> = tok.encode(text).unwrap().iter().map(|t| t.id).collect();
         let mut d = Detokenizer::default();
@@ -199,19 +233,62 @@ mod tests {
         assert_eq!(pieces.iter().filter(|p| !p.is_empty()).count(), text.chars().count());
     }
 
-    fn serde_like_vocab() -> Vec<(char, u32)> {
-        let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
-        let mut next = 256;
-        (0u32..256)
-            .map(|b| {
-                let c = if printable(b) {
-                    char::from_u32(b).unwrap()
-                } else {
-                    next += 1;
-                    char::from_u32(next - 1).unwrap()
-                };
-                (c, b)
-            })
-            .collect()
+    /// Streams `ids` through a `Detokenizer`: the pieces it yields (`|` between them, the piece
+    /// of `finish` after `||`) must be `expected`, and must add up to a full decode of the ids.
+    fn check_detokenized(ids: &[u32], expected: &str) {
+        let tok = byte_level_tokenizer();
+        let mut d = Detokenizer::default();
+        let pieces: Vec<String> = ids.iter().map(|&id| d.push(&tok, id)).collect();
+        let rest = d.finish(&tok);
+        assert_eq!(format!("{}||{rest}", pieces.join("|")), expected, "{ids:?}");
+        assert_eq!(pieces.concat() + &rest, tok.decode(ids), "incremental == full decode for {ids:?}");
+    }
+
+    fn bytes(text: &str) -> Vec<u32> {
+        text.bytes().map(u32::from).collect()
+    }
+
+    #[test]
+    fn incremental_detokenization_equals_a_full_decode() {
+        check_detokenized(&bytes("ab"), "a|b||");
+        check_detokenized(&bytes("日本"), "||日|||本||");
+        check_detokenized(&bytes("a🦀b"), "a||||🦀|b||");
+        // A special token is skipped, even inside a character; an added one that is not special is text.
+        check_detokenized(&[0xF0, 0x9F, 256, 0xA6, 0x80, 0x41], "||||🦀|A||");
+        check_detokenized(&[0x78, 0x20, 257, 0x20, 0x79], "x| |<sep>| |y||");
+        check_detokenized(&[256, 256], "|||");
+        // Bytes that can never become a character come out as U+FFFD once a valid one follows.
+        check_detokenized(&[0xF0, 0x41, 0x42], "|\u{FFFD}A|B||");
+        check_detokenized(&[0x80, 0x80, 0x41], "||\u{FFFD}\u{FFFD}A||");
+        // A generation that ends inside a character, or on a U+FFFD it generated, ends with U+FFFD.
+        check_detokenized(&bytes("a🦀")[..4], "a|||||\u{FFFD}");
+        check_detokenized(&[0xE6, 0x97, 0xA5, 0xE6], "||日|||\u{FFFD}");
+        check_detokenized(&bytes("a\u{FFFD}"), "a|||||\u{FFFD}");
+    }
+
+    /// Why `Detokenizer` is not `tokenizers::DecodeStream`: same pieces, but nothing to flush the
+    /// unfinished character at the end with. If this fails, `DecodeStream` may now do what
+    /// `Detokenizer::finish` does, and could replace it.
+    #[test]
+    fn decode_stream_has_no_finish() {
+        let tok = byte_level_tokenizer();
+        let ids = &bytes("a🦀")[..4];
+        let mut stream = tok.inner.as_ref().unwrap().decode_stream(true);
+        let streamed: String = ids.iter().filter_map(|&id| stream.step(id).unwrap()).collect();
+        let mut d = Detokenizer::default();
+        let pieces: String = ids.iter().map(|&id| d.push(&tok, id)).collect();
+        assert_eq!(streamed, pieces);
+        assert_eq!((streamed, tok.decode(ids)), ("a".to_owned(), "a\u{FFFD}".to_owned()));
+    }
+
+    #[test]
+    fn a_stop_sequence_of_characters_split_across_tokens_is_matched_and_never_released() {
+        // The tokens of "x ✓!" one by one, through the detokenizer and then the stop matcher.
+        let tok = byte_level_tokenizer();
+        let mut d = Detokenizer::default();
+        let mut stops = StopMatcher::new(vec!["✓!".into()]);
+        let released: Vec<(String, bool)> = bytes("x ✓!").iter().map(|&id| stops.push(&d.push(&tok, id))).collect();
+        let expected = [("x", false), (" ", false), ("", false), ("", false), ("", false), ("", true)];
+        assert_eq!(released, expected.map(|(t, s)| (t.to_owned(), s)));
     }
 }
