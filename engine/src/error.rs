@@ -1,9 +1,9 @@
-//! The worker library's one error type. Every variant names what was wrong: the file, the field,
+//! The engine's one error type. Every variant names what was wrong: the file, the field,
 //! the tensor or the request parameter.
 
 use std::path::PathBuf;
 
-/// Errors of the worker library.
+/// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
@@ -36,5 +36,5 @@ impl Error {
     }
 }
 
-/// Shorthand for results of the worker library.
+/// Shorthand for results of the engine.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
