@@ -185,11 +185,10 @@ pub async fn serve(
     stall_limit: Duration,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::NotServing).await;
+    set_serving(&health, false).await;
     // `liveness`: SERVING while the process answers at all (Kubernetes liveness probes), even
     // before the model is ready or while draining.
     health.set_service_status("liveness", ServingStatus::Serving).await;
-    health.set_not_serving::<WorkerServer<WorkerService>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(onehead_proto::FILE_DESCRIPTOR_SET)
@@ -204,8 +203,7 @@ pub async fn serve(
     let shutdown = async move {
         shutdown.await;
         let _ = drain_started.send(true);
-        draining.set_service_status("", ServingStatus::NotServing).await;
-        draining.set_not_serving::<WorkerServer<WorkerService>>().await;
+        set_serving(&draining, false).await;
     };
     let watched = engine.clone();
     tokio::spawn(async move {
@@ -228,6 +226,7 @@ pub async fn serve(
     Ok(())
 }
 
+/// The overall status and the `Worker` service's, which always move together.
 async fn set_serving(health: &tonic_health::server::HealthReporter, serving: bool) {
     if serving {
         health.set_service_status("", ServingStatus::Serving).await;

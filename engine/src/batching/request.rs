@@ -100,18 +100,8 @@ pub fn validate(
     if prompt_ids.is_empty() {
         return Err(Error::invalid("prompt_ids", "is empty"));
     }
-    if let Some(&bad) = prompt_ids.iter().find(|&&t| i64::from(t) >= shape.vocab_size) {
-        return Err(Error::invalid(
-            "prompt_ids",
-            format!("token id {bad} is outside the vocabulary (size {})", shape.vocab_size),
-        ));
-    }
-    if let Some(&bad) = stopping.stop_token_ids.iter().find(|&&t| i64::from(t) >= shape.vocab_size) {
-        return Err(Error::invalid(
-            "stop_token_ids",
-            format!("token id {bad} is outside the vocabulary (size {})", shape.vocab_size),
-        ));
-    }
+    in_vocabulary("prompt_ids", prompt_ids, shape)?;
+    in_vocabulary("stop_token_ids", &stopping.stop_token_ids, shape)?;
     if max_new_tokens == 0 {
         return Err(Error::invalid("max_new_tokens", "must be at least 1"));
     }
@@ -127,6 +117,16 @@ pub fn validate(
         ));
     }
     sampling.validate()
+}
+
+/// Refuses the first id of `ids` outside the model's vocabulary, naming `field`.
+fn in_vocabulary(field: &'static str, ids: &[u32], shape: &ModelShape) -> Result<()> {
+    match ids.iter().find(|&&t| i64::from(t) >= shape.vocab_size) {
+        Some(bad) => {
+            Err(Error::invalid(field, format!("token id {bad} is outside the vocabulary (size {})", shape.vocab_size)))
+        }
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
