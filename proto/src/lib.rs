@@ -1,5 +1,8 @@
 //! Generated code for onehead's .proto contracts. Domain types are converted by hand at the edges;
-//! nothing here leaks into the engine.
+//! nothing here leaks into the engine. `serving` holds what both gRPC servers do below their
+//! services: accepting connections, closing silent ones, the status of an oversized message.
+
+pub mod serving;
 
 /// `onehead.worker.v1`: the router-to-worker API.
 pub mod worker {

@@ -1,6 +1,6 @@
 //! Finding workers (a static list and DNS names re-resolved each round) and checking their
 //! health: every round each worker's `GetLoad` is called with a short timeout, and its `Info`
-//! at the first answer. This loop only does the I/O: it feeds each result to the pool, whose
+//! at the first answer and whenever the answer comes from a new worker process. This loop only does the I/O: it feeds each result to the pool, whose
 //! `Health` state machine (`health.rs`) decides who is in and out, and logs what changed.
 
 use std::collections::HashSet;
@@ -63,7 +63,7 @@ pub async fn run(discovery: Discovery, pool: Arc<Mutex<Pool>>, model: Arc<std::s
                 }
             };
             // A worker whose description cannot be fetched is judged again next round.
-            let needs_info = pool.lock().unwrap().needs_info(&url);
+            let needs_info = pool.lock().unwrap().needs_info(&url, &load.instance_id);
             let info = if needs_info {
                 match tokio::time::timeout(CHECK_TIMEOUT, client.info(wpb::InfoRequest {})).await {
                     Ok(Ok(r)) => Some(r.into_inner()),

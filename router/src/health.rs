@@ -48,14 +48,19 @@ impl Health {
     }
 
     /// A health check answered. `model` is the verdict on the worker's model when this check
-    /// also fetched its description (the first passing one): `Err(why)` refuses the worker.
+    /// also fetched its description (the first passing one, and the first after each restart):
+    /// `Err(why)` refuses the worker, `Ok` lifts an earlier refusal.
     pub fn on_check_ok(&mut self, model: Option<Result<(), String>>) -> Change {
         let newly_refused = match model {
             Some(Err(why)) => {
                 self.refused = Some(why.clone());
                 Some(why)
             }
-            _ => None,
+            Some(Ok(())) => {
+                self.refused = None;
+                None
+            }
+            None => None,
         };
         self.failed_checks = 0;
         let was = self.healthy;
@@ -94,15 +99,17 @@ impl Health {
 mod tests {
     use super::*;
 
-    /// Feeds a new worker `events` (`ok`: a passing check, `ok!`: a passing check whose model is
-    /// refused, `fail`: a failed check, `req`: a failed request); `expected` is what each changed
-    /// (`-` for nothing), then whether the worker ends in or out.
+    /// Feeds a new worker `events` (`ok`: a passing check, `ok+`: a passing check that fetched a
+    /// description of the cluster's model, `ok!`: one of another model, `fail`: a failed check,
+    /// `req`: a failed request); `expected` is what each changed (`-` for nothing), then whether
+    /// the worker ends in or out.
     fn check(events: &str, expected: &str) {
         let mut health = Health::default();
         let changes: Vec<String> = events
             .split_whitespace()
             .map(|event| match event {
-                "ok" => health.on_check_ok(Some(Ok(()))),
+                "ok" => health.on_check_ok(None),
+                "ok+" => health.on_check_ok(Some(Ok(()))),
                 "ok!" => health.on_check_ok(Some(Err("another model".into()))),
                 "fail" => health.on_check_failed(),
                 "req" => health.on_request_failed(),
@@ -146,6 +153,9 @@ mod tests {
         check("ok!", "refused(another model) => out");
         check("ok! ok ok", "refused(another model) - - => out");
         check("ok! fail req", "refused(another model) - - => out");
+        // ... until it restarts with the cluster's model (and back if it restarts again).
+        check("ok+ ok! fail ok+", "in refused(another model) - in => in");
+        check("ok! ok+ ok!", "refused(another model) in refused(another model) => out");
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use onehead_proto::serving::ConnectionLimits;
 use onehead_proto::v1 as pb;
 use onehead_router::client::{self, ClientCommand};
 use onehead_router::discovery::Discovery;
@@ -55,6 +56,22 @@ struct ServeArgs {
     /// Workers tried for one request before its first token.
     #[arg(long, env = "ONEHEAD_MAX_ATTEMPTS", default_value_t = 3)]
     max_attempts: usize,
+    /// Largest text prompt (and Tokenize text) in bytes, checked before tokenizing; 1 MiB is
+    /// about 250k tokens of code, above any served model's context.
+    #[arg(long, env = "ONEHEAD_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
+    max_prompt_bytes: usize,
+    /// Seconds a worker's stream may stay silent (no token, no end) before the router ends it
+    /// with UNAVAILABLE, takes the worker out until its next passing health check, and retries
+    /// the request elsewhere if it had no token yet. Well above a slow step or a queue wait.
+    #[arg(long, env = "ONEHEAD_STREAM_SILENCE_TIMEOUT_SECS", default_value_t = 60.0)]
+    stream_silence_timeout_secs: f64,
+    /// Seconds from accepting a connection to the client's first byte; then it is closed.
+    #[arg(long, env = "ONEHEAD_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10.0)]
+    handshake_timeout_secs: f64,
+    /// Seconds without a byte either way after which a client connection is closed (clients
+    /// reconnect on their next call).
+    #[arg(long, env = "ONEHEAD_IDLE_CONNECTION_TIMEOUT_SECS", default_value_t = 300.0)]
+    idle_connection_timeout_secs: f64,
     /// Address for Prometheus to scrape `GET /metrics` (off when unset).
     #[arg(long, env = "ONEHEAD_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -171,6 +188,12 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             max_new_tokens: args.max_new_tokens,
             max_concurrent_requests: args.max_concurrent_requests,
             max_attempts: args.max_attempts.max(1),
+            max_prompt_bytes: args.max_prompt_bytes,
+            stream_silence: positive_secs("--stream-silence-timeout-secs", args.stream_silence_timeout_secs)?,
+        },
+        connections: ConnectionLimits {
+            handshake: positive_secs("--handshake-timeout-secs", args.handshake_timeout_secs)?,
+            idle: positive_secs("--idle-connection-timeout-secs", args.idle_connection_timeout_secs)?,
         },
         api_keys,
         tls,
@@ -190,4 +213,12 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         served = server::serve(listener, config, stop) => served,
         () = expired => Ok(()),
     }
+}
+
+/// A flag's seconds as a duration; zero, negative and non-finite values are refused by name.
+fn positive_secs(flag: &str, secs: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("{flag}: expected a positive number of seconds, got {secs}"))
 }

@@ -41,8 +41,10 @@ pub struct WorkerEntry {
     /// From static configuration (kept when DNS forgets it).
     pub is_static: bool,
     pub health: Health,
-    /// Fetched at the first passing health check.
+    /// Fetched at the first passing health check, and again whenever the worker restarted.
     pub info: Option<wpb::WorkerInfo>,
+    /// The worker process (`Load.instance_id`) that `info` describes.
+    pub info_instance: String,
     pub load: Option<wpb::Load>,
     /// Tokens (prompt + max_new_tokens) of this router's requests in flight there.
     pub outstanding_tokens: u64,
@@ -50,7 +52,16 @@ pub struct WorkerEntry {
 
 impl WorkerEntry {
     pub fn new(url: String, client: WorkerClient<Channel>, is_static: bool) -> Self {
-        WorkerEntry { url, client, is_static, health: Health::default(), info: None, load: None, outstanding_tokens: 0 }
+        WorkerEntry {
+            url,
+            client,
+            is_static,
+            health: Health::default(),
+            info: None,
+            info_instance: String::new(),
+            load: None,
+            outstanding_tokens: 0,
+        }
     }
 
     /// KV tokens the worker can still take: its pool minus what is in use, judged by the larger
@@ -118,10 +129,12 @@ impl Pool {
         self.workers.iter().any(|w| w.url == url && w.health.is_in())
     }
 
-    /// Whether the worker at `url` is known and its description not fetched yet: the health loop
-    /// fetches it with the next passing check, and hands it to `on_check_ok`.
-    pub fn needs_info(&self, url: &str) -> bool {
-        self.workers.iter().any(|w| w.url == url && w.info.is_none())
+    /// Whether the worker at `url` is known and its description not fetched yet, or fetched from
+    /// another process than `instance_id` (the one its health check answered from: it restarted,
+    /// perhaps with another model). The health loop then fetches it and hands it to `on_check_ok`,
+    /// which judges the model again.
+    pub fn needs_info(&self, url: &str, instance_id: &str) -> bool {
+        self.workers.iter().any(|w| w.url == url && (w.info.is_none() || w.info_instance != instance_id))
     }
 
     /// A health check of `url` answered with `load`; `info`, when this check fetched it, is
@@ -131,6 +144,7 @@ impl Pool {
         let Some(w) = self.worker_mut(url) else { return Change::None };
         if info.is_some() {
             w.info = info;
+            w.info_instance = load.instance_id.clone();
         }
         w.load = Some(load);
         w.health.on_check_ok(verdict)
@@ -194,7 +208,7 @@ mod tests {
     }
 
     fn load(kv_free: u64, waiting: u32) -> wpb::Load {
-        wpb::Load { waiting, running: 0, kv_tokens_free: kv_free, kv_tokens_total: 1000, steps_per_sec: 0.0 }
+        wpb::Load { waiting, kv_tokens_free: kv_free, kv_tokens_total: 1000, ..Default::default() }
     }
 
     fn info(model_id: &str) -> wpb::WorkerInfo {
@@ -250,13 +264,13 @@ mod tests {
         for url in ["a", "b"] {
             pool.workers.push(WorkerEntry::new(url.into(), client(), false));
         }
-        assert!(pool.needs_info("a") && !pool.is_in("a"));
+        assert!(pool.needs_info("a", "") && !pool.is_in("a"));
         assert_eq!(pool.on_check_ok("a", load(500, 0), Some(info("m"))), Change::In);
-        assert!(!pool.needs_info("a") && pool.is_in("a"));
+        assert!(!pool.needs_info("a", "") && pool.is_in("a"));
         assert_eq!(pool.workers[0].load.as_ref().unwrap().kv_tokens_free, 500);
         let refused = pool.on_check_ok("b", load(900, 0), Some(info("other")));
         assert!(matches!(&refused, Change::Refused(why) if why.contains("configured for \"m\"")), "{refused:?}");
-        assert!(!pool.needs_info("b") && !pool.is_in("b"));
+        assert!(!pool.needs_info("b", "") && !pool.is_in("b"));
         assert_eq!(pool.on_check_ok("b", load(900, 0), None), Change::None);
         assert_eq!(pool.healthy_count(), 1);
         // A later check without info updates the load only.
@@ -268,9 +282,30 @@ mod tests {
         assert_eq!(pool.on_check_failed("a"), Change::Out { failed_checks: 3 });
         assert_eq!(pool.healthy_count(), 0);
         // Events for a worker the pool no longer knows change nothing.
-        assert!(!pool.needs_info("gone"));
+        assert!(!pool.needs_info("gone", ""));
         assert_eq!(pool.on_check_ok("gone", load(1, 0), None), Change::None);
         assert_eq!(pool.on_check_failed("gone"), Change::None);
         assert_eq!(pool.on_request_failed("gone"), Change::None);
+    }
+
+    /// A worker restarted at the same address (a new `instance_id`) is described and judged
+    /// again: refused when it now serves another model, let back in when it serves the
+    /// cluster's again. Without this, a restart with another model went on receiving requests.
+    #[tokio::test]
+    async fn a_restarted_worker_is_judged_again() {
+        let mut pool = Pool { expected_model_id: Some("m".into()), ..Default::default() };
+        pool.workers.push(WorkerEntry::new("a".into(), client(), true));
+        let from = |instance: &str| wpb::Load { instance_id: instance.into(), ..load(500, 0) };
+        assert_eq!(pool.on_check_ok("a", from("one"), Some(info("m"))), Change::In);
+        assert!(!pool.needs_info("a", "one"), "the same process is not asked again");
+        assert!(pool.needs_info("a", "two"), "a new process is");
+        let refused = pool.on_check_ok("a", from("two"), Some(info("other")));
+        assert!(matches!(&refused, Change::Refused(why) if why.contains("configured for \"m\"")), "{refused:?}");
+        assert!(!pool.is_in("a") && !pool.needs_info("a", "two"));
+        assert_eq!(pool.on_check_ok("a", from("two"), None), Change::None);
+        assert!(!pool.is_in("a"));
+        assert!(pool.needs_info("a", "three"));
+        assert_eq!(pool.on_check_ok("a", from("three"), Some(info("m"))), Change::In);
+        assert!(pool.is_in("a"));
     }
 }

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use onehead_proto::serving::{self, ConnectionLimits};
 use onehead_proto::v1::text_generation_server::TextGenerationServer;
 use tonic::{Request, Status};
 use tonic_health::ServingStatus;
@@ -27,6 +28,8 @@ pub struct RouterConfig {
     pub model_id: Option<String>,
     /// Where Prometheus scrapes `GET /metrics`.
     pub metrics_listener: Option<tokio::net::TcpListener>,
+    /// When silent client connections are closed.
+    pub connections: ConnectionLimits,
 }
 
 /// Serves until `shutdown` resolves.
@@ -101,17 +104,12 @@ pub async fn serve(
         builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
     }
     builder
+        .layer(tower::util::MapResponseLayer::new(serving::oversized_is_resource_exhausted))
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(TextGenerationServer::with_interceptor(router, check_key))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(serving::incoming(listener, config.connections), shutdown)
         .await?;
     Ok(())
-}
-
-/// Accepted connections with TCP_NODELAY: without it, small stream messages wait for delayed
-/// ACKs (about 40 ms a token on Linux).
-fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }

@@ -3,7 +3,6 @@
 //! The one place where router errors become `tonic::Status`.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -37,6 +36,10 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     /// Workers tried for one request before its first token.
     pub max_attempts: usize,
+    /// Largest text prompt in bytes, checked before tokenizing.
+    pub max_prompt_bytes: usize,
+    /// A worker stream silent this long is ended, and the worker taken out until its next check.
+    pub stream_silence: Duration,
 }
 
 pub struct Router {
@@ -45,7 +48,8 @@ pub struct Router {
     pub model: Arc<RwLock<Option<Arc<ModelView>>>>,
     pub limits: Limits,
     permits: Arc<Semaphore>,
-    next_id: AtomicU64,
+    /// Tokenizations running at once, on the blocking pool: one per core.
+    tokenizing: Semaphore,
 }
 
 /// A validated request, ready for a worker.
@@ -105,7 +109,8 @@ impl Router {
         metrics: Arc<RouterMetrics>,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(limits.max_concurrent_requests));
-        Router { metrics, pool, model, limits, permits, next_id: AtomicU64::new(0) }
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        Router { metrics, pool, model, limits, permits, tokenizing: Semaphore::new(cores) }
     }
 
     fn model(&self) -> Result<Arc<ModelView>, Status> {
@@ -117,23 +122,31 @@ impl Router {
     }
 
     /// Checks every field and tokenizes; each failure names its field.
-    fn validate(&self, model: &ModelView, request: pb::GenerateRequest) -> Result<Job, Status> {
+    async fn validate(&self, model: Arc<ModelView>, request: pb::GenerateRequest) -> Result<Job, Status> {
         let bounds = Bounds {
             vocab_size: model.info.vocab_size,
             max_context: model.info.max_context,
             max_new_tokens: self.limits.max_new_tokens,
+            max_prompt_bytes: self.limits.max_prompt_bytes,
         };
-        let generation = validate::generate_request(request, bounds, &model.tokenizer)?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        Ok(Job::new(format!("{}-{id}", std::process::id()), generation))
+        let generation =
+            self.off_runtime(move || validate::generate_request(request, bounds, &model.tokenizer)).await??;
+        Ok(Job::new(worker_request_id(), generation))
+    }
+
+    /// Runs `work` (tokenizing: milliseconds to seconds for a long text) on the blocking pool,
+    /// at most one per core at once, so that it never holds up the runtime's other requests.
+    async fn off_runtime<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+        let _turn = self.tokenizing.acquire().await.map_err(|_| Status::unavailable("the router is stopping"))?;
+        tokio::task::spawn_blocking(work).await.map_err(|e| Status::internal(format!("tokenizing failed: {e}")))
     }
 
     /// Admits, validates and starts a generation; its events come on the returned channel.
-    fn start(&self, request: Request<pb::GenerateRequest>) -> Result<Events, Status> {
-        self.admit(request).inspect_err(|status| self.metrics.request(status.code()))
+    async fn start(&self, request: Request<pb::GenerateRequest>) -> Result<Events, Status> {
+        self.admit(request).await.inspect_err(|status| self.metrics.request(status.code()))
     }
 
-    fn admit(&self, request: Request<pb::GenerateRequest>) -> Result<Events, Status> {
+    async fn admit(&self, request: Request<pb::GenerateRequest>) -> Result<Events, Status> {
         let arrived = Instant::now();
         // The request's span: a child of the client's W3C trace context when it sends one; the
         // worker's spans become its children through the context the router passes on.
@@ -150,7 +163,8 @@ impl Router {
         onehead_telemetry::set_parent_from(&span, request.metadata());
         // tonic's server answers a unary call past its `grpc-timeout` with CANCELLED; ending a
         // little earlier ourselves gives the client the DEADLINE_EXCEEDED that gRPC specifies.
-        let deadline = grpc_timeout(request.metadata()).map(|d| arrived + d - (d / 10).min(Duration::from_millis(50)));
+        let deadline = grpc_timeout(request.metadata())
+            .and_then(|d| arrived.checked_add(d - (d / 10).min(Duration::from_millis(50))));
         let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "the router is at capacity ({} requests in flight); retry later",
@@ -158,10 +172,10 @@ impl Router {
             ))
         })?;
         let model = self.model()?;
-        let job = self.validate(&model, request.into_inner())?;
+        let job = self.validate(model.clone(), request.into_inner()).await?;
         let (tx, rx) = mpsc::channel(64);
         let pool = self.pool.clone();
-        let max_attempts = self.limits.max_attempts;
+        let (max_attempts, silence) = (self.limits.max_attempts, self.limits.stream_silence);
         let metrics = self.metrics.clone();
         span.record("gen_ai.usage.input_tokens", job.prompt_ids.len() as i64);
         let run_span = span.clone();
@@ -169,7 +183,8 @@ impl Router {
             async move {
                 let _permit = permit;
                 metrics.in_flight.add(1.0);
-                let run = Run { pool, model, job, tx, arrived, deadline, max_attempts, metrics: metrics.clone() };
+                let run =
+                    Run { pool, model, job, tx, arrived, deadline, max_attempts, silence, metrics: metrics.clone() };
                 run.execute().await;
                 metrics.in_flight.add(-1.0);
             }
@@ -188,29 +203,46 @@ struct Run {
     arrived: Instant,
     deadline: Option<Instant>,
     max_attempts: usize,
+    /// See `Limits::stream_silence`.
+    silence: Duration,
     metrics: Arc<RouterMetrics>,
 }
 
 enum Attempt {
     /// Finished, or failed in a way another worker would not fix.
     Done,
-    /// The worker failed before the first token: try another.
-    Retry,
+    /// The worker failed before the first token, for this reason: try another.
+    Retry(String),
 }
+
+/// The worker is told the client's deadline this much later than the router's own, which thus
+/// always ends the call first: a worker's CANCELLED for a client's deadline would otherwise look
+/// like the worker's failure, and take it out (the worker's copy only matters if the router dies).
+const WORKER_DEADLINE_MARGIN: Duration = Duration::from_secs(1);
 
 impl Run {
     async fn execute(mut self) {
+        let mut failures = Vec::new();
         let mut tried = Vec::new();
         while tried.len() < self.max_attempts {
             let Some(assignment) = assign(&self.pool, &tried, self.job.tokens) else { break };
             tried.push(assignment.url.clone());
             match self.attempt(&assignment.url, assignment.client.clone()).await {
                 Attempt::Done => return,
-                Attempt::Retry => take_out(&self.pool, &assignment.url),
+                Attempt::Retry(why) => {
+                    take_out(&self.pool, &assignment.url);
+                    failures.push(format!("worker {}: {why}", assignment.url));
+                }
             }
         }
-        let why = if tried.is_empty() { "no healthy worker".to_owned() } else { format!("workers {tried:?} failed") };
+        let why = if failures.is_empty() { "no healthy worker".to_owned() } else { failures.join("; ") };
         self.fail(Status::unavailable(why)).await;
+    }
+
+    /// Whether the client's deadline has passed (or is about to): whatever a worker answered
+    /// then is the deadline's doing, not the worker's.
+    fn deadline_passed(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() + Duration::from_millis(5) >= d)
     }
 
     /// Ends the request with `status`.
@@ -232,7 +264,7 @@ impl Run {
         let mut request = Request::new(self.job.worker_request.clone());
         onehead_telemetry::inject_context(request.metadata_mut());
         if let Some(deadline) = self.deadline {
-            request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+            request.set_timeout(deadline.saturating_duration_since(Instant::now()) + WORKER_DEADLINE_MARGIN);
         }
         let deadline = async {
             match self.deadline {
@@ -241,14 +273,19 @@ impl Run {
             }
         };
         tokio::pin!(deadline);
+        // Reset at every message: a worker silent this long is frozen, or its engine is stuck.
+        let silence = tokio::time::sleep(self.silence);
+        tokio::pin!(silence);
         let call = tokio::select! {
             call = client.generate(request) => call,
             _ = &mut deadline => return self.deadline_exceeded().await,
+            _ = &mut silence => return self.silent(url, 0, "").await,
             _ = self.tx.closed() => return Attempt::Done,
         };
         let mut stream = match call {
             Ok(r) => r.into_inner(),
-            Err(status) if retryable(&status) => return Attempt::Retry,
+            Err(_) if self.deadline_passed() => return self.deadline_exceeded().await,
+            Err(status) if retryable(&status) => return Attempt::Retry(status.to_string()),
             Err(status) => {
                 self.fail(status).await;
                 return Attempt::Done;
@@ -262,15 +299,23 @@ impl Run {
         let mut first_token_secs = 0.0;
         let mut last_token: Option<Instant> = None;
         loop {
+            silence.as_mut().reset((Instant::now() + self.silence).into());
             let message = tokio::select! {
                 m = stream.message() => m,
                 _ = &mut deadline => return self.deadline_exceeded().await,
+                _ = &mut silence => return self.silent(url, n_tokens, &generated).await,
                 // The client went away: dropping the worker stream cancels the sequence there.
                 _ = self.tx.closed() => return Attempt::Done,
             };
             let event = match message {
                 Ok(Some(wpb::GenerateResponse { event: Some(event) })) => event,
-                Ok(_) | Err(_) if n_tokens == 0 => return Attempt::Retry,
+                Ok(_) | Err(_) if self.deadline_passed() => return self.deadline_exceeded().await,
+                Ok(_) | Err(_) if n_tokens == 0 => {
+                    return Attempt::Retry(match message {
+                        Err(status) => status.to_string(),
+                        Ok(_) => "the stream ended without a token".to_owned(),
+                    });
+                }
                 Ok(_) | Err(_) => {
                     take_out(&self.pool, url);
                     let text: String = generated.chars().take(200).collect();
@@ -357,6 +402,23 @@ impl Run {
         })
     }
 
+    /// The worker's stream has been silent for `self.silence`: retried elsewhere if it sent no
+    /// token yet, ended with UNAVAILABLE otherwise; either way the worker is out until its next
+    /// passing health check (which a stuck engine fails: see the worker's --stall-timeout-secs).
+    async fn silent(&self, url: &str, n_tokens: u32, generated: &str) -> Attempt {
+        let why = format!("sent nothing for {:?}", self.silence);
+        tracing::warn!(worker = url, tokens = n_tokens, "worker stream {why}; worker taken out until its next check");
+        if n_tokens == 0 {
+            return Attempt::Retry(why);
+        }
+        take_out(&self.pool, url);
+        let text: String = generated.chars().take(200).collect();
+        let status =
+            Status::unavailable(format!("worker {url} {why} after {n_tokens} tokens; generated so far: {text:?}"));
+        self.fail(status).await;
+        Attempt::Done
+    }
+
     async fn deadline_exceeded(&self) -> Attempt {
         self.fail(Status::deadline_exceeded("the request's deadline passed")).await;
         Attempt::Done
@@ -368,10 +430,19 @@ fn retryable(status: &Status) -> bool {
     matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled)
 }
 
-/// The `grpc-timeout` header: digits and a unit (H, M, S, m, u, n).
+/// A request id no other router process uses, whatever its host or PID: 128 random bits.
+fn worker_request_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// The `grpc-timeout` header: at most 8 digits and a unit (H, M, S, m, u, n), as gRPC specifies
+/// and tonic parses it; anything else is no deadline, as tonic treats it.
 fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n * 3600),
@@ -389,7 +460,7 @@ type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[tonic::async_trait]
 impl TextGeneration for Router {
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let mut events = self.start(request)?;
+        let mut events = self.start(request).await?;
         let mut out = pb::GenerateResponse::default();
         while let Some(event) = events.recv().await {
             match event?.event {
@@ -416,13 +487,16 @@ impl TextGeneration for Router {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let events = self.start(request)?;
+        let events = self.start(request).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }
 
     async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
         let model = self.model()?;
-        let tokens = model.tokenizer.encode(&request.into_inner().text).map_err(|e| Invalid::new("text", e))?;
+        let text = request.into_inner().text;
+        validate::text_size("text", &text, self.limits.max_prompt_bytes)?;
+        let tokens =
+            self.off_runtime(move || model.tokenizer.encode(&text)).await?.map_err(|e| Invalid::new("text", e))?;
         Ok(Response::new(pb::TokenizeResponse {
             tokens: tokens
                 .into_iter()
@@ -464,6 +538,20 @@ mod tests {
         check("1H", Some(Duration::from_secs(3600)));
         check("9x", None);
         check("m", None);
+        check("99999999H", Some(Duration::from_secs(99_999_999 * 3600)));
+        // Over 8 digits, or a sign: not a gRPC timeout (the first used to overflow the deadline).
+        check("9223372036854775808S", None);
+        check("123456789m", None);
+        check("+5S", None);
+    }
+
+    #[test]
+    fn request_ids_are_unique_across_router_processes() {
+        // The old ids were "{pid}-{counter}": two routers that are each PID 1 in their pod sent
+        // the same ids, and the worker refused the second as a duplicate.
+        let ids: std::collections::HashSet<String> = (0..10_000).map(|_| worker_request_id()).collect();
+        assert_eq!(ids.len(), 10_000);
+        assert!(ids.iter().all(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())), "{ids:?}");
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct Bounds {
     pub max_context: u32,
     /// `--max-new-tokens`: the most tokens one request may ask for.
     pub max_new_tokens: u32,
+    /// `--max-prompt-bytes`: the longest text prompt, checked before it is tokenized.
+    pub max_prompt_bytes: usize,
 }
 
 /// A request that passed every check, with its defaults filled in.
@@ -111,7 +113,17 @@ fn prompt(
             if text.is_empty() {
                 return Err(Invalid::new("prompt.text", "is empty"));
             }
-            tokenizer.encode(&text).map_err(|e| Invalid::new("prompt.text", e))?.into_iter().map(|t| t.id).collect()
+            text_size("prompt.text", &text, bounds.max_prompt_bytes)?;
+            let ids: Vec<u32> = tokenizer
+                .encode(&text)
+                .map_err(|e| Invalid::new("prompt.text", e))?
+                .into_iter()
+                .map(|t| t.id)
+                .collect();
+            // A tokenizer.json may hold tokens past the model's vocab_size (added ones, say),
+            // which the worker refuses.
+            token_ids("prompt.text", &ids, bounds)?;
+            ids
         }
         Some(pb::generate_request::Prompt::TokenIds(ids)) => {
             if ids.ids.is_empty() {
@@ -129,6 +141,18 @@ fn prompt(
         ));
     }
     Ok(ids)
+}
+
+/// A text to tokenize is at most `max_bytes` long: tokenizing takes time and memory in
+/// proportion, so an oversized one is refused before that.
+pub fn text_size(field: &'static str, text: &str, max_bytes: usize) -> Result<(), Invalid> {
+    if text.len() > max_bytes {
+        return Err(Invalid::new(
+            field,
+            format!("{} bytes is over the router's limit of {max_bytes} bytes (--max-prompt-bytes)", text.len()),
+        ));
+    }
+    Ok(())
 }
 
 /// At least 1, at most the router's limit, and what the context leaves after the prompt;
@@ -214,8 +238,9 @@ mod tests {
     use super::*;
     use crate::text::byte_level_tokenizer;
 
-    /// A model of 256 byte tokens and a context of 100, behind a router that allows 80 new tokens.
-    const BOUNDS: Bounds = Bounds { vocab_size: 256, max_context: 100, max_new_tokens: 80 };
+    /// A model of 256 byte tokens and a context of 100, behind a router that allows 80 new tokens
+    /// and text prompts of 400 bytes.
+    const BOUNDS: Bounds = Bounds { vocab_size: 256, max_context: 100, max_new_tokens: 80, max_prompt_bytes: 400 };
 
     /// Validates `request` within `BOUNDS`, with the byte-level tokenizer; `expected` is the whole
     /// error, or for a request that passes, its prompt length and max_new_tokens.
@@ -269,6 +294,13 @@ mod tests {
             text(&"é".repeat(50)),
             "invalid argument `prompt`: 100 tokens leave no room in the model's context of 100 tokens",
         );
+        // ... and in bytes before it: an oversized text is never tokenized.
+        check(
+            text(&"a".repeat(401)),
+            "invalid argument `prompt.text`: 401 bytes is over the router's limit of 400 bytes (--max-prompt-bytes)",
+        );
+        // The tokenizer's <|endoftext|> (256) is past this model's 256 tokens (found by fuzzing).
+        check(text("a<|endoftext|>"), "invalid argument `prompt.text`: unknown token id 256 (vocabulary size 256)");
     }
 
     #[test]

@@ -10,10 +10,14 @@ use onehead_proto::worker::v1 as wpb;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
 
-/// A binary of the workspace, next to this test's own build.
+/// A binary of the workspace, next to this test's own build, or in `ONEHEAD_BIN_DIR` when set
+/// (to run these tests against another build, an older one say).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
+    let dir = match std::env::var_os("ONEHEAD_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => exe.parent().unwrap().parent().unwrap().to_owned(),
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -38,9 +42,21 @@ impl Proc {
 
     /// Starts `binary_name` with `args` and extra environment variables.
     pub async fn start_with_env(binary_name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
-        let mut child = tokio::process::Command::new(binary(binary_name))
-            .args(args)
-            .envs(env.iter().copied())
+        let mut command = tokio::process::Command::new(binary(binary_name));
+        command.args(args).envs(env.iter().copied());
+        Self::spawn(binary_name, command).await
+    }
+
+    /// Starts `binary_name` with `args`, allowed at most `nofile` open file descriptors.
+    pub async fn start_with_nofile(binary_name: &str, args: &[&str], nofile: u32) -> Proc {
+        let mut command = tokio::process::Command::new("sh");
+        // `exec` keeps the PID: the process is the binary itself, under the lower limit.
+        command.arg("-c").arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\"")).arg(binary(binary_name)).args(args);
+        Self::spawn(binary_name, command).await
+    }
+
+    async fn spawn(binary_name: &str, mut command: tokio::process::Command) -> Proc {
+        let mut child = command
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -117,6 +133,25 @@ impl Proc {
 
     pub fn kill(&mut self) {
         self.child.start_kill().unwrap();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the process is running")
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, `TERM`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status();
+        assert!(status.unwrap().success(), "kill -{signal}");
+    }
+
+    /// CPU seconds (user + system) the process has used so far, from /proc.
+    pub fn cpu_secs(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the parenthesized command name; utime and stime are the 14th and 15th.
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        ticks as f64 / 100.0
     }
 }
 

@@ -13,6 +13,7 @@ use onehead_engine::generate::generate;
 use onehead_engine::hf::config::Dtype;
 use onehead_engine::kernels::WeightForm;
 use onehead_engine::loader::{LoadOptions, LoadedModel, available_memory_bytes, load_model};
+use onehead_proto::serving::ConnectionLimits;
 use onehead_worker::engine;
 use onehead_worker::metrics::WorkerMetrics;
 use onehead_worker::serve::{KvPoolLimits, KvPoolRequest, kv_pool_tokens};
@@ -75,9 +76,40 @@ struct ServeArgs {
     /// when steps resume. Keep it well above the slowest step (a full prefill chunk).
     #[arg(long, env = "ONEHEAD_STALL_TIMEOUT_SECS", default_value_t = 60.0)]
     stall_timeout_secs: f64,
+    #[command(flatten)]
+    connections: ConnectionArgs,
     /// After SIGTERM, seconds that in-flight requests get to finish (new ones are refused).
     #[arg(long, env = "ONEHEAD_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
+}
+
+/// When the gRPC port closes a silent connection.
+#[derive(Args)]
+struct ConnectionArgs {
+    /// Seconds from accepting a connection to the client's first byte; then it is closed.
+    #[arg(long, env = "ONEHEAD_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10.0)]
+    handshake_timeout_secs: f64,
+    /// Seconds without a byte either way after which a connection is closed (clients reconnect
+    /// on their next call). Keep it above the routers' --stream-silence-timeout-secs.
+    #[arg(long, env = "ONEHEAD_IDLE_CONNECTION_TIMEOUT_SECS", default_value_t = 300.0)]
+    idle_connection_timeout_secs: f64,
+}
+
+impl ConnectionArgs {
+    fn limits(&self) -> anyhow::Result<ConnectionLimits> {
+        Ok(ConnectionLimits {
+            handshake: positive_secs("--handshake-timeout-secs", self.handshake_timeout_secs)?,
+            idle: positive_secs("--idle-connection-timeout-secs", self.idle_connection_timeout_secs)?,
+        })
+    }
+}
+
+/// A flag's seconds as a duration; zero, negative and non-finite values are refused by name.
+fn positive_secs(flag: &str, secs: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("{flag}: expected a positive number of seconds, got {secs}"))
 }
 
 #[derive(Args)]
@@ -198,10 +230,10 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
     if args.max_batch_size == 0 || args.prefill_chunk == 0 {
         bail!("--max-batch-size and --prefill-chunk must be at least 1");
     }
-    let stall_limit =
-        Duration::try_from_secs_f64(args.stall_timeout_secs).ok().filter(|d| !d.is_zero()).with_context(|| {
-            format!("--stall-timeout-secs: expected a positive number, got {}", args.stall_timeout_secs)
-        })?;
+    let serve_limits = server::ServeLimits {
+        stall: positive_secs("--stall-timeout-secs", args.stall_timeout_secs)?,
+        connections: args.connections.limits()?,
+    };
     if args.max_step_tokens < args.max_batch_size {
         bail!(
             "--max-step-tokens ({}) must be at least --max-batch-size ({})",
@@ -285,7 +317,7 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
         let ready = async move { ready.await.unwrap_or(Err(onehead_engine::Error::EngineStopped)) };
         let (stop, expired) = onehead_telemetry::shutdown_with_grace(Duration::from_secs(args.shutdown_grace_secs));
         tokio::select! {
-            served = server::serve(listener, engine, info, ready, stop, stall_limit) => served,
+            served = server::serve(listener, engine, info, ready, stop, serve_limits) => served,
             () = expired => Ok(()),
         }
     });

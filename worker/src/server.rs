@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use onehead_proto::serving::{self, ConnectionLimits};
 use onehead_proto::worker::v1 as pb;
 use pb::worker_server::{Worker, WorkerServer};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -39,6 +40,8 @@ pub struct WorkerService {
     engine: EngineHandle,
     info: WorkerInfo,
     stall_limit: Duration,
+    /// Random, fixed for the life of the process: see `Load.instance_id`.
+    instance_id: String,
 }
 
 /// The one place where engine errors become a gRPC status.
@@ -147,6 +150,7 @@ impl Worker for WorkerService {
             kv_tokens_free: load.scheduler.kv_tokens_free as u64,
             kv_tokens_total: load.scheduler.kv_tokens_total as u64,
             steps_per_sec: load.steps_per_sec,
+            instance_id: self.instance_id.clone(),
         }))
     }
 
@@ -174,6 +178,15 @@ impl Worker for WorkerService {
     }
 }
 
+/// How the server judges its engine and its connections.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeLimits {
+    /// No completed step for this long while work waits: NOT_SERVING (`--stall-timeout-secs`).
+    pub stall: Duration,
+    /// When silent connections are closed.
+    pub connections: ConnectionLimits,
+}
+
 /// Serves the worker API, health and reflection on `listener` until `shutdown` resolves.
 /// Health is NOT_SERVING until `ready` resolves (the model is loaded and warmed up).
 pub async fn serve(
@@ -182,8 +195,9 @@ pub async fn serve(
     info: WorkerInfo,
     ready: impl std::future::Future<Output = onehead_engine::Result<()>> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    stall_limit: Duration,
+    limits: ServeLimits,
 ) -> anyhow::Result<()> {
+    let stall_limit = limits.stall;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_serving(&health, false).await;
     // `liveness`: SERVING while the process answers at all (Kubernetes liveness probes), even
@@ -216,12 +230,14 @@ pub async fn serve(
             Err(e) => tracing::error!(error = %e, "engine failed to start; health stays NOT_SERVING"),
         }
     });
+    let instance_id = uuid::Uuid::new_v4().to_string();
     tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(serving::oversized_is_resource_exhausted))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(WorkerServer::new(WorkerService { engine, info, stall_limit }))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .add_service(WorkerServer::new(WorkerService { engine, info, stall_limit, instance_id }))
+        .serve_with_incoming_shutdown(serving::incoming(listener, limits.connections), shutdown)
         .await?;
     Ok(())
 }
@@ -267,10 +283,4 @@ async fn watch_for_stalls(
             }
         }
     }
-}
-
-/// Accepted connections with TCP_NODELAY: without it, small stream messages wait for delayed
-/// ACKs (about 40 ms a token on Linux).
-fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
