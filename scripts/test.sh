@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command: sets up LibTorch if needed, checks formatting and lints, builds the binaries
-# (the end-to-end tests in tests/ start them), runs every test of the workspace, checks deploy/
-# offline, and ends with one summary line. A test that cannot check anything on this machine
-# (no AMX, too few GPUs) passes but is counted as skipped, and named.
+# (the end-to-end tests in tests/ start them), runs every test of the workspace and a one-minute
+# soak (scripts/soak.sh), checks deploy/ offline, and ends with one summary line. A test that
+# cannot check anything on this machine (no AMX, too few GPUs) passes but is counted as skipped,
+# and named.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -15,6 +16,10 @@ export ONEHEAD_SKIPPED
 ONEHEAD_SKIPPED=$(mktemp)
 trap 'rm -f "$log" "$ONEHEAD_SKIPPED"' EXIT
 cargo test --workspace --locked "$@" 2>&1 | tee "$log"
+# A one-minute soak of a router and two workers on the debug binaries built above: a failed
+# request, a dead server or an unclean stop fails it; 60 s is too short to judge memory growth,
+# which scripts/soak.sh reports but judges only in runs of 10 minutes or more.
+SOAK_PROFILE=debug bash scripts/soak.sh 60
 # The deployment is checked offline too (kustomize, strict schemas, hadolint).
 bash scripts/validate-deploy.sh
 count() { grep -E '^test result:' "$log" | grep -oE "[0-9]+ $1" | awk '{s += $1} END {print s + 0}'; }

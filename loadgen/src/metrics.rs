@@ -2,7 +2,7 @@
 //! defines them, so the figures of the two tools compare: TTFT, TPOT (excluding the first
 //! token), ITL (every gap, pooled over requests), E2EL, throughputs and goodput.
 
-use crate::request::Outcome;
+use crate::request::{End, Outcome};
 
 /// Mean, median, population standard deviation and two percentiles of one metric, in ms.
 ///
@@ -101,7 +101,13 @@ impl Slo {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Metrics {
     pub completed: usize,
+    /// Requests that ended otherwise than the client asked: a status from the server, a broken
+    /// stream, or `--max-duration-secs`.
     pub failed: usize,
+    /// Requests the client dropped on purpose (`--cancel-fraction`); not failures.
+    pub cancelled: usize,
+    /// Requests whose client-set deadline passed (`--deadline-fraction`); not failures.
+    pub deadline_exceeded: usize,
     pub total_input_tokens: u64,
     pub total_output_tokens: u64,
     pub request_throughput: f64,
@@ -120,9 +126,19 @@ pub struct Metrics {
     pub max_concurrent_requests: usize,
 }
 
-/// vLLM's `calculate_metrics`: only completed requests count towards tokens and latencies.
+/// vLLM's `calculate_metrics`: only completed requests count towards tokens and latencies, so
+/// the requests the client interrupted count only in their own totals.
 pub fn calculate(outcomes: &[Outcome], duration_secs: f64, slo: &Slo) -> Metrics {
-    let done: Vec<&Outcome> = outcomes.iter().filter(|o| o.error.is_none()).collect();
+    let done: Vec<&Outcome> = outcomes.iter().filter(|o| o.completed()).collect();
+    let (mut failed, mut cancelled, mut deadline_exceeded) = (0, 0, 0);
+    for o in outcomes {
+        match o.end {
+            End::Completed => {}
+            End::Cancelled { .. } => cancelled += 1,
+            End::DeadlineExceeded(_) => deadline_exceeded += 1,
+            End::Failed(_) => failed += 1,
+        }
+    }
     let (mut ttfts, mut tpots, mut itls, mut e2els) = (vec![], vec![], vec![], vec![]);
     let mut good = 0;
     for o in &done {
@@ -140,7 +156,9 @@ pub fn calculate(outcomes: &[Outcome], duration_secs: f64, slo: &Slo) -> Metrics
     let total_output_tokens: u64 = done.iter().map(|o| u64::from(o.output_len)).sum();
     Metrics {
         completed: done.len(),
-        failed: outcomes.len() - done.len(),
+        failed,
+        cancelled,
+        deadline_exceeded,
         total_input_tokens,
         total_output_tokens,
         request_throughput: done.len() as f64 / duration_secs,
@@ -206,7 +224,7 @@ mod tests {
             itl_secs: itl.to_vec(),
             output_ids: vec![],
             e2el_secs: ttft + itl.iter().sum::<f64>(),
-            error: None,
+            end: End::Completed,
         }
     }
 
@@ -271,14 +289,32 @@ mod tests {
     #[test]
     fn failed_requests_count_only_as_failed() {
         let mut failed = done(0.0, 9.0, &[9.0]);
-        failed.error = Some("Unavailable: worker gone".into());
+        failed.end = End::Failed("Unavailable: worker gone".into());
         let m = calculate(&[done(0.0, 0.1, &[0.1]), failed], 2.0, &Slo::default());
-        assert_eq!((m.completed, m.failed), (1, 1));
+        assert_eq!((m.completed, m.failed, m.cancelled, m.deadline_exceeded), (1, 1, 0, 0));
         assert_eq!((m.total_input_tokens, m.total_output_tokens), (10, 2));
         assert!(close(m.request_throughput, 0.5) && close(m.output_throughput, 1.0));
         assert!(close(m.total_token_throughput, 6.0));
         assert!(close(m.ttft.p99_ms, 100.0), "{:?}", m.ttft);
         assert_eq!(m.request_goodput, None);
+    }
+
+    #[test]
+    fn interrupted_requests_count_apart_from_failures() {
+        let ended = |end: End| Outcome { end, ..done(0.0, 0.2, &[0.2]) };
+        let outcomes = [
+            done(0.0, 0.1, &[0.1]),
+            ended(End::Cancelled { after_tokens: 1 }),
+            ended(End::Cancelled { after_tokens: 0 }),
+            ended(End::DeadlineExceeded("DeadlineExceeded: the request's deadline passed".into())),
+            ended(End::Failed("Unavailable: no healthy worker".into())),
+        ];
+        let m = calculate(&outcomes, 1.0, &Slo::default());
+        assert_eq!((m.completed, m.failed, m.cancelled, m.deadline_exceeded), (1, 1, 2, 1));
+        // Like failed ones, interrupted requests add no tokens and no latencies.
+        assert_eq!((m.total_input_tokens, m.total_output_tokens), (10, 2));
+        assert!(close(m.ttft.mean_ms, 100.0) && close(m.request_throughput, 1.0), "{:?}", m.ttft);
+        assert_eq!(m.max_concurrent_requests, 1);
     }
 
     #[test]

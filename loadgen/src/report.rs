@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 use crate::Error;
 use crate::arrivals::{Load, RequestRate};
 use crate::metrics::{Metrics, Summary};
-use crate::run::{BenchConfig, RunResult, Source, describe};
+use crate::run::{BenchConfig, RunResult, Source, describe, describe_interrupts};
 
 const WIDTH: usize = 54;
 
@@ -25,6 +25,7 @@ fn latencies(m: &Metrics) -> [(&'static str, &'static str, &'static str, Summary
 }
 
 /// Writes the table, then the distinct errors of failed requests (at most 10, with counts).
+/// When the client interrupts requests, the table counts them apart from the failures.
 pub fn print_table(out: &mut dyn Write, config: &BenchConfig, result: &RunResult, m: &Metrics) -> std::io::Result<()> {
     let row = |out: &mut dyn Write, label: &str, value: String| writeln!(out, "{:<40} {value}", format!("{label}:"));
     let rule = |out: &mut dyn Write, title: &str, fill: char| {
@@ -35,7 +36,15 @@ pub fn print_table(out: &mut dyn Write, config: &BenchConfig, result: &RunResult
     rule(out, "onehead serving benchmark", '=')?;
     row(out, "Model", result.model.model_id.clone())?;
     row(out, "Load", describe(config.load))?;
+    let interrupts = describe_interrupts(&config.interrupts);
+    if let Some(words) = &interrupts {
+        row(out, "Client interruptions", words.clone())?;
+    }
     row(out, "Successful requests", m.completed.to_string())?;
+    if interrupts.is_some() {
+        row(out, "Cancelled by the client", m.cancelled.to_string())?;
+        row(out, "Deadline exceeded (client's deadline)", m.deadline_exceeded.to_string())?;
+    }
     row(out, "Failed requests", m.failed.to_string())?;
     row(out, "Benchmark duration (s)", format!("{:.2}", result.duration_secs))?;
     row(out, "Total input tokens", m.total_input_tokens.to_string())?;
@@ -58,7 +67,7 @@ pub fn print_table(out: &mut dyn Write, config: &BenchConfig, result: &RunResult
     }
     writeln!(out, "{}", "=".repeat(WIDTH))?;
     let mut errors: BTreeMap<&str, usize> = BTreeMap::new();
-    for error in result.outcomes.iter().filter_map(|o| o.error.as_deref()) {
+    for error in result.outcomes.iter().filter_map(|o| o.error()) {
         *errors.entry(error).or_default() += 1;
     }
     if !errors.is_empty() {
@@ -72,7 +81,9 @@ pub fn print_table(out: &mut dyn Write, config: &BenchConfig, result: &RunResult
 
 /// The result file: vLLM's keys (`duration`, `completed`, `mean_ttft_ms`, `p99_itl_ms`, the
 /// per-request `ttfts` and `itls`, ...), in seconds where vLLM has seconds and ms where it has
-/// ms, plus the run's configuration and date.
+/// ms, plus the run's configuration and date. `completed`, `failed`, `cancelled` and
+/// `deadline_exceeded` add up to `num_prompts`; `endings` gives each request's, and `errors`
+/// says why each one that did not complete ended.
 pub fn result_json(config: &BenchConfig, result: &RunResult, m: &Metrics) -> Value {
     let (dataset_name, dataset_path, input_len, output_len, range_ratio) = match &config.source {
         Source::Random(spec) => ("random", None, Some(spec.input_len), spec.output_len, Some(spec.range_ratio)),
@@ -123,16 +134,24 @@ pub fn result_json(config: &BenchConfig, result: &RunResult, m: &Metrics) -> Val
         "max_output_tokens_per_s": m.max_output_tokens_per_s,
         "max_concurrent_requests": m.max_concurrent_requests,
         "input_lens": outcomes.iter().map(|o| o.input_len).collect::<Vec<_>>(),
-        // As in vLLM, a failed request generated nothing.
-        "output_lens": outcomes.iter().map(|o| if o.error.is_none() { o.output_len } else { 0 }).collect::<Vec<_>>(),
+        // As in vLLM, a request that did not complete generated nothing.
+        "output_lens": outcomes.iter().map(|o| if o.completed() { o.output_len } else { 0 }).collect::<Vec<_>>(),
         "ttfts": outcomes.iter().map(|o| o.ttft_secs).collect::<Vec<_>>(),
         "itls": outcomes.iter().map(|o| o.itl_secs.clone()).collect::<Vec<_>>(),
         "output_ids": outcomes.iter().map(|o| o.output_ids.clone()).collect::<Vec<_>>(),
         "latencies": outcomes.iter().map(|o| o.e2el_secs).collect::<Vec<_>>(),
         "start_times": outcomes.iter().map(|o| o.start_secs).collect::<Vec<_>>(),
-        "errors": outcomes.iter().map(|o| o.error.clone().unwrap_or_default()).collect::<Vec<_>>(),
+        "errors": outcomes.iter().map(|o| o.end.describe().unwrap_or_default()).collect::<Vec<_>>(),
     });
     let map: &mut Map<String, Value> = fields.as_object_mut().expect("an object");
+    // Outside `json!`, whose recursion one object of this size reaches.
+    let interrupts = &config.interrupts;
+    map.insert("cancel_fraction".into(), json!(interrupts.cancel_fraction));
+    map.insert("deadline_fraction".into(), json!(interrupts.deadline_fraction));
+    map.insert("deadline_ms".into(), json!([interrupts.deadline_ms.low_ms, interrupts.deadline_ms.high_ms]));
+    map.insert("cancelled".into(), json!(m.cancelled));
+    map.insert("deadline_exceeded".into(), json!(m.deadline_exceeded));
+    map.insert("endings".into(), json!(outcomes.iter().map(|o| o.end.key()).collect::<Vec<_>>()));
     for (key, _, _, s) in latencies(m) {
         map.insert(format!("mean_{key}_ms"), json!(s.mean_ms));
         map.insert(format!("median_{key}_ms"), json!(s.median_ms));

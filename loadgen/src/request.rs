@@ -1,7 +1,7 @@
 //! The benchmark's gRPC client: a few connections to the one address it is given, and one
 //! request sent over `GenerateStream` with each token timed as it arrives.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use onehead_proto::v1 as pb;
 use pb::generate_stream_response::Event;
@@ -11,6 +11,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::Error;
 use crate::dataset::{Prompt, SampleRequest};
+use crate::interrupt::{Interruption, is_deadline_exceeded};
 
 /// How one request went. Times are in seconds; latencies are measured here, on the client.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,8 +30,43 @@ pub struct Outcome {
     pub output_ids: Vec<u32>,
     /// From sending to the last message (`GenerateDone`).
     pub e2el_secs: f64,
-    /// Why it failed; `None` when it completed.
-    pub error: Option<String>,
+    /// How it ended.
+    pub end: End,
+}
+
+/// How a request ended. Only `Failed` is a failure: the other two are what the client asked for
+/// (`--cancel-fraction`, `--deadline-fraction`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum End {
+    /// `GenerateDone` arrived.
+    Completed,
+    /// The client dropped the stream on purpose after `after_tokens` tokens.
+    Cancelled { after_tokens: u32 },
+    /// The deadline the client set passed; the status as `Code: message`.
+    DeadlineExceeded(String),
+    /// Anything else, with what went wrong.
+    Failed(String),
+}
+
+impl End {
+    /// The key of this kind of ending in the result file's `endings`.
+    pub fn key(&self) -> &'static str {
+        match self {
+            End::Completed => "completed",
+            End::Cancelled { .. } => "cancelled",
+            End::DeadlineExceeded(_) => "deadline_exceeded",
+            End::Failed(_) => "failed",
+        }
+    }
+
+    /// Why the request did not complete, in words; `None` when it completed.
+    pub fn describe(&self) -> Option<String> {
+        match self {
+            End::Completed => None,
+            End::Cancelled { after_tokens } => Some(format!("cancelled by the client after {after_tokens} tokens")),
+            End::DeadlineExceeded(status) | End::Failed(status) => Some(status.clone()),
+        }
+    }
 }
 
 impl Outcome {
@@ -44,7 +80,19 @@ impl Outcome {
             itl_secs: vec![],
             output_ids: vec![],
             e2el_secs: 0.0,
-            error: Some(error),
+            end: End::Failed(error),
+        }
+    }
+
+    pub fn completed(&self) -> bool {
+        self.end == End::Completed
+    }
+
+    /// What went wrong, for a failed request only.
+    pub fn error(&self) -> Option<&str> {
+        match &self.end {
+            End::Failed(error) => Some(error),
+            _ => None,
         }
     }
 }
@@ -107,10 +155,18 @@ impl Client {
     }
 
     /// Sends `sample` greedily over connection `idx % n` and times its stream; `run_started` is
-    /// the start of the run, which `Outcome::start_secs` counts from. Never fails: a gRPC error
-    /// becomes the outcome's error.
-    pub async fn stream(&self, idx: usize, sample: &SampleRequest, ignore_eos: bool, run_started: Instant) -> Outcome {
-        let request = self.request(pb::GenerateRequest {
+    /// the start of the run, which `Outcome::start_secs` counts from. `interruption` says whether
+    /// the client cancels the request or gives it a deadline. Never fails: a gRPC error becomes
+    /// the outcome's ending.
+    pub async fn stream(
+        &self,
+        idx: usize,
+        sample: &SampleRequest,
+        ignore_eos: bool,
+        interruption: Interruption,
+        run_started: Instant,
+    ) -> Outcome {
+        let mut request = self.request(pb::GenerateRequest {
             prompt: Some(match &sample.prompt {
                 Prompt::Ids(ids) => pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: ids.clone() }),
                 Prompt::Text(text) => pb::generate_request::Prompt::Text(text.clone()),
@@ -121,6 +177,14 @@ impl Client {
                 ..Default::default()
             }),
         });
+        let (cancel_after, deadline) = match interruption {
+            Interruption::None => (None, None),
+            Interruption::CancelAfter { tokens } => (Some(tokens), None),
+            Interruption::Deadline(d) => (None, Some(d)),
+        };
+        if let Some(d) = deadline {
+            request.set_timeout(d);
+        }
         let mut client = self.connections[idx % self.connections.len()].clone();
         let sent = Instant::now();
         let mut out = Outcome {
@@ -128,10 +192,14 @@ impl Client {
             ..Outcome::failed(sample.input_len, String::new())
         };
         let mut last_token: Option<Instant> = None;
-        let result: Result<(), String> = async {
-            let mut events = client.generate_stream(request).await.map_err(|s| status_text(&s))?.into_inner();
+        let call = async {
+            let mut events = client.generate_stream(request).await.map_err(Ended::Status)?.into_inner();
             loop {
-                match events.message().await.map_err(|s| status_text(&s))? {
+                // Returning drops `events`, which cancels the call on the router.
+                if cancel_after == Some(out.output_len) {
+                    return Ok(End::Cancelled { after_tokens: out.output_len });
+                }
+                match events.message().await.map_err(Ended::Status)? {
                     Some(pb::GenerateStreamResponse { event: Some(Event::Token(token)) }) => {
                         out.output_ids.push(token.id);
                         let now = Instant::now();
@@ -147,19 +215,45 @@ impl Client {
                         if let Some(usage) = done.usage {
                             out.output_len = usage.generated_tokens;
                         }
-                        return Ok(());
+                        return Ok(End::Completed);
                     }
                     Some(pb::GenerateStreamResponse { event: None }) => {}
                     None => {
-                        return Err(format!("the stream ended without GenerateDone after {} tokens", out.output_len));
+                        let message = format!("the stream ended without GenerateDone after {} tokens", out.output_len);
+                        return Err(Ended::Other(message));
                     }
                 }
             }
-        }
-        .await;
-        out.error = result.err();
+        };
+        // The server must end a call whose deadline passed: one still open well after it fails.
+        let result = match deadline {
+            Some(d) => tokio::time::timeout(d + DEADLINE_GRACE, call).await.unwrap_or_else(|_| {
+                Err(Ended::Other(format!(
+                    "still open {DEADLINE_GRACE:?} after its deadline of {d:?}: the server did not end it"
+                )))
+            }),
+            None => call.await,
+        };
+        out.end = match result {
+            Ok(end) => end,
+            Err(Ended::Status(s)) if is_deadline_exceeded(s.code(), s.message(), deadline.is_some()) => {
+                End::DeadlineExceeded(status_text(&s))
+            }
+            Err(Ended::Status(s)) => End::Failed(status_text(&s)),
+            Err(Ended::Other(message)) => End::Failed(message),
+        };
         out
     }
+}
+
+/// How long after its deadline a call may still be open before the client calls it a failure:
+/// the router ends it at the deadline, but a loaded machine may run its timer late.
+const DEADLINE_GRACE: Duration = Duration::from_secs(5);
+
+/// Why a stream ended early.
+enum Ended {
+    Status(tonic::Status),
+    Other(String),
 }
 
 /// A status as `Code: message`, the way the report lists errors.

@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 use crate::Error;
 use crate::arrivals::{Load, arrival_secs};
 use crate::dataset::{self, DatasetLine, Prompt, RandomSpec, SampleRequest, length_bounds};
+use crate::interrupt::{self, InterruptSpec, Interruption};
 use crate::metrics::Slo;
 use crate::request::{Client, Outcome};
 
@@ -45,6 +46,8 @@ pub struct BenchConfig {
     pub slo: Slo,
     /// Bound on the warm-up and on the run, each: requests still out then are cancelled and fail.
     pub max_duration: Duration,
+    /// Requests of the run (not the warm-up) that the client cancels or gives a deadline.
+    pub interrupts: InterruptSpec,
     /// A progress bar on stderr (drawn only when stderr is a terminal).
     pub progress: bool,
 }
@@ -93,17 +96,25 @@ pub async fn run(config: &BenchConfig) -> Result<RunResult, Error> {
         eprintln!("warm-up: {} requests, not measured", config.warmup_requests);
         let warmup: Vec<SampleRequest> = requests.iter().cycle().take(config.warmup_requests).cloned().collect();
         let zeros = vec![0.0; warmup.len()];
-        let (outcomes, _) = drive(&client, warmup, &zeros, cap, config, &ProgressBar::hidden()).await;
-        if let Some(error) = outcomes.into_iter().find_map(|o| o.error) {
+        let none = vec![Interruption::None; warmup.len()];
+        let (outcomes, _) = drive(&client, warmup, &zeros, &none, cap, config, &ProgressBar::hidden()).await;
+        if let Some(error) = outcomes.iter().find_map(|o| o.end.describe()) {
             return Err(Error::Warmup(error));
         }
     }
 
     let arrivals = arrival_secs(config.load.rate(), requests.len(), &mut rng);
+    // A stream of its own, so that interrupting requests changes neither the prompts nor the
+    // arrival times of a seed.
+    let mut interrupt_rng = StdRng::seed_from_u64(config.seed ^ INTERRUPT_SEED);
+    let interruptions = interrupt::draw(&config.interrupts, requests.iter().map(|r| r.output_len), &mut interrupt_rng);
     eprintln!("sending {} requests: {}", requests.len(), describe(config.load));
+    if let Some(words) = describe_interrupts(&config.interrupts) {
+        eprintln!("interrupted by the client: {words}");
+    }
     let progress = progress_bar(config.progress, requests.len());
     let date = SystemTime::now();
-    let (outcomes, duration_secs) = drive(&client, requests, &arrivals, cap, config, &progress).await;
+    let (outcomes, duration_secs) = drive(&client, requests, &arrivals, &interruptions, cap, config, &progress).await;
     progress.finish_and_clear();
     Ok(RunResult { model, outcomes, duration_secs, date })
 }
@@ -119,13 +130,31 @@ pub fn describe(load: Load) -> String {
     }
 }
 
-/// Sends `requests[i]` at `arrivals[i]` seconds from now, at most `cap` in flight, and waits for
-/// all of them, but not past `config.max_duration`: then every request still out (or not yet
-/// sent) is cancelled and counted as failed. Returns the outcomes in order and the seconds taken.
+/// Mixed into `--seed` for the interruptions' random stream.
+const INTERRUPT_SEED: u64 = 0x1e7e_22a9_7c0d_e5ed;
+
+/// The client's interruptions in words, for the log and the report; `None` when there are none.
+pub fn describe_interrupts(spec: &InterruptSpec) -> Option<String> {
+    let percent = |f: f64| format!("{}%", (f * 1000.0).round() / 10.0);
+    let mut parts = Vec::new();
+    if spec.cancel_fraction > 0.0 {
+        parts.push(format!("{} cancelled after a random number of tokens", percent(spec.cancel_fraction)));
+    }
+    if spec.deadline_fraction > 0.0 {
+        parts.push(format!("{} with a deadline of {}", percent(spec.deadline_fraction), spec.deadline_ms));
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// Sends `requests[i]` at `arrivals[i]` seconds from now, interrupted as `interruptions[i]`
+/// says, at most `cap` in flight, and waits for all of them, but not past
+/// `config.max_duration`: then every request still out (or not yet sent) is cancelled and
+/// counted as failed. Returns the outcomes in order and the seconds taken.
 async fn drive(
     client: &Client,
     requests: Vec<SampleRequest>,
     arrivals: &[f64],
+    interruptions: &[Interruption],
     cap: Option<usize>,
     config: &BenchConfig,
     progress: &ProgressBar,
@@ -137,9 +166,9 @@ async fn drive(
     let ignore_eos = config.ignore_eos;
     let tasks: Vec<_> = requests
         .into_iter()
-        .zip(arrivals)
+        .zip(arrivals.iter().zip(interruptions))
         .enumerate()
-        .map(|(idx, (sample, &at))| {
+        .map(|(idx, (sample, (&at, &interruption)))| {
             let (client, permits, progress) = (client.clone(), permits.clone(), progress.clone());
             // An arrival past the deadline would be cancelled anyway.
             let send_at = started + Duration::from_secs_f64(at.min(limit_secs));
@@ -150,7 +179,7 @@ async fn drive(
                         Some(p) => Some(p.acquire().await.expect("the semaphore is never closed")),
                         None => None,
                     };
-                    client.stream(idx, &sample, ignore_eos, started.into_std()).await
+                    client.stream(idx, &sample, ignore_eos, interruption, started.into_std()).await
                 };
                 // Dropping an unfinished stream cancels the request on the server.
                 let outcome = tokio::select! {
@@ -250,6 +279,21 @@ async fn dataset_requests(
 mod tests {
     use super::*;
     use crate::arrivals::RequestRate;
+
+    #[test]
+    fn interruptions_in_words() {
+        use crate::interrupt::DeadlineRange;
+        let words = |c, d| describe_interrupts(&InterruptSpec::new(c, d, "50:800".parse().unwrap()).unwrap());
+        assert_eq!(words(0.0, 0.0), None);
+        assert_eq!(describe_interrupts(&InterruptSpec::NONE), None);
+        assert_eq!(words(0.1, 0.0).as_deref(), Some("10% cancelled after a random number of tokens"));
+        assert_eq!(
+            words(0.125, 0.05).as_deref(),
+            Some("12.5% cancelled after a random number of tokens, 5% with a deadline of 50-800 ms")
+        );
+        let fixed = InterruptSpec::new(0.0, 1.0, DeadlineRange { low_ms: 300, high_ms: 300 }).unwrap();
+        assert_eq!(describe_interrupts(&fixed).as_deref(), Some("100% with a deadline of 300-300 ms"));
+    }
 
     #[test]
     fn connections_grow_with_requests_in_flight() {

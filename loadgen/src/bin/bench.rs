@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{ArgGroup, Parser};
 use onehead_loadgen::arrivals::{Load, RequestRate};
 use onehead_loadgen::dataset::RandomSpec;
+use onehead_loadgen::interrupt::{DeadlineRange, InterruptSpec};
 use onehead_loadgen::metrics::{self, Slo};
 use onehead_loadgen::report;
 use onehead_loadgen::run::{self, BenchConfig, Source};
@@ -75,6 +76,17 @@ struct Args {
     /// No progress bar (it is drawn only when stderr is a terminal anyway).
     #[arg(long)]
     disable_progress: bool,
+    /// Fraction of requests the client cancels (drops the stream) after a random number of
+    /// tokens, from none to one fewer than it asked for; counted apart from failures.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    cancel_fraction: f64,
+    /// Fraction of requests sent with a gRPC deadline drawn from --deadline-ms; those whose
+    /// deadline passes are counted apart from failures.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    deadline_fraction: f64,
+    /// The deadlines of --deadline-fraction, drawn uniformly: LOW:HIGH, or MS for one value.
+    #[arg(long, value_name = "LOW:HIGH", default_value = "100:2000")]
+    deadline_ms: DeadlineRange,
 }
 
 fn parse_range_ratio(s: &str) -> Result<f64, String> {
@@ -107,6 +119,8 @@ fn config(args: Args) -> anyhow::Result<BenchConfig> {
         }),
     };
     let slo = Slo::parse(&args.goodput).map_err(|e| anyhow::anyhow!("--goodput: {e}"))?;
+    let interrupts = InterruptSpec::new(args.cancel_fraction, args.deadline_fraction, args.deadline_ms)
+        .map_err(anyhow::Error::msg)?;
     Ok(BenchConfig {
         address: args.address,
         api_key: args.api_key,
@@ -119,6 +133,7 @@ fn config(args: Args) -> anyhow::Result<BenchConfig> {
         slo,
         max_duration: Duration::from_secs_f64(args.max_duration_secs),
         progress: !args.disable_progress,
+        interrupts,
     })
 }
 
