@@ -181,7 +181,7 @@ async fn idle_connections_are_closed_and_never_spin_the_accept_loop() {
     let cpu = r.cpu_secs();
     tokio::time::sleep(Duration::from_millis(800)).await;
     let busy = (r.cpu_secs() - cpu) / 0.8;
-    assert!(busy < 0.3, "the router used {:.0}% of a core while out of descriptors", busy * 100.0);
+    assert!(busy < 0.1, "the router used {:.0}% of a core while out of descriptors", busy * 100.0);
     // Each idle connection is closed by the router: a read sees the end (after its settings).
     let mut buf = vec![0; 1024];
     let first = &mut idle[0];
