@@ -5,8 +5,11 @@
 # The torch environment lives at the same path in both stages, so the binary's rpath holds.
 
 FROM python:3.11-slim-bookworm AS torch
+# cudarc opens NCCL as libnccl.so, never as the wheel's libnccl.so.2: link one to the other, as
+# scripts/setup-libtorch.sh does; the binary's rpath reaches this folder (worker/build.rs).
 RUN python -m venv /opt/torch \
-    && /opt/torch/bin/pip install --no-cache-dir "torch==2.11.0"
+    && /opt/torch/bin/pip install --no-cache-dir "torch==2.11.0" \
+    && ln -s libnccl.so.2 /opt/torch/lib/python3.11/site-packages/nvidia/nccl/lib/libnccl.so
 
 FROM rust:1.95-slim-bookworm AS build
 # A C++ compiler: torch-sys and the engine's build script (engine/csrc/onednn.cpp, amx.cpp) compile

@@ -26,6 +26,12 @@ pub enum Error {
     EngineWarmingUp,
     #[error("a tensor-parallel shard failed; this worker cannot run steps any more")]
     ShardFailed,
+    /// A shared library that is opened at run time (NCCL, the CUDA runtime) was not found.
+    #[error("{library} not found: tried {tried}; looked in {looked_in}")]
+    LibraryMissing { library: &'static str, tried: String, looked_in: String },
+    /// A CUDA or NCCL call failed while setting up the devices.
+    #[error("{call}: {message}")]
+    Cuda { call: &'static str, message: String },
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
 }

@@ -160,7 +160,7 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
         return Ok(Box::new(Local::new(model)));
     }
     let comms: Vec<Arc<dyn Communicator>> = if options.device.is_cuda() {
-        crate::parallel::nccl::group(options.tp)?
+        crate::parallel::nccl::group(&(0..options.tp).collect::<Vec<_>>())?
     } else {
         CpuComm::group(options.tp).into_iter().map(|c| Arc::new(c) as Arc<dyn Communicator>).collect()
     };

@@ -3,3 +3,5 @@
 pub mod comm;
 pub mod heads;
 pub mod nccl;
+pub mod nccl_library;
+pub mod watchdog;
