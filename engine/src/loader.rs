@@ -16,10 +16,13 @@ use crate::runner::{self, Runner, ShardOptions};
 pub struct LoadOptions {
     /// None: the dtype the checkpoint is stored in.
     pub dtype: Option<Dtype>,
-    /// `Cpu`, or `Cuda(0)` (shard r then runs on `cuda:r`).
+    /// `Cpu`, or `Cuda(n)`: shard r then runs on `cuda:n+r` (see `runner::shard_devices`).
     pub device: tch::Device,
     /// Tensor-parallel shards.
     pub tp: usize,
+    /// Every CUDA shard on the one device `device`, exchanging through host memory: checks
+    /// tensor parallelism on a single GPU.
+    pub shards_on_one_device: bool,
     /// Intra-op threads per shard (default: cores / tp).
     pub threads_per_shard: Option<i32>,
     /// The form asked for the weight matrices (default: AMX tiles where they apply).
@@ -32,6 +35,7 @@ impl Default for LoadOptions {
             dtype: None,
             device: tch::Device::Cpu,
             tp: 1,
+            shards_on_one_device: false,
             threads_per_shard: None,
             weight_form: WeightForm::Tiles,
         }
@@ -73,6 +77,7 @@ pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
         dtype,
         device: options.device,
         tp: options.tp,
+        shards_on_one_device: options.shards_on_one_device,
         threads_per_shard: options.threads_per_shard,
         weight_form: options.weight_form,
     };
@@ -106,4 +111,15 @@ pub fn available_memory_bytes() -> Option<i64> {
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Free and total bytes of CUDA device `index`, as `cudaMemGetInfo` reports them now (LibTorch's
+/// allocations, the loaded weights among them, count as used).
+pub fn device_memory_bytes(index: usize) -> Result<(i64, i64)> {
+    let cuda = |call: &'static str| {
+        move |e: cudarc::runtime::result::RuntimeError| Error::Cuda { call, message: format!("cuda:{index}: {e:?}") }
+    };
+    cudarc::runtime::result::device::set(index as i32).map_err(cuda("cudaSetDevice"))?;
+    let (free, total) = cudarc::runtime::result::mem_get_info().map_err(cuda("cudaMemGetInfo"))?;
+    Ok((free as i64, total as i64))
 }

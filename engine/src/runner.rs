@@ -79,11 +79,19 @@ impl Runner for Local {
     }
 
     fn step(&mut self, inputs: &[ChunkInput<'_>]) -> Result<Vec<f32>> {
+        let logits = self.forward(inputs)?;
+        Ok(Vec::<f32>::try_from(logits.view([-1]))?)
+    }
+}
+
+impl Local {
+    /// One forward pass, its logits left on the device: a tensor-parallel follower's part of a
+    /// step (every shard ends with the whole logits; the leader alone copies them out).
+    fn forward(&mut self, inputs: &[ChunkInput<'_>]) -> Result<tch::Tensor> {
         let _guard = tch::no_grad_guard();
         let kv = self.kv.as_ref().ok_or_else(|| Error::invalid("kv_cache_tokens", "no KV pool was allocated"))?;
         let batch = Batch::new(inputs, self.model.device());
-        let logits = self.model.forward(&batch, kv)?;
-        Ok(Vec::<f32>::try_from(logits.view([-1]))?)
+        self.model.forward(&batch, kv)
     }
 }
 
@@ -121,13 +129,40 @@ pub struct TensorParallel {
 #[derive(Clone, Debug)]
 pub struct ShardOptions {
     pub dtype: Dtype,
-    /// `Cpu`, or `Cuda(0)`: rank r then runs on `Cuda(r)`.
+    /// `Cpu`, or `Cuda(n)`: see `shard_devices`.
     pub device: Device,
     pub tp: usize,
+    /// See `shard_devices`.
+    pub shards_on_one_device: bool,
     /// Intra-op threads of each shard (default: cores / tp, at least 1).
     pub threads_per_shard: Option<i32>,
     /// See `Placement::weight_form`.
     pub weight_form: WeightForm,
+}
+
+/// Where each of `tp` shards runs. On the CPU, all there. On CUDA, shard r on `cuda:first+r`
+/// (`--device cuda:N` picks the first), or every shard on `cuda:first` when `one_device`.
+pub fn shard_devices(device: Device, tp: usize, one_device: bool) -> Vec<Device> {
+    (0..tp)
+        .map(|rank| match device {
+            Device::Cuda(first) if !one_device => Device::Cuda(first + rank),
+            other => other,
+        })
+        .collect()
+}
+
+/// The CUDA device indices of `devices` when NCCL can join them (all CUDA, each its own device,
+/// more than one), else None.
+fn nccl_devices(devices: &[Device]) -> Option<Vec<usize>> {
+    let indices: Vec<usize> = devices
+        .iter()
+        .map(|d| match d {
+            Device::Cuda(i) => Some(*i),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    let distinct = indices.iter().collect::<std::collections::HashSet<_>>().len() == indices.len();
+    (indices.len() > 1 && distinct).then_some(indices)
 }
 
 /// Loads the model in `dir` as `options.tp` shards and returns its runner.
@@ -143,14 +178,22 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
         (cores / options.tp as i32).max(1)
     });
-    let placement = |rank: usize| Placement {
-        dtype: options.dtype,
-        device: match options.device {
-            Device::Cuda(_) => Device::Cuda(rank),
-            other => other,
-        },
-        weight_form: options.weight_form,
-    };
+    let devices = shard_devices(options.device, options.tp, options.shards_on_one_device);
+    if let Some(Device::Cuda(last)) = devices.iter().max_by_key(|d| match d {
+        Device::Cuda(i) => *i as i64,
+        _ => -1,
+    }) {
+        let seen = tch::Cuda::device_count();
+        if *last as i64 >= seen {
+            let (first, tp) = (devices[0], options.tp);
+            return Err(Error::invalid(
+                "device",
+                format!("{tp} shard(s) from {first:?} need cuda:{last}, but LibTorch sees {seen} CUDA device(s)"),
+            ));
+        }
+    }
+    let placement =
+        |rank: usize| Placement { dtype: options.dtype, device: devices[rank], weight_form: options.weight_form };
     if options.tp == 1 {
         if let Some(n) = options.threads_per_shard {
             tch::set_num_threads(n);
@@ -159,10 +202,11 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
         let model = models::load(config, &ckpt, placement(0), Arc::new(Solo))?;
         return Ok(Box::new(Local::new(model)));
     }
-    let comms: Vec<Arc<dyn Communicator>> = if options.device.is_cuda() {
-        crate::parallel::nccl::group(&(0..options.tp).collect::<Vec<_>>())?
-    } else {
-        CpuComm::group(options.tp).into_iter().map(|c| Arc::new(c) as Arc<dyn Communicator>).collect()
+    let comms: Vec<Arc<dyn Communicator>> = match nccl_devices(&devices) {
+        Some(indices) => crate::parallel::nccl::group(&indices)?,
+        // CPU shards, or CUDA shards sharing a device (NCCL takes one rank per device): the
+        // exchange goes through host memory.
+        None => CpuComm::group(options.tp).into_iter().map(|c| Arc::new(c) as Arc<dyn Communicator>).collect(),
     };
     let mut comms = comms.into_iter();
     let leader_comm = comms.next().expect("tp >= 2");
@@ -203,7 +247,8 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
                                     logits: c.logits,
                                 })
                                 .collect();
-                            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.step(&inputs)));
+                            let step =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.forward(&inputs)));
                             step.unwrap_or(Err(Error::ShardFailed)).map(drop)
                         }
                     };
@@ -312,5 +357,50 @@ impl Drop for TensorParallel {
                 let _ = t.join();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_placed_from_the_first_device() {
+        use Device::{Cpu, Cuda};
+        assert_eq!(shard_devices(Cpu, 3, false), vec![Cpu; 3]);
+        assert_eq!(shard_devices(Cuda(0), 2, false), vec![Cuda(0), Cuda(1)]);
+        // `--device cuda:2` used to be ignored: every shard landed on cuda:0 and up.
+        assert_eq!(shard_devices(Cuda(2), 2, false), vec![Cuda(2), Cuda(3)]);
+        assert_eq!(shard_devices(Cuda(1), 3, true), vec![Cuda(1); 3]);
+        assert_eq!(shard_devices(Cpu, 2, true), vec![Cpu; 2]);
+    }
+
+    #[test]
+    fn nccl_joins_only_distinct_cuda_devices() {
+        use Device::{Cpu, Cuda};
+        assert_eq!(nccl_devices(&[Cuda(2), Cuda(3)]), Some(vec![2, 3]));
+        assert_eq!(nccl_devices(&[Cuda(0), Cuda(0)]), None, "one device: through host memory");
+        assert_eq!(nccl_devices(&[Cuda(0)]), None, "one shard needs no communicator");
+        assert_eq!(nccl_devices(&[Cpu, Cpu]), None);
+    }
+
+    #[test]
+    fn a_cuda_device_libtorch_does_not_see_is_refused_by_name() {
+        if tch::Cuda::device_count() > 7 {
+            crate::testing::skip("runner::a_cuda_device_libtorch_does_not_see_is_refused_by_name", "8+ GPUs here");
+            return;
+        }
+        let dir = crate::hf::builtin::tiny_model_dir().unwrap();
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        let options = ShardOptions {
+            dtype: Dtype::F32,
+            device: Device::Cuda(7),
+            tp: 2,
+            shards_on_one_device: false,
+            threads_per_shard: Some(1),
+            weight_form: WeightForm::Plain,
+        };
+        let err = load(&config, &dir, &options).err().expect("no cuda:8 here").to_string();
+        assert!(err.contains("device") && err.contains("cuda:8"), "{err}");
     }
 }

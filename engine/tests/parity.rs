@@ -40,10 +40,7 @@ fn load(name: &str) -> (LoadedModel, Reference) {
 /// Where the parity tests run: `ONEHEAD_TEST_DEVICE=cuda` (scripts/gpu-check.sh) puts them on the
 /// GPU; the default is the CPU.
 fn test_device() -> tch::Device {
-    match std::env::var("ONEHEAD_TEST_DEVICE").as_deref() {
-        Ok("cuda") => tch::Device::Cuda(0),
-        _ => tch::Device::Cpu,
-    }
+    onehead_engine::testing::device()
 }
 
 /// Fixture `name` in f32, as `tp` tensor-parallel shards (threads, one intra-op thread each),
@@ -56,7 +53,14 @@ fn load_with(name: &str, tp: usize, weight_form: WeightForm) -> (LoadedModel, Re
     let dir = fixture(name);
     let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
     let device = test_device();
-    let options = LoadOptions { dtype: Some(Dtype::F32), tp, threads_per_shard: Some(1), device, weight_form };
+    let options = LoadOptions {
+        dtype: Some(Dtype::F32),
+        tp,
+        threads_per_shard: Some(1),
+        device,
+        weight_form,
+        shards_on_one_device: onehead_engine::testing::shards_on_one_device(),
+    };
     (load_model(dir.to_str().unwrap(), &options).unwrap(), serde_json::from_str(&text).unwrap())
 }
 
@@ -68,10 +72,14 @@ fn assert_close(what: &str, actual: &[f32], expected: &[f32]) {
 }
 
 /// Greedy generation through the KV cache matches the reference's ids and logprobs, at every
-/// tensor-parallel degree from 1 to 4.
+/// tensor-parallel degree from 1 to 4 (3 with every shard on one GPU).
 fn check_greedy(name: &str) {
-    // On CUDA, shard r needs device r: as many degrees as there are GPUs.
-    let max_tp = if test_device().is_cuda() { (tch::Cuda::device_count() as usize).min(4) } else { 4 };
+    // On CUDA, shard r needs device r: as many degrees as there are GPUs, unless they share one.
+    let max_tp = match test_device() {
+        tch::Device::Cuda(_) if onehead_engine::testing::shards_on_one_device() => 3,
+        tch::Device::Cuda(first) => (tch::Cuda::device_count() as usize).saturating_sub(first).min(4),
+        _ => 4,
+    };
     for tp in 1..=max_tp {
         check_greedy_tp(name, tp);
     }

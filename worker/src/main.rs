@@ -12,11 +12,11 @@ use onehead_engine::bytes::ShardBytes;
 use onehead_engine::generate::generate;
 use onehead_engine::hf::config::Dtype;
 use onehead_engine::kernels::WeightForm;
-use onehead_engine::loader::{LoadOptions, LoadedModel, available_memory_bytes, load_model};
+use onehead_engine::loader::{LoadOptions, LoadedModel, available_memory_bytes, device_memory_bytes, load_model};
 use onehead_proto::serving::ConnectionLimits;
 use onehead_worker::engine;
 use onehead_worker::metrics::WorkerMetrics;
-use onehead_worker::serve::{KvPoolLimits, KvPoolRequest, kv_pool_tokens};
+use onehead_worker::serve::{DeviceMemory, KvPoolLimits, KvPoolRequest, PoolMemory, kv_pool_tokens, pool_budget_bytes};
 use onehead_worker::server::{self, WorkerInfo};
 
 #[derive(Parser)]
@@ -128,9 +128,13 @@ struct ModelArgs {
     threads: Option<i32>,
     /// Tensor-parallel shards: query heads (and MLP and vocabulary) split over this many
     /// devices, the one K/V head of a multi-query model replicated on each. On CPU the shards
-    /// are threads; on CUDA shard r uses cuda:r.
+    /// are threads; on CUDA shard r uses cuda:N+r (`--device cuda:N`), joined by NCCL.
     #[arg(long, env = "ONEHEAD_TP", default_value_t = 1)]
     tp: usize,
+    /// Every CUDA shard on the one device of `--device`, exchanging through host memory
+    /// instead of NCCL: checks tensor parallelism on a single GPU (slow; not for serving).
+    #[arg(long, env = "ONEHEAD_SHARDS_ON_ONE_DEVICE")]
+    shards_on_one_device: bool,
     /// Keep CPU weight matrices as stored, for LibTorch's plain `linear`, instead of prepacking
     /// them for oneDNN's kernels at load (the default where the CPU runs the dtype natively).
     #[arg(long, env = "ONEHEAD_PLAIN_CPU_WEIGHTS")]
@@ -177,7 +181,18 @@ struct GenerateArgs {
     json: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors end the process with one line on stderr (the causes joined by `: `) and status 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("onehead-worker: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     onehead_engine::loader::prefer_huge_pages();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -205,13 +220,14 @@ impl ModelArgs {
     fn load(&self) -> anyhow::Result<LoadedModel> {
         let device = parse_device(&self.device)?;
         if device.is_cuda() && !tch::Cuda::is_available() {
-            bail!("--device {}: LibTorch reports no CUDA device", self.device);
+            bail!("--device {}: LibTorch sees no CUDA device on this machine", self.device);
         }
         let started = std::time::Instant::now();
         let options = LoadOptions {
             dtype: self.dtype,
             device,
             tp: self.tp,
+            shards_on_one_device: self.shards_on_one_device,
             threads_per_shard: self.threads,
             weight_form: WeightForm::from_flags(self.plain_cpu_weights, self.no_amx_weights),
         };
@@ -224,6 +240,34 @@ impl ModelArgs {
         }
         Ok(lm)
     }
+}
+
+/// The memory the KV pools will live in, measured now (after the weights are loaded): each CUDA
+/// device that holds shards, or host memory.
+fn pool_memory(model: &ModelArgs) -> anyhow::Result<Option<PoolMemory>> {
+    let device = parse_device(&model.device)?;
+    if !device.is_cuda() {
+        return Ok(available_memory_bytes().map(|available_bytes| PoolMemory::Host { available_bytes }));
+    }
+    let mut devices: Vec<(usize, i64)> = Vec::new();
+    for shard in onehead_engine::runner::shard_devices(device, model.tp, model.shards_on_one_device) {
+        let tch::Device::Cuda(index) = shard else { continue };
+        match devices.iter_mut().find(|(i, _)| *i == index) {
+            Some((_, shards)) => *shards += 1,
+            None => devices.push((index, 1)),
+        }
+    }
+    let mut measured = Vec::new();
+    for (index, shards) in devices {
+        let (free_bytes, total_bytes) = device_memory_bytes(index)?;
+        println!(
+            "cuda:{index}: {:.1} GiB free of {:.1} GiB after the weights, for {shards} shard(s)",
+            free_bytes as f64 / (1u64 << 30) as f64,
+            total_bytes as f64 / (1u64 << 30) as f64
+        );
+        measured.push(DeviceMemory { free_bytes, total_bytes, shards });
+    }
+    Ok(Some(PoolMemory::Devices(measured)))
 }
 
 fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
@@ -256,7 +300,7 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
         bytes_per_token,
         max_batch_size: args.max_batch_size,
         max_context: shape.max_context,
-        free_bytes: available_memory_bytes(),
+        budget_bytes: pool_memory(&args.model)?.as_ref().map(pool_budget_bytes),
     };
     let kv_cache_tokens = kv_pool_tokens(request, limits).map_err(anyhow::Error::msg)?;
     println!(

@@ -88,10 +88,19 @@ fn prompt(len: usize, seed: u32, vocab: u32) -> Vec<u32> {
 /// 12 concurrent requests of different prompt lengths, started at staggered times, greedy and
 /// seeded-sampled side by side: each gets exactly what it gets alone.
 async fn check_batched_equals_alone(model: &str, tp: &str) {
-    let flags =
-        ["--dtype", "f32", "--max-batch-size", "8", "--prefill-chunk", "4", "--max-step-tokens", "16", "--tp", tp];
+    // The device of `onehead_engine::testing` (scripts/gpu-check.sh sets it to the GPU).
+    let device = onehead_engine::testing::device_flag();
+    let mut flags = vec!["--dtype", "f32", "--max-batch-size", "8", "--prefill-chunk", "4", "--max-step-tokens", "16"];
+    flags.extend(["--tp", tp, "--device", &device]);
+    if onehead_engine::testing::shards_on_one_device() {
+        flags.push("--shards-on-one-device");
+    }
     let server = Server::start(&fixture(model), &flags).await;
-    let options = LoadOptions { dtype: Some(onehead_engine::hf::config::Dtype::F32), ..Default::default() };
+    let options = LoadOptions {
+        dtype: Some(onehead_engine::hf::config::Dtype::F32),
+        device: onehead_engine::testing::device(),
+        ..Default::default()
+    };
     let mut alone = load_model(&fixture(model), &options).unwrap();
     let vocab = alone.runner.shape().vocab_size as u32;
     // Watch the batch while the requests run: they must really have shared steps.
@@ -388,4 +397,40 @@ async fn info_describes_the_model_and_top_alternatives_come_sorted() {
     assert_eq!(token.top.len(), 5);
     assert_eq!(token.top[0].id, token.id, "greedy picks the most likely");
     assert!(token.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+}
+
+/// A device the machine lacks, or a malformed one, ends the worker with status 1 and one line
+/// on stderr naming the flag and the device: no panic, no backtrace.
+#[test]
+fn a_missing_or_malformed_device_is_one_line_naming_it() {
+    if tch::Cuda::is_available() {
+        onehead_engine::testing::skip("serve::a_missing_or_malformed_device_is_one_line_naming_it", "CUDA is here");
+        return;
+    }
+    for (device, expected) in [
+        ("cuda", "--device cuda: LibTorch sees no CUDA device"),
+        ("cuda:1", "--device cuda:1"),
+        ("tpu", "--device: expected cpu, cuda or cuda:N, got \"tpu\""),
+    ] {
+        let out = std::process::Command::new(onehead_tests::binary("onehead-worker"))
+            .args([
+                "generate",
+                "--model",
+                "builtin:tiny",
+                "--prompt-ids",
+                "1",
+                "--max-new-tokens",
+                "1",
+                "--device",
+                device,
+            ])
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{device}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{device}: {stderr}");
+        assert!(lines[0].starts_with("onehead-worker: ") && lines[0].contains(expected), "{device}: {stderr}");
+    }
 }

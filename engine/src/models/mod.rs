@@ -281,7 +281,7 @@ pub(crate) fn cached_attention(
     let decode = batch
         .decode
         .as_ref()
-        .filter(|d| uniform && (in_place || d.longest * key_bytes_per_token <= GATHERED_KEY_BYTES));
+        .filter(|d| uniform && decode_in_one_call(k.device(), in_place, d.longest * key_bytes_per_token));
     if let Some(d) = decode.filter(|d| d.all) {
         return attend_decode(layer, (q, k, v), d, kv, scale, in_place);
     }
@@ -318,6 +318,15 @@ pub(crate) fn cached_attention(
 /// ~300 tokens, 96 KiB, -10% a step; at batch 8 and 2048 tokens, 512 KiB, even; multi-head at
 /// batch 8 and 2048 tokens, 8 MiB, 5x slower).
 const GATHERED_KEY_BYTES: i64 = 256 << 10;
+
+/// Whether the decode tokens of a batch are attended in one call (`attend_decode`) rather than
+/// one call per sequence, given the longest sequence's keys of one layer in bytes. On CUDA
+/// always: a launch per sequence and layer costs far more than gathering the keys, which the
+/// device copies at its memory bandwidth. On the CPU, when AMX reads the pool in place, or when
+/// the gather is small enough to pay (`GATHERED_KEY_BYTES`).
+fn decode_in_one_call(device: Device, in_place: bool, longest_key_bytes: i64) -> bool {
+    device.is_cuda() || in_place || longest_key_bytes <= GATHERED_KEY_BYTES
+}
 
 /// `cached_attention` of `d`'s tokens, one each from several sequences, in one call: `in_place`
 /// on AMX over each sequence's range of the pool, otherwise over each sequence's keys gathered
@@ -559,5 +568,20 @@ impl Rotary {
         let half = x.size()[2] / 2;
         let rotated = Tensor::cat(&[-x.narrow(2, half, half), x.narrow(2, 0, half)], 2);
         x * cos + rotated * sin
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_attention_is_one_call_on_cuda_whatever_the_context() {
+        let long = 64 * GATHERED_KEY_BYTES;
+        // On CUDA long contexts used to fall back to one attention call per sequence and layer.
+        assert!(decode_in_one_call(Device::Cuda(0), false, long));
+        assert!(decode_in_one_call(Device::Cpu, true, long), "AMX reads the pool in place");
+        assert!(decode_in_one_call(Device::Cpu, false, GATHERED_KEY_BYTES));
+        assert!(!decode_in_one_call(Device::Cpu, false, GATHERED_KEY_BYTES + 1));
     }
 }
