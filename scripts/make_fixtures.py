@@ -17,19 +17,32 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import FalconConfig, FalconForCausalLM, GPTBigCodeConfig, GPTBigCodeForCausalLM
+from transformers import (
+    FalconConfig,
+    FalconForCausalLM,
+    GPTBigCodeConfig,
+    GPTBigCodeForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 NEW_TOKENS = 20
 
 
 def widen(model: torch.nn.Module, seed: int) -> None:
-    """Re-draws every parameter: std 0.3 for matrices, layer norms near 1, small biases."""
+    """Re-draws every parameter: std 0.3 for matrices, norms near 1, small biases."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if ("ln" in name or "layernorm" in name) and name.endswith("weight"):
+            if ("ln" in name or "norm" in name) and name.endswith("weight"):
                 p.copy_(1.0 + 0.2 * noise)
             elif name.endswith("bias"):
                 p.copy_(0.1 * noise)
@@ -70,6 +83,22 @@ def gpt_bigcode(**config):
 def falcon(**config):
     cfg = FalconConfig(max_position_embeddings=64, num_hidden_layers=2, bos_token_id=0, eos_token_id=1, **config)
     return FalconForCausalLM(cfg)
+
+
+LLAMA_FAMILY = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+
+
+def llama_family(model_type, **config):
+    """A Llama-architecture model of 2 layers, 64 positions, in `model_type`'s dialect."""
+    config_class, model_class = LLAMA_FAMILY[model_type]
+    config.setdefault("eos_token_id", 1)
+    cfg = config_class(max_position_embeddings=64, num_hidden_layers=2, bos_token_id=0, **config)
+    return model_class(cfg)
 
 
 # The RefinedWeb code's names for FalconConfig's (tiiuae's original config.json files).
@@ -164,9 +193,37 @@ def cases():
                        new_decoder_architecture=True)
 
 
+def llama_cases():
+    # Llama 3's rotary scaling over heads of 16 (not hidden / heads): with an original context
+    # of 32 the 8 frequencies are kept (1), interpolated (1) and divided (6). 6 query heads
+    # over 2 K/V heads, so 4 shards split a group.
+    llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    yield "llama3_gqa", dict(seed=21, prompt_len=9), lambda: llama_family(
+        "llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=16, intermediate_size=64,
+        vocab_size=97, rope_parameters=llama3, eos_token_id=[1, 2])
+    # Multi-query (one K/V head on every shard), 7 heads, tied embeddings, every bias.
+    yield "llama_mqa_bias", dict(seed=22, prompt_len=7), lambda: llama_family(
+        "llama", hidden_size=56, num_attention_heads=7, num_key_value_heads=1, intermediate_size=72, vocab_size=101,
+        tie_word_embeddings=True, attention_bias=True, mlp_bias=True, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    # Qwen2: biases on q, k and v; 6 heads over 3 K/V heads, tied embeddings.
+    yield "qwen2_gqa", dict(seed=23, prompt_len=8), lambda: llama_family(
+        "qwen2", hidden_size=48, num_attention_heads=6, num_key_value_heads=3, intermediate_size=80, vocab_size=89,
+        tie_word_embeddings=True)
+    # Qwen3: RMSNorm of each query and key head; heads of 8 over a width of 32.
+    yield "qwen3_gqa", dict(seed=24, prompt_len=8), lambda: llama_family(
+        "qwen3", hidden_size=32, num_attention_heads=6, num_key_value_heads=2, head_dim=8, intermediate_size=64,
+        vocab_size=97)
+    # Mistral without a sliding window: 4 heads over 2 K/V heads.
+    yield "mistral_gqa", dict(seed=25, prompt_len=7), lambda: llama_family(
+        "mistral", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, vocab_size=97,
+        sliding_window=None)
+
+
 def main():
     wanted = set(sys.argv[1:])
-    for name, options, model in cases():
+    for name, options, model in [*cases(), *llama_cases()]:
         if not wanted or name in wanted:
             case(name, model, **options)
 

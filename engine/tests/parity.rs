@@ -170,7 +170,9 @@ fn cpu_weights_are_packed_unless_told_otherwise() {
 /// (where Falcon's groups are split unevenly and attention runs per sequence again).
 #[test]
 fn decodes_attended_together_equal_each_sequence_alone() {
-    for (name, tp) in [("mqa_f32", 1), ("mha_f32", 1), ("falcon_gqa", 1), ("falcon_gqa", 3)] {
+    for (name, tp) in
+        [("mqa_f32", 1), ("mha_f32", 1), ("falcon_gqa", 1), ("falcon_gqa", 3), ("llama3_gqa", 1), ("qwen3_gqa", 4)]
+    {
         let (mut lm, reference) = load_tp(name, tp);
         check_decodes_together(&mut lm, &reference, &format!("{name} TP {tp}"), |a, e| (a - e).abs() <= TOLERANCE);
     }
@@ -255,6 +257,7 @@ fn check_decodes_together(lm: &mut LoadedModel, reference: &Reference, what: &st
 
 parity!(mqa_f32, mha_f32, mqa_hd12_untied, mqa_sharded, mqa_bf16, mqa_hd32_bf16);
 parity!(falcon_mqa, falcon_gqa, falcon_gqa_one_ln, falcon_rw_mha_sequential, falcon_rw40b, falcon_gqa_hd32);
+parity!(llama3_gqa, llama_mqa_bias, qwen2_gqa, qwen3_gqa, mistral_gqa);
 
 /// Falcon's K/V heads per shard: the one multi-query head on every shard; grouped K/V split by
 /// whole groups where the shard count divides them, else the straddled groups on both shards.
@@ -277,6 +280,28 @@ fn falcon_shards_hold_the_kv_heads_their_queries_read() {
         let found: Vec<i64> = lm.runner.shard_kv_shapes().iter().map(|s| s.n_kv_heads).collect();
         assert_eq!(found, kv_heads_per_shard, "{name} at TP {tp}");
     }
+}
+
+/// The same rule for the Llama-architecture models, whose q, k and v are separate tensors.
+#[test]
+fn llama_shards_hold_the_kv_heads_their_queries_read() {
+    for (name, tp, kv_heads_per_shard) in [
+        ("llama_mqa_bias", 3, vec![1, 1, 1]),
+        // 6 query heads in 2 groups of 3 over 4 shards: heads 0-1, 2-3, 4, 5.
+        ("llama3_gqa", 4, vec![1, 2, 1, 1]),
+        ("llama3_gqa", 2, vec![1, 1]),
+        ("qwen2_gqa", 4, vec![1, 1, 1, 1]),
+    ] {
+        let (lm, _) = load_tp(name, tp);
+        let found: Vec<i64> = lm.runner.shard_kv_shapes().iter().map(|s| s.n_kv_heads).collect();
+        assert_eq!(found, kv_heads_per_shard, "{name} at TP {tp}");
+    }
+}
+
+/// `eos_token_id` lists (Llama 3 names several end-of-sequence ids) are read whole.
+#[test]
+fn every_eos_id_of_a_list_is_read() {
+    assert_eq!(load("llama3_gqa").0.eos_token_ids, [1, 2]);
 }
 
 #[test]

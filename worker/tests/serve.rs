@@ -434,3 +434,10 @@ fn a_missing_or_malformed_device_is_one_line_naming_it() {
         assert!(lines[0].starts_with("onehead-worker: ") && lines[0].contains(expected), "{device}: {stderr}");
     }
 }
+
+/// A Llama-architecture model (Llama 3's rotary scaling, 6 query heads over 2 K/V heads) over
+/// 2 shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_equals_alone_llama3_gqa_tp2() {
+    check_batched_equals_alone("llama3_gqa", "2").await;
+}

@@ -169,10 +169,12 @@ pub struct GptBigCodeConfig {
 pub enum ModelConfig {
     GptBigCode(GptBigCodeConfig),
     Falcon(FalconConfig),
+    Llama(LlamaConfig),
 }
 
 /// The `model_type`s read, and the architecture each means.
-const MODEL_TYPES: &str = "\"gpt_bigcode\", \"falcon\", \"RefinedWebModel\", \"RefinedWeb\"";
+const MODEL_TYPES: &str =
+    "\"gpt_bigcode\", \"falcon\", \"RefinedWebModel\", \"RefinedWeb\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\"";
 
 impl ModelConfig {
     /// Reads `config.json` in `dir`, dispatching on `model_type`.
@@ -197,6 +199,17 @@ impl ModelConfig {
                     .map_err(|source| Error::Json { path: path.clone(), source })?;
                 Ok(ModelConfig::Falcon(FalconConfig::validate(raw, model_type == "RefinedWeb", &path)?))
             }
+            "llama" | "qwen2" | "qwen3" | "mistral" => {
+                let variant = match model_type {
+                    "llama" => LlamaVariant::Llama,
+                    "qwen2" => LlamaVariant::Qwen2,
+                    "qwen3" => LlamaVariant::Qwen3,
+                    _ => LlamaVariant::Mistral,
+                };
+                let raw: RawLlamaConfig = serde_json::from_value(value.clone())
+                    .map_err(|source| Error::Json { path: path.clone(), source })?;
+                Ok(ModelConfig::Llama(LlamaConfig::validate(raw, variant, &path)?))
+            }
             other => Err(Error::Config {
                 path,
                 field: "model_type".into(),
@@ -210,6 +223,7 @@ impl ModelConfig {
         match self {
             ModelConfig::GptBigCode(_) => "gpt_bigcode",
             ModelConfig::Falcon(_) => "falcon",
+            ModelConfig::Llama(c) => c.variant.model_type(),
         }
     }
 
@@ -218,6 +232,7 @@ impl ModelConfig {
         match self {
             ModelConfig::GptBigCode(c) => c.n_head,
             ModelConfig::Falcon(c) => c.num_attention_heads,
+            ModelConfig::Llama(c) => c.num_attention_heads,
         }
     }
 
@@ -226,6 +241,7 @@ impl ModelConfig {
         match self {
             ModelConfig::GptBigCode(c) => &c.eos_token_ids,
             ModelConfig::Falcon(c) => &c.eos_token_ids,
+            ModelConfig::Llama(c) => &c.eos_token_ids,
         }
     }
 }
@@ -316,6 +332,11 @@ struct RopeParameters {
     #[serde(alias = "type")]
     rope_type: Option<String>,
     rope_theta: Option<f64>,
+    /// Llama 3's scaling (`rope_type: "llama3"`).
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
 }
 
 fn default_falcon_positions() -> i64 {
@@ -458,6 +479,229 @@ impl FalconConfig {
             rope_theta,
             max_position_embeddings,
             activation,
+            tie_word_embeddings: raw.tie_word_embeddings,
+            eos_token_ids: raw.eos_token_id.to_vec(),
+        })
+    }
+}
+
+/// Serde mirror of the `config.json` of a Llama-architecture model (`llama`, `qwen2`, `qwen3`,
+/// `mistral`): one set of names, with each dialect's defaults applied in `LlamaConfig::validate`.
+#[derive(Debug, Deserialize)]
+struct RawLlamaConfig {
+    hidden_size: Option<i64>,
+    intermediate_size: Option<i64>,
+    num_hidden_layers: Option<i64>,
+    num_attention_heads: Option<i64>,
+    num_key_value_heads: Option<i64>,
+    head_dim: Option<i64>,
+    vocab_size: Option<i64>,
+    max_position_embeddings: Option<i64>,
+    hidden_act: Option<String>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RopeParameters>,
+    rope_scaling: Option<RopeParameters>,
+    attention_bias: Option<bool>,
+    #[serde(default)]
+    mlp_bias: bool,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default)]
+    use_sliding_window: bool,
+    /// Missing: 4096 (Mistral's and Qwen's default); null: none.
+    #[serde(default = "default_sliding_window")]
+    sliding_window: Option<i64>,
+    #[serde(default)]
+    eos_token_id: TokenIds,
+}
+
+fn default_sliding_window() -> Option<i64> {
+    Some(4096)
+}
+
+/// The `model_type`s one Llama-architecture implementation runs; they differ in defaults,
+/// biases and norms only (`LlamaConfig`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LlamaVariant {
+    Llama,
+    /// Biases on q, k and v.
+    Qwen2,
+    /// RMSNorm of every query and key head (`q_norm`, `k_norm`).
+    Qwen3,
+    Mistral,
+}
+
+impl LlamaVariant {
+    pub fn model_type(self) -> &'static str {
+        match self {
+            LlamaVariant::Llama => "llama",
+            LlamaVariant::Qwen2 => "qwen2",
+            LlamaVariant::Qwen3 => "qwen3",
+            LlamaVariant::Mistral => "mistral",
+        }
+    }
+}
+
+/// Llama 3's rotary scaling (`rope_type: "llama3"`), as `_compute_llama3_parameters`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Llama3Rope {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
+/// A validated configuration of a Llama-architecture model.
+#[derive(Clone, Debug)]
+pub struct LlamaConfig {
+    pub variant: LlamaVariant,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    /// Need not be `hidden_size / num_attention_heads` (config `head_dim`; Qwen3 defaults to 128).
+    pub head_dim: i64,
+    pub vocab_size: i64,
+    pub max_position_embeddings: i64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_llama3: Option<Llama3Rope>,
+    /// Biases on `q_proj`, `k_proj`, `v_proj` (Qwen2; `attention_bias` elsewhere).
+    pub qkv_bias: bool,
+    /// A bias on `o_proj` (`attention_bias`, not Qwen2).
+    pub o_bias: bool,
+    /// Biases on the MLP's projections (`mlp_bias`, Llama only).
+    pub mlp_bias: bool,
+    /// `q_norm` and `k_norm` (Qwen3).
+    pub qk_norm: bool,
+    pub tie_word_embeddings: bool,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl LlamaConfig {
+    fn validate(raw: RawLlamaConfig, variant: LlamaVariant, path: &Path) -> Result<Self> {
+        use LlamaVariant::*;
+        let f = Fields { path };
+        let hidden_size = f.positive("hidden_size", raw.hidden_size)?;
+        let intermediate_size = f.positive("intermediate_size", raw.intermediate_size)?;
+        let num_hidden_layers = f.positive("num_hidden_layers", raw.num_hidden_layers)?;
+        let n_heads = f.positive("num_attention_heads", raw.num_attention_heads)?;
+        let vocab_size = f.positive("vocab_size", raw.vocab_size)?;
+        // Each dialect's defaults (`LlamaConfig`, `Qwen2Config`, ... in transformers 5).
+        let default_positions = match variant {
+            Llama => 2048,
+            Qwen2 | Qwen3 => 32768,
+            Mistral => 4096 * 32,
+        };
+        let max_position_embeddings =
+            f.positive("max_position_embeddings", Some(raw.max_position_embeddings.unwrap_or(default_positions)))?;
+        let default_kv_heads = match variant {
+            Llama => n_heads,
+            Qwen2 | Qwen3 => 32,
+            Mistral => 8,
+        };
+        let n_kv_heads =
+            f.positive("num_key_value_heads", Some(raw.num_key_value_heads.unwrap_or(default_kv_heads)))?;
+        if n_heads % n_kv_heads != 0 {
+            return Err(
+                f.bad("num_key_value_heads", format!("{n_kv_heads} does not divide num_attention_heads {n_heads}"))
+            );
+        }
+        let head_dim = match (raw.head_dim, variant) {
+            (Some(d), _) => f.positive("head_dim", Some(d))?,
+            (None, Qwen3) => 128,
+            (None, _) if hidden_size % n_heads != 0 => {
+                return Err(f.bad(
+                    "num_attention_heads",
+                    format!(
+                        "hidden_size {hidden_size} is not a multiple of num_attention_heads {n_heads} (and no head_dim)"
+                    ),
+                ));
+            }
+            (None, _) => hidden_size / n_heads,
+        };
+        if head_dim % 2 != 0 {
+            return Err(f.bad("head_dim", format!("rotary embeddings need an even head_dim, found {head_dim}")));
+        }
+        let act = raw.hidden_act.as_deref().unwrap_or("silu");
+        if act != "silu" {
+            return Err(f.bad("hidden_act", format!("unsupported activation {act:?} (supported: silu)")));
+        }
+        // Llama has no window; Qwen2 and Qwen3 read `sliding_window` only with
+        // `use_sliding_window`. A window at least as long as the context never drops a key.
+        let window = match variant {
+            Llama => None,
+            Qwen2 | Qwen3 => raw.sliding_window.filter(|_| raw.use_sliding_window),
+            Mistral => raw.sliding_window,
+        };
+        if let Some(w) = window.filter(|&w| w < max_position_embeddings) {
+            return Err(f.bad(
+                "sliding_window",
+                format!("sliding-window attention ({w} of {max_position_embeddings} positions) is not supported"),
+            ));
+        }
+        // transformers 5 writes `rope_parameters`; 4.x wrote `rope_theta` and `rope_scaling`.
+        let (rope, rope_field) = match (raw.rope_parameters, raw.rope_scaling) {
+            (Some(p), _) => (Some(p), "rope_parameters"),
+            (None, s) => (s, "rope_scaling"),
+        };
+        let rope_theta = rope.as_ref().and_then(|p| p.rope_theta).or(raw.rope_theta).unwrap_or(10_000.0);
+        f.positive_f64("rope_theta", rope_theta)?;
+        let rope_llama3 = match rope.as_ref().map(|p| (p, p.rope_type.as_deref().unwrap_or("default"))) {
+            None | Some((_, "default")) => None,
+            Some((p, "llama3")) => {
+                let get = |name: &str, v: Option<f64>| -> Result<f64> {
+                    let field = format!("{rope_field}.{name}");
+                    f.positive_f64(&field, v.ok_or_else(|| f.bad(&field, "missing".into()))?)
+                };
+                let r = Llama3Rope {
+                    factor: get("factor", p.factor)?,
+                    low_freq_factor: get("low_freq_factor", p.low_freq_factor)?,
+                    high_freq_factor: get("high_freq_factor", p.high_freq_factor)?,
+                    original_max_position_embeddings: get(
+                        "original_max_position_embeddings",
+                        p.original_max_position_embeddings,
+                    )?,
+                };
+                if r.high_freq_factor <= r.low_freq_factor {
+                    return Err(f.bad(
+                        &format!("{rope_field}.high_freq_factor"),
+                        format!("must exceed low_freq_factor {}", r.low_freq_factor),
+                    ));
+                }
+                Some(r)
+            }
+            Some((_, other)) => {
+                return Err(f.bad(
+                    &format!("{rope_field}.rope_type"),
+                    format!("{other:?} is not supported (only \"default\" and \"llama3\")"),
+                ));
+            }
+        };
+        let eps = f.positive_f64("rms_norm_eps", raw.rms_norm_eps.unwrap_or(1e-6))?;
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        if raw.mlp_bias && variant != Llama {
+            return Err(f.bad("mlp_bias", format!("{} has no MLP biases", variant.model_type())));
+        }
+        Ok(LlamaConfig {
+            variant,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads: n_heads,
+            num_key_value_heads: n_kv_heads,
+            head_dim,
+            vocab_size,
+            max_position_embeddings,
+            rms_norm_eps: eps,
+            rope_theta,
+            rope_llama3,
+            qkv_bias: variant == Qwen2 || (attention_bias && matches!(variant, Llama | Qwen3)),
+            o_bias: attention_bias && matches!(variant, Llama | Qwen3),
+            mlp_bias: raw.mlp_bias,
+            qk_norm: variant == Qwen3,
             tie_word_embeddings: raw.tie_word_embeddings,
             eos_token_ids: raw.eos_token_id.to_vec(),
         })
@@ -611,11 +855,96 @@ mod tests {
         );
     }
 
+    fn llama(json: &str) -> LlamaConfig {
+        match parse(json).unwrap() {
+            ModelConfig::Llama(c) => c,
+            other => panic!("not llama: {other:?}"),
+        }
+    }
+
+    const LLAMA: &str = r#""hidden_size": 64, "num_attention_heads": 8, "num_hidden_layers": 2,
+                           "intermediate_size": 96, "vocab_size": 100"#;
+
+    /// Each dialect's defaults, as its transformers 5 config class, and both ways of writing
+    /// Llama 3's scaling: transformers 4's `rope_theta` and `rope_scaling`, and 5's `rope_parameters`.
+    #[test]
+    fn llama_dialects_read_their_own_defaults() {
+        let c = llama(&format!(r#"{{"model_type": "llama", {LLAMA}}}"#));
+        assert_eq!((c.num_key_value_heads, c.head_dim, c.max_position_embeddings), (8, 8, 2048));
+        assert_eq!((c.qkv_bias, c.o_bias, c.qk_norm, c.tie_word_embeddings), (false, false, false, false));
+        assert_eq!((c.rope_theta, c.rope_llama3, c.rms_norm_eps), (10_000.0, None, 1e-6));
+        let c = llama(&format!(
+            r#"{{"model_type": "qwen2", {LLAMA}, "num_key_value_heads": 2, "sliding_window": 16, "eos_token_id": [5, 6]}}"#
+        ));
+        assert_eq!((c.num_key_value_heads, c.qkv_bias, c.o_bias, c.max_position_embeddings), (2, true, false, 32768));
+        assert_eq!(c.eos_token_ids, vec![5, 6], "the window is read only with use_sliding_window");
+        let c = llama(&format!(r#"{{"model_type": "qwen3", {LLAMA}, "num_key_value_heads": 2}}"#));
+        assert_eq!((c.head_dim, c.qk_norm, c.qkv_bias), (128, true, false));
+        let c = llama(&format!(r#"{{"model_type": "mistral", {LLAMA}, "sliding_window": null}}"#));
+        assert_eq!((c.num_key_value_heads, c.head_dim, c.variant.model_type()), (8, 8, "mistral"));
+        let c = llama(&format!(
+            r#"{{"model_type": "mistral", {LLAMA}, "sliding_window": 4096, "max_position_embeddings": 4096}}"#
+        ));
+        assert_eq!(c.max_position_embeddings, 4096, "a window as long as the context drops no key");
+        // Llama 3.1 8B's config.json (transformers 4.43).
+        let c = llama(&format!(
+            r#"{{"model_type": "llama", {LLAMA}, "num_key_value_heads": 2, "rope_theta": 500000.0,
+                 "rope_scaling": {{"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192, "rope_type": "llama3"}}}}"#
+        ));
+        let expected = Llama3Rope {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        assert_eq!((c.rope_theta, c.rope_llama3), (500_000.0, Some(expected)));
+        let c = llama(&format!(
+            r#"{{"model_type": "llama", {LLAMA}, "rope_parameters": {{"rope_type": "default", "rope_theta": 42.0}}}}"#
+        ));
+        assert_eq!((c.rope_theta, c.rope_llama3), (42.0, None));
+    }
+
+    #[test]
+    fn llama_refuses_what_it_cannot_run_by_field() {
+        let bad = |model_type: &str, extra: &str, expected: &str| {
+            check(&format!(r#"{{"model_type": "{model_type}", {LLAMA}, {extra}}}"#), expected)
+        };
+        bad(
+            "llama",
+            r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
+            "field `rope_scaling.rope_type`: \"linear\"",
+        );
+        bad("llama", r#""rope_parameters": {"rope_type": "yarn", "factor": 4.0}"#, "field `rope_parameters.rope_type`");
+        bad(
+            "llama",
+            r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
+            "`rope_scaling.low_freq_factor`: missing",
+        );
+        // Mistral's default window, 4096 of its default 131072 positions.
+        bad(
+            "mistral",
+            r#""num_key_value_heads": 8"#,
+            "field `sliding_window`: sliding-window attention (4096 of 131072",
+        );
+        bad("mistral", r#""sliding_window": 16, "max_position_embeddings": 64"#, "field `sliding_window`");
+        bad(
+            "qwen2",
+            r#""num_key_value_heads": 2, "use_sliding_window": true, "sliding_window": 16"#,
+            "field `sliding_window`",
+        );
+        bad("llama", r#""num_key_value_heads": 3"#, "field `num_key_value_heads`: 3 does not divide");
+        bad("llama", r#""head_dim": 7"#, "field `head_dim`: rotary embeddings need an even head_dim");
+        bad("llama", r#""hidden_act": "gelu""#, "field `hidden_act`");
+        bad("qwen2", r#""num_key_value_heads": 2, "mlp_bias": true"#, "field `mlp_bias`");
+        check(r#"{"model_type": "llama", "hidden_size": 64}"#, "field `intermediate_size`: missing");
+    }
+
     const GOOD: &str = r#""n_embd": 32, "n_head": 4, "n_layer": 2, "n_positions": 64, "vocab_size": 97"#;
 
     #[test]
     fn rejects_bad_configs_by_field() {
-        check(r#"{"model_type": "llama"}"#, "field `model_type`: unsupported model type \"llama\"");
+        check(r#"{"model_type": "gemma"}"#, "field `model_type`: unsupported model type \"gemma\"");
         check(r#"{"n_embd": 32}"#, "field `model_type`: missing");
         check(r#"{"model_type": "gpt_bigcode", "n_embd": 32,"#, "invalid JSON");
         check(

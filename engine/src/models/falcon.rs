@@ -79,7 +79,7 @@ impl Falcon {
         };
         let shard = Shard::new(shape, placement, comm);
         let ffn = split(c.ffn_hidden_size, shard.comm.rank(), shard.comm.world_size());
-        let w = ShardLoader { ckpt, shard: &shard };
+        let w = ShardLoader { ckpt, shard: &shard, hidden };
         let norm = |name: String| w.layer_norm(&name, c.layer_norm_epsilon);
         let h = (0..c.num_hidden_layers)
             .map(|i| {

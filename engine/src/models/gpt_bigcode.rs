@@ -77,7 +77,7 @@ impl GptBigCode {
         };
         let shard = Shard::new(shape, placement, comm);
         let inner = split(c.n_inner, shard.comm.rank(), shard.comm.world_size());
-        let w = ShardLoader { ckpt, shard: &shard };
+        let w = ShardLoader { ckpt, shard: &shard, hidden: c.n_embd };
         let norm = |name: &str| w.layer_norm(name, c.layer_norm_epsilon);
         let h = (0..c.n_layer)
             .map(|i| {

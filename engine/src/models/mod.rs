@@ -8,6 +8,7 @@
 
 pub mod falcon;
 pub mod gpt_bigcode;
+pub mod llama;
 mod parallel;
 
 use tch::{Device, Kind, Tensor};
@@ -16,7 +17,7 @@ use std::cell::OnceCell;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::hf::config::{Activation, Dtype, ModelConfig};
+use crate::hf::config::{Activation, Dtype, Llama3Rope, ModelConfig};
 use crate::hf::weights::Checkpoint;
 use crate::kernels::{WeightForm, amx};
 use crate::kv_cache::{KvPool, KvShape, KvSlot};
@@ -252,6 +253,7 @@ pub fn load(
     match config {
         ModelConfig::GptBigCode(c) => Ok(Box::new(gpt_bigcode::GptBigCode::load(c, checkpoint, placement, comm)?)),
         ModelConfig::Falcon(c) => Ok(Box::new(falcon::Falcon::load(c, checkpoint, placement, comm)?)),
+        ModelConfig::Llama(c) => Ok(Box::new(llama::Llama::load(c, checkpoint, placement, comm)?)),
     }
 }
 
@@ -533,6 +535,49 @@ impl LayerNorm {
     }
 }
 
+/// Root-mean-square normalisation over the last dimension, as `LlamaRMSNorm`: computed in f32,
+/// cast back to the activations' dtype, then scaled by the weight.
+pub(crate) struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let x = x.to_kind(Kind::Float);
+        let variance = x.square().mean_dim(-1, true, Kind::Float);
+        &self.weight * (x * (variance + self.eps).rsqrt()).to_kind(kind)
+    }
+
+    pub fn bytes(&self) -> i64 {
+        tensor_bytes(&self.weight)
+    }
+}
+
+/// The gated MLP of Llama-architecture models, `down_proj(silu(gate_proj(x)) * up_proj(x))`,
+/// tensor-parallel: a shard holds its part of the intermediate width.
+pub(crate) struct GatedMlp {
+    /// Column-parallel: this shard's rows of `gate_proj` then the same rows of `up_proj`, in
+    /// one matrix so both are one product.
+    pub gate_up_proj: Linear,
+    /// Row-parallel: this shard's input columns of `down_proj`.
+    pub down_proj: Linear,
+}
+
+impl GatedMlp {
+    /// `silu(gate) * up` `(n_tokens, intermediate_here)`, before the row-parallel `down_proj`.
+    pub fn up(&self, x: &Tensor) -> Tensor {
+        let gate_up = self.gate_up_proj.forward(x);
+        let half = gate_up.size()[1] / 2;
+        gate_up.narrow(1, 0, half).silu() * gate_up.narrow(1, half, half)
+    }
+
+    pub fn bytes(&self) -> i64 {
+        self.gate_up_proj.bytes() + self.down_proj.bytes()
+    }
+}
+
 pub(crate) fn tensor_bytes(t: &Tensor) -> i64 {
     t.numel() as i64 * t.kind().elt_size_in_bytes() as i64
 }
@@ -547,10 +592,18 @@ pub(crate) struct Rotary {
 
 impl Rotary {
     pub fn new(head_dim: i64, theta: f64, max_positions: i64, device: Device) -> Self {
+        Self::scaled(head_dim, theta, None, max_positions, device)
+    }
+
+    /// `new`, with Llama 3's scaling of the frequencies when `llama3` is given.
+    pub fn scaled(head_dim: i64, theta: f64, llama3: Option<&Llama3Rope>, max_positions: i64, device: Device) -> Self {
         let f32 = (Kind::Float, device);
         // inv_freq = 1 / theta^(2i / head_dim), as the reference's `compute_default_rope_parameters`.
         let exponent = Tensor::arange_start_step(0, head_dim, 2, f32) / head_dim as f64;
-        let inv_freq = Tensor::pow_scalar(theta, &exponent).reciprocal();
+        let mut inv_freq = Tensor::pow_scalar(theta, &exponent).reciprocal();
+        if let Some(r) = llama3 {
+            inv_freq = llama3_inv_freq(&inv_freq, r);
+        }
         // (max_positions, head_dim / 2) -> (max_positions, head_dim)
         let freqs = Tensor::arange(max_positions, f32).unsqueeze(1) * inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], 1);
@@ -569,6 +622,22 @@ impl Rotary {
         let rotated = Tensor::cat(&[-x.narrow(2, half, half), x.narrow(2, 0, half)], 2);
         x * cos + rotated * sin
     }
+}
+
+/// Llama 3's frequencies, step by step as `_compute_llama3_parameters` (f32): wavelengths
+/// shorter than `original / high_freq_factor` kept, longer than `original / low_freq_factor`
+/// divided by `factor`, and those between interpolated.
+fn llama3_inv_freq(inv_freq: &Tensor, r: &Llama3Rope) -> Tensor {
+    let old_context = r.original_max_position_embeddings;
+    let (low_freq_wavelen, high_freq_wavelen) = (old_context / r.low_freq_factor, old_context / r.high_freq_factor);
+    let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
+    let long = wavelen.gt(low_freq_wavelen);
+    // tch's `a.where_self(cond, b)` is `torch.where(cond, a, b)`.
+    let scaled = (inv_freq / r.factor).where_self(&long, inv_freq);
+    let smooth = (wavelen.reciprocal() * old_context - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+    let smoothed = (smooth.ones_like() - &smooth) * &scaled / r.factor + &smooth * &scaled;
+    let medium = wavelen.ge(high_freq_wavelen).logical_and(&long.logical_not());
+    smoothed.where_self(&medium, &scaled)
 }
 
 #[cfg(test)]

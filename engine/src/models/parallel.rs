@@ -8,7 +8,7 @@
 
 use tch::Tensor;
 
-use super::{LayerNorm, Linear, Shard};
+use super::{GatedMlp, LayerNorm, Linear, RmsNorm, Shard};
 use crate::error::{Error, Result};
 use crate::hf::weights::Checkpoint;
 use crate::parallel::comm::Communicator;
@@ -18,6 +18,9 @@ use crate::parallel::heads::split;
 pub(crate) struct ShardLoader<'a> {
     pub ckpt: &'a Checkpoint,
     pub shard: &'a Shard,
+    /// The model's width (`hidden_size`): `n_heads * head_dim`, except where the config sets
+    /// `head_dim` on its own (Llama-architecture models).
+    pub hidden: i64,
 }
 
 impl ShardLoader<'_> {
@@ -33,7 +36,7 @@ impl ShardLoader<'_> {
 
     /// Layer norm `prefix` over the model's width (replicated on every shard).
     pub fn layer_norm(&self, prefix: &str, eps: f64) -> Result<LayerNorm> {
-        let width = [self.shard.shape.hidden()];
+        let width = [self.hidden];
         Ok(LayerNorm {
             weight: self.full(&format!("{prefix}.weight"), &width)?,
             bias: self.full(&format!("{prefix}.bias"), &width)?,
@@ -44,7 +47,7 @@ impl ShardLoader<'_> {
     /// This shard's vocabulary rows of the token embedding `name` `(vocab_size, hidden)`.
     pub fn embedding(&self, name: &str) -> Result<Tensor> {
         let VocabShard { vocab_size, start, len } = self.shard.vocab;
-        self.rows(name, &[vocab_size, self.shard.shape.hidden()], (start, len))
+        self.rows(name, &[vocab_size, self.hidden], (start, len))
     }
 
     /// This shard's rows of the LM head: the embedding's own rows when the two are tied, else
@@ -63,11 +66,58 @@ impl ShardLoader<'_> {
         self.linear(self.embedding("lm_head.weight")?, None)
     }
 
-    /// The attention's output projection `prefix` `(hidden, hidden)`: row-parallel over the
-    /// columns of this shard's query heads.
+    /// RMSNorm `prefix` over `width` (the model's, or a head's), replicated on every shard.
+    pub fn rms_norm(&self, prefix: &str, width: i64, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm { weight: self.full(&format!("{prefix}.weight"), &[width])?, eps })
+    }
+
+    /// The attention's output projection `prefix` `(hidden, n_heads * head_dim)`: row-parallel
+    /// over the columns of this shard's query heads.
     pub fn attention_output(&self, prefix: &str, bias: bool) -> Result<Linear> {
-        let (heads, hd, hidden) = (self.shard.heads, self.shard.shape.head_dim, self.shard.shape.hidden());
-        self.row_linear(prefix, [hidden, hidden], (heads.head_start * hd, heads.n_heads * hd), bias)
+        let (heads, model) = (self.shard.heads, &self.shard.shape);
+        let hd = model.head_dim;
+        self.row_linear(prefix, [self.hidden, model.n_heads * hd], (heads.head_start * hd, heads.n_heads * hd), bias)
+    }
+
+    /// Separate projections `{prefix}.q_proj`, `k_proj` and `v_proj` as one matrix of this
+    /// shard's rows, in `fused_qkv`'s order (`[q of its heads | k of its K/V heads | v ...]`,
+    /// see `split_qkv`), so that the three are one product.
+    pub fn separate_qkv(&self, prefix: &str, bias: bool) -> Result<Linear> {
+        let (heads, model) = (&self.shard.heads, &self.shard.shape);
+        let hd = model.head_dim;
+        let parts = [
+            ("q_proj", model.n_heads, (heads.head_start * hd, heads.n_heads * hd)),
+            ("k_proj", model.n_kv_heads, (heads.kv_start * hd, heads.n_kv_heads * hd)),
+            ("v_proj", model.n_kv_heads, (heads.kv_start * hd, heads.n_kv_heads * hd)),
+        ];
+        let read = |suffix: &str, with_hidden: bool| -> Result<Tensor> {
+            let tensors = parts
+                .iter()
+                .map(|&(name, n, rows)| {
+                    let shape: &[i64] = if with_hidden { &[n * hd, self.hidden] } else { &[n * hd] };
+                    self.rows(&format!("{prefix}.{name}.{suffix}"), shape, rows)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&tensors, 0))
+        };
+        self.linear(read("weight", true)?, bias.then(|| read("bias", false)).transpose()?)
+    }
+
+    /// The gated MLP `prefix` (`gate_proj`, `up_proj`: `(intermediate, hidden)`; `down_proj`):
+    /// this shard's part `part` of the intermediate width.
+    pub fn gated_mlp(&self, prefix: &str, intermediate: i64, part: (i64, i64), bias: bool) -> Result<GatedMlp> {
+        let shape = [intermediate, self.hidden];
+        let read = |name: &str| -> Result<(Tensor, Option<Tensor>)> {
+            let prefix = format!("{prefix}.{name}");
+            let weight = self.rows(&format!("{prefix}.weight"), &shape, part)?;
+            Ok((weight, bias.then(|| self.rows(&format!("{prefix}.bias"), &shape[..1], part)).transpose()?))
+        };
+        let ((gate, gate_bias), (up, up_bias)) = (read("gate_proj")?, read("up_proj")?);
+        let gate_up_bias = gate_bias.zip(up_bias).map(|(g, u)| Tensor::cat(&[g, u], 0));
+        Ok(GatedMlp {
+            gate_up_proj: self.linear(Tensor::cat(&[gate, up], 0), gate_up_bias)?,
+            down_proj: self.row_linear(&format!("{prefix}.down_proj"), [self.hidden, intermediate], part, bias)?,
+        })
     }
 
     /// A column-parallel linear layer `prefix` (`weight` `(out, in)`, `bias` `(out,)` if `bias`):
@@ -110,7 +160,7 @@ impl ShardLoader<'_> {
         let (heads, model) = (&self.shard.heads, &self.shard.shape);
         let head_dim = model.head_dim;
         let group_rows = (heads.group_size + 2) * head_dim;
-        let shape = [model.n_kv_heads * group_rows, model.hidden()];
+        let shape = [model.n_kv_heads * group_rows, self.hidden];
         // Row ranges (start, len) in the checkpoint, in the order the shard keeps them.
         let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
         let mut head = heads.head_start;

@@ -1,0 +1,161 @@
+//! Llama-architecture models, one file for the dialects that share it (`llama`, with Llama 3's
+//! rotary scaling; `qwen2`: biases on q, k and v; `qwen3`: RMSNorm of each query and key head;
+//! `mistral`, without a sliding window): pre-norm blocks of rotary attention over grouped or
+//! multi-query K/V and a gated SiLU MLP, RMSNorm throughout.
+//!
+//! Mirrors `transformers/models/llama/modeling_llama.py` (and `qwen2`, `qwen3`, `mistral`). Field
+//! names are the checkpoint's tensor names (`model.layers.{i}.self_attn.q_proj`, ...); q, k and
+//! v are kept as one matrix (`qkv_proj`), and gate and up as another (`GatedMlp`), so that each
+//! pair or triple is one product.
+
+use std::sync::Arc;
+
+use tch::Tensor;
+
+use super::parallel::{ShardLoader, row_parallel, split_qkv};
+use super::{Batch, CausalLm, GatedMlp, Linear, ModelShape, Placement, RmsNorm, Rotary, Shard, cached_attention};
+use crate::error::Result;
+use crate::hf::config::LlamaConfig;
+use crate::hf::weights::Checkpoint;
+use crate::kv_cache::KvPool;
+use crate::parallel::comm::Communicator;
+use crate::parallel::heads::split;
+
+pub struct Llama {
+    /// This shard's rows of `model.embed_tokens` (all of it at TP 1).
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    /// `model.norm`.
+    norm: RmsNorm,
+    /// This shard's rows of `lm_head.weight`, or of `embed_tokens` when they are tied.
+    lm_head: Linear,
+    rotary: Rotary,
+    scale: f64,
+    /// The shape, and this shard's heads, vocabulary rows and communicator.
+    shard: Shard,
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: GatedMlp,
+}
+
+struct Attention {
+    /// `q_proj`, `k_proj` and `v_proj`: this shard's query heads' rows and its K/V heads' rows
+    /// (the one K/V head of a multi-query model on every shard), stacked as `split_qkv` reads.
+    qkv_proj: Linear,
+    /// Row-parallel: this shard's input columns.
+    o_proj: Linear,
+    /// Qwen3's RMSNorm of each query and key head, before the rotation (replicated).
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+}
+
+impl Llama {
+    /// Loads shard `comm.rank()` of `comm.world_size()`: only this shard's slices are read.
+    pub fn load(
+        config: &LlamaConfig,
+        ckpt: &Checkpoint,
+        placement: Placement,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
+        let c = config;
+        let shape = ModelShape {
+            n_layers: c.num_hidden_layers,
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            vocab_size: c.vocab_size,
+            max_context: c.max_position_embeddings,
+        };
+        let shard = Shard::new(shape, placement, comm);
+        let intermediate = split(c.intermediate_size, shard.comm.rank(), shard.comm.world_size());
+        let w = ShardLoader { ckpt, shard: &shard, hidden: c.hidden_size };
+        let norm = |name: String| w.rms_norm(&name, c.hidden_size, c.rms_norm_eps);
+        let head_norm = |name: String| c.qk_norm.then(|| w.rms_norm(&name, c.head_dim, c.rms_norm_eps)).transpose();
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let b = format!("model.layers.{i}");
+                let a = format!("{b}.self_attn");
+                Ok(DecoderLayer {
+                    input_layernorm: norm(format!("{b}.input_layernorm"))?,
+                    self_attn: Attention {
+                        qkv_proj: w.separate_qkv(&a, c.qkv_bias)?,
+                        o_proj: w.attention_output(&format!("{a}.o_proj"), c.o_bias)?,
+                        q_norm: head_norm(format!("{a}.q_norm"))?,
+                        k_norm: head_norm(format!("{a}.k_norm"))?,
+                    },
+                    post_attention_layernorm: norm(format!("{b}.post_attention_layernorm"))?,
+                    mlp: w.gated_mlp(&format!("{b}.mlp"), c.intermediate_size, intermediate, c.mlp_bias)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed_tokens = w.embedding("model.embed_tokens.weight")?;
+        let lm_head = w.lm_head(&embed_tokens, c.tie_word_embeddings)?;
+        let norm = norm("model.norm".into())?;
+        let rotary = Rotary::scaled(
+            c.head_dim,
+            c.rope_theta,
+            c.rope_llama3.as_ref(),
+            c.max_position_embeddings,
+            placement.device,
+        );
+        Ok(Llama { embed_tokens, layers, norm, lm_head, rotary, scale: 1.0 / (c.head_dim as f64).sqrt(), shard })
+    }
+
+    /// This shard's heads of attention: `(n_tokens, n_heads_here * head_dim)`, before `o_proj`.
+    fn attention(&self, layer: usize, x: &Tensor, angles: &(Tensor, Tensor), batch: &Batch, kv: &KvPool) -> Tensor {
+        let (s, attn) = (&self.shard, &self.layers[layer].self_attn);
+        // q (n_tokens, n_heads_here, head_dim); k, v (n_tokens, n_kv_heads_here, head_dim)
+        let (mut q, mut k, v) = split_qkv(&attn.qkv_proj.forward(x), s);
+        if let (Some(q_norm), Some(k_norm)) = (&attn.q_norm, &attn.k_norm) {
+            (q, k) = (q_norm.forward(&q), k_norm.forward(&k));
+        }
+        let (q, k) = (Rotary::rotate(&q, angles), Rotary::rotate(&k, angles));
+        cached_attention(layer, (&q, &k, &v), batch, kv, &s.queries_per_kv_head, self.scale)
+    }
+}
+
+impl CausalLm for Llama {
+    fn shard(&self) -> &Shard {
+        &self.shard
+    }
+
+    /// This shard's matrices and norms of every layer, and its rows of the LM head; of the
+    /// embeddings only a few rows are read per step, so they are not counted.
+    fn weight_bytes(&self) -> i64 {
+        let layers: i64 = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                let head_norms = a.q_norm.iter().chain(&a.k_norm).map(RmsNorm::bytes).sum::<i64>();
+                l.input_layernorm.bytes()
+                    + a.qkv_proj.bytes()
+                    + a.o_proj.bytes()
+                    + head_norms
+                    + l.post_attention_layernorm.bytes()
+                    + l.mlp.bytes()
+            })
+            .sum();
+        layers + self.norm.bytes() + self.lm_head.bytes()
+    }
+
+    fn forward(&self, batch: &Batch, kv: &KvPool) -> Result<Tensor> {
+        let comm = self.shard.comm.as_ref();
+        // (n_tokens, hidden_size)
+        let mut x = self.shard.vocab.embed(&self.embed_tokens, &batch.token_ids, comm)?;
+        let angles = self.rotary.at(&batch.positions, self.shard.dtype.kind())?;
+        for (layer, l) in self.layers.iter().enumerate() {
+            let a = self.attention(layer, &l.input_layernorm.forward(&x), &angles, batch, kv);
+            x = &x + row_parallel(comm, &[(&a, &l.self_attn.o_proj)])?;
+            let m = l.mlp.up(&l.post_attention_layernorm.forward(&x));
+            x = &x + row_parallel(comm, &[(&m, &l.mlp.down_proj)])?;
+        }
+        // (n_rows, hidden_size) -> (n_rows, vocab_size)
+        let x = self.norm.forward(&x.index_select(0, &batch.logit_rows));
+        self.shard.vocab.logits(&self.lm_head, &x, comm)
+    }
+}
