@@ -11,6 +11,7 @@ use onehead_proto::worker::v1 as wpb;
 use onehead_proto::worker::v1::worker_client::WorkerClient;
 use tonic::transport::Endpoint;
 
+use crate::chat::ChatTemplate;
 use crate::health::Change;
 use crate::pool::{Pool, WorkerEntry};
 use crate::service::ModelView;
@@ -100,22 +101,29 @@ async fn load_model_view(
     let Some(info) = pool.lock().unwrap().workers.iter().find(|w| w.url == url).and_then(|w| w.info.clone()) else {
         return;
     };
-    let json = match client.get_tokenizer(wpb::GetTokenizerRequest {}).await {
-        Ok(r) => r.into_inner().json,
+    let (json, tokenizer_config) = match client.get_tokenizer(wpb::GetTokenizerRequest {}).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            (r.json, r.tokenizer_config)
+        }
         Err(e) => {
             tracing::warn!(worker = url, error = %e, "could not fetch the tokenizer");
             return;
         }
     };
+    let chat = ChatTemplate::from_tokenizer_config(&tokenizer_config);
+    if let Err(why) = &chat {
+        tracing::info!(worker = url, %why, "no chat template: the chat completions API will refuse requests");
+    }
     if json.is_empty() {
         tracing::warn!(worker = url, "the model has no tokenizer.json: serving token-id prompts only, without text");
-        *model.write().unwrap() = Some(Arc::new(ModelView { tokenizer: Tokenizer::none(), info }));
+        *model.write().unwrap() = Some(Arc::new(ModelView { tokenizer: Tokenizer::none(), info, chat }));
         return;
     }
     match Tokenizer::from_json(&json) {
         Ok(tokenizer) => {
             tracing::info!(model = %info.model_id, "tokenizer loaded from worker {url}");
-            *model.write().unwrap() = Some(Arc::new(ModelView { tokenizer, info }));
+            *model.write().unwrap() = Some(Arc::new(ModelView { tokenizer, info, chat }));
         }
         Err(e) => tracing::error!(worker = url, error = %e, "the worker's tokenizer.json does not load"),
     }

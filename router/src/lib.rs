@@ -4,10 +4,12 @@
 //! the workers' `Info` and `GetTokenizer` answers, and talks to them only through
 //! `onehead.worker.v1`.
 
+pub mod chat;
 pub mod client;
 pub mod discovery;
 pub mod health;
 pub mod metrics;
+pub mod openai;
 pub mod pool;
 pub mod server;
 pub mod service;

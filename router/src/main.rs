@@ -72,6 +72,10 @@ struct ServeArgs {
     /// reconnect on their next call).
     #[arg(long, env = "ONEHEAD_IDLE_CONNECTION_TIMEOUT_SECS", default_value_t = 300.0)]
     idle_connection_timeout_secs: f64,
+    /// Address of the OpenAI-compatible HTTP API (`/v1/completions`, `/v1/chat/completions`,
+    /// `/v1/models`); off when unset. Port 0: any free port, printed as `http on http://ADDR`.
+    #[arg(long, env = "ONEHEAD_HTTP_LISTEN")]
+    http_listen: Option<String>,
     /// Address for Prometheus to scrape `GET /metrics` (off when unset).
     #[arg(long, env = "ONEHEAD_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -199,11 +203,17 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         tls,
         model_id: args.model_id,
         metrics_listener: None,
+        http_listener: None,
     };
     if let Some(addr) = &args.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-listen {addr}"))?;
         println!("metrics on http://{}/metrics", listener.local_addr()?);
         config.metrics_listener = Some(listener);
+    }
+    if let Some(addr) = &args.http_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--http-listen {addr}"))?;
+        println!("http on http://{}", listener.local_addr()?);
+        config.http_listener = Some(listener);
     }
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("--listen {}", args.listen))?;

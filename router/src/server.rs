@@ -1,5 +1,6 @@
 //! Wiring: the public service behind optional API-key checks, health (SERVING once a worker is
-//! healthy and the tokenizer is known) and reflection, on one listener.
+//! healthy and the tokenizer is known) and reflection, on one listener; and the OpenAI-compatible
+//! HTTP API (`openai`) on another, over the same `Router`.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
@@ -7,6 +8,7 @@ use std::time::Duration;
 
 use onehead_proto::serving::{self, ConnectionLimits};
 use onehead_proto::v1::text_generation_server::TextGenerationServer;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 
@@ -30,6 +32,8 @@ pub struct RouterConfig {
     pub metrics_listener: Option<tokio::net::TcpListener>,
     /// When silent client connections are closed.
     pub connections: ConnectionLimits,
+    /// Where the OpenAI-compatible HTTP API listens (off when none).
+    pub http_listener: Option<tokio::net::TcpListener>,
 }
 
 /// Serves until `shutdown` resolves.
@@ -52,10 +56,22 @@ pub async fn serve(
     // `liveness`: SERVING while the process answers at all (Kubernetes liveness probes), even
     // before the model is ready or while draining.
     health.set_service_status("liveness", ServingStatus::Serving).await;
-    let draining = health.clone();
-    let shutdown = async move {
+    // Both APIs stop at `shutdown`.
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         shutdown.await;
-        draining.set_service_status("", ServingStatus::NotServing).await;
+        let _ = stopping.send(true);
+    });
+    let wait_stop = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let draining = health.clone();
+    let grpc_shutdown = {
+        let stop = wait_stop(stopped.clone());
+        async move {
+            stop.await;
+            draining.set_service_status("", ServingStatus::NotServing).await;
+        }
     };
     {
         let (pool, model, metrics) = (pool.clone(), model.clone(), metrics.clone());
@@ -82,6 +98,7 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let keys = Arc::new(config.api_keys);
+    let http_keys = keys.clone();
     let check_key = move |request: Request<()>| -> Result<Request<()>, Status> {
         if keys.is_empty() {
             return Ok(request);
@@ -97,19 +114,35 @@ pub async fn serve(
             None => Err(Status::unauthenticated("missing API key: send `authorization: Bearer KEY`")),
         }
     };
-    let router = Router::new(pool, model, config.limits, metrics);
+    // A JSON-escaped prompt of --max-prompt-bytes fits (each byte may take 6: `\u00XX`).
+    let body_limit_bytes = config.limits.max_prompt_bytes.saturating_mul(6).saturating_add(64 << 10);
+    let router = Arc::new(Router::new(pool, model, config.limits, metrics));
+    let http = {
+        let router = router.clone();
+        let stop = wait_stop(stopped);
+        async move {
+            match config.http_listener {
+                Some(listener) => {
+                    let app = crate::openai::app(router, http_keys, body_limit_bytes);
+                    crate::openai::serve(listener, app, stop).await.map_err(anyhow::Error::from)
+                }
+                None => Ok(()),
+            }
+        }
+    };
     let mut builder = tonic::transport::Server::builder();
     if let Some((cert, key)) = config.tls {
         let identity = tonic::transport::Identity::from_pem(cert, key);
         builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
     }
-    builder
+    let grpc = builder
         .layer(tower::util::MapResponseLayer::new(serving::oversized_is_resource_exhausted))
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .add_service(TextGenerationServer::with_interceptor(router, check_key))
-        .serve_with_incoming_shutdown(serving::incoming(listener, config.connections), shutdown)
-        .await?;
+        .add_service(InterceptedService::new(TextGenerationServer::from_arc(router), check_key))
+        .serve_with_incoming_shutdown(serving::incoming(listener, config.connections), grpc_shutdown);
+    let grpc = async { grpc.await.map_err(anyhow::Error::from) };
+    tokio::try_join!(grpc, http)?;
     Ok(())
 }

@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
+use crate::chat::ChatTemplate;
 use crate::health::Change;
 use crate::metrics::RouterMetrics;
 use crate::pool::{Pool, assign};
@@ -25,6 +26,17 @@ use crate::validate::{self, Bounds, Generation, Invalid};
 pub struct ModelView {
     pub tokenizer: Tokenizer,
     pub info: wpb::WorkerInfo,
+    /// The chat template of the model's `tokenizer_config.json`, or why there is none.
+    pub chat: Result<ChatTemplate, String>,
+}
+
+/// Where a request came in: the span's `onehead.route` and `gen_ai.operation.name`.
+#[derive(Clone, Copy, Debug)]
+pub struct Route {
+    /// The gRPC method or HTTP path.
+    pub path: &'static str,
+    /// `text_completion` or `chat`.
+    pub operation: &'static str,
 }
 
 /// Limits the router enforces.
@@ -86,7 +98,7 @@ impl Job {
 }
 
 /// Events of one generation, as the stream and the unary call both consume them.
-type Events = mpsc::Receiver<Result<pb::GenerateStreamResponse, Status>>;
+pub(crate) type Events = mpsc::Receiver<Result<pb::GenerateStreamResponse, Status>>;
 
 impl From<Invalid> for Status {
     fn from(invalid: Invalid) -> Self {
@@ -113,7 +125,7 @@ impl Router {
         Router { metrics, pool, model, limits, permits, tokenizing: Semaphore::new(cores) }
     }
 
-    fn model(&self) -> Result<Arc<ModelView>, Status> {
+    pub(crate) fn model(&self) -> Result<Arc<ModelView>, Status> {
         self.model
             .read()
             .unwrap()
@@ -142,19 +154,21 @@ impl Router {
     }
 
     /// Admits, validates and starts a generation; its events come on the returned channel.
-    async fn start(&self, request: Request<pb::GenerateRequest>) -> Result<Events, Status> {
-        self.admit(request).await.inspect_err(|status| self.metrics.request(status.code()))
+    /// The one path of every generation, whichever API it came through.
+    pub(crate) async fn start(&self, request: Request<pb::GenerateRequest>, route: Route) -> Result<Events, Status> {
+        self.admit(request, route).await.inspect_err(|status| self.metrics.request(status.code()))
     }
 
-    async fn admit(&self, request: Request<pb::GenerateRequest>) -> Result<Events, Status> {
+    async fn admit(&self, request: Request<pb::GenerateRequest>, route: Route) -> Result<Events, Status> {
         let arrived = Instant::now();
         // The request's span: a child of the client's W3C trace context when it sends one; the
         // worker's spans become its children through the context the router passes on.
         let span = tracing::info_span!(
             "generate",
             otel.name = "onehead.router.generate",
-            gen_ai.operation.name = "text_completion",
+            gen_ai.operation.name = route.operation,
             gen_ai.provider.name = "onehead",
+            onehead.route = route.path,
             gen_ai.usage.input_tokens = tracing::field::Empty,
             gen_ai.usage.output_tokens = tracing::field::Empty,
             onehead.worker = tracing::field::Empty,
@@ -460,7 +474,8 @@ type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[tonic::async_trait]
 impl TextGeneration for Router {
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let mut events = self.start(request).await?;
+        let route = Route { path: "/onehead.v1.TextGeneration/Generate", operation: "text_completion" };
+        let mut events = self.start(request, route).await?;
         let mut out = pb::GenerateResponse::default();
         while let Some(event) = events.recv().await {
             match event?.event {
@@ -487,7 +502,8 @@ impl TextGeneration for Router {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let events = self.start(request).await?;
+        let route = Route { path: "/onehead.v1.TextGeneration/GenerateStream", operation: "text_completion" };
+        let events = self.start(request, route).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }
 

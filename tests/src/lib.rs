@@ -33,6 +33,8 @@ pub struct Proc {
     pub addr: String,
     /// `host:port` of `GET /metrics`, when the process was started with `--metrics-listen`.
     pub metrics_addr: Option<String>,
+    /// `host:port` of the router's OpenAI-compatible API, when started with `--http-listen`.
+    pub http_addr: Option<String>,
 }
 
 impl Proc {
@@ -64,10 +66,14 @@ impl Proc {
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut metrics_addr = None;
+        let mut http_addr = None;
         let addr = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 if let Some(url) = line.strip_prefix("metrics on http://") {
                     metrics_addr = url.strip_suffix("/metrics").map(str::to_owned);
+                }
+                if let Some(addr) = line.strip_prefix("http on http://") {
+                    http_addr = Some(addr.to_owned());
                 }
                 if let Some(addr) = line.strip_prefix("listening on ") {
                     return addr.to_owned();
@@ -79,7 +85,7 @@ impl Proc {
         .expect("process start");
         // Keep draining stdout so the process never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Proc { child, addr, metrics_addr }
+        Proc { child, addr, metrics_addr, http_addr }
     }
 
     /// The body of `GET /metrics`.
@@ -247,5 +253,99 @@ pub async fn stream(
                 return out;
             }
         }
+    }
+}
+
+/// An HTTP/1.1 answer, its body de-chunked.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+
+    /// The `data:` of each server-sent event, in order.
+    pub fn events(&self) -> Vec<String> {
+        self.body
+            .split("\n\n")
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| {
+                let data: Vec<&str> = e.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+                assert!(!data.is_empty(), "an event without data: {e:?}");
+                data.join("\n")
+            })
+            .collect()
+    }
+}
+
+/// Sends one request (`Connection: close`) and returns the socket, to read the answer from.
+pub async fn http_send(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&serde_json::Value>,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    if !body.is_empty() {
+        head.push_str(&format!("content-type: application/json\r\ncontent-length: {}\r\n", body.len()));
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket.write_all(body.as_bytes()).await.unwrap();
+    socket
+}
+
+/// One request to a router's `--http-listen` API, and its whole answer.
+pub async fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&serde_json::Value>,
+) -> HttpResponse {
+    let mut socket = http_send(addr, method, path, headers, body).await;
+    let mut raw = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut socket, &mut raw).await.unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP head: {raw:?}"));
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers.iter().any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_owned() };
+    HttpResponse { status, headers, body }
+}
+
+/// The body of a `Transfer-Encoding: chunked` message.
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&after[..size]);
+        rest = &after[size + 2..];
     }
 }

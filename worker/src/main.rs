@@ -320,6 +320,7 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
         kv_cache_tokens,
         eos_token_ids: lm.eos_token_ids.clone(),
         tokenizer_json: std::fs::read_to_string(lm.dir.join("tokenizer.json")).unwrap_or_default(),
+        tokenizer_config: std::fs::read_to_string(lm.dir.join("tokenizer_config.json")).unwrap_or_default(),
     };
     let config = SchedulerConfig {
         max_batch_size: args.max_batch_size,

@@ -33,6 +33,8 @@ pub struct WorkerInfo {
     pub eos_token_ids: Vec<u32>,
     /// The model folder's `tokenizer.json`, or empty.
     pub tokenizer_json: String,
+    /// The model folder's `tokenizer_config.json` (chat template), or empty.
+    pub tokenizer_config: String,
 }
 
 /// The `Worker` service.
@@ -174,7 +176,10 @@ impl Worker for WorkerService {
     }
 
     async fn get_tokenizer(&self, _: Request<pb::GetTokenizerRequest>) -> Result<Response<pb::TokenizerJson>, Status> {
-        Ok(Response::new(pb::TokenizerJson { json: self.info.tokenizer_json.clone() }))
+        Ok(Response::new(pb::TokenizerJson {
+            json: self.info.tokenizer_json.clone(),
+            tokenizer_config: self.info.tokenizer_config.clone(),
+        }))
     }
 }
 

@@ -21,7 +21,7 @@ const N_POSITIONS: i64 = 2048;
 const VOCAB: i64 = 257;
 const SEED: i64 = 20190506;
 /// Bump when the generated checkpoint changes, so old caches are not reused.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// The cache root: `$ONEHEAD_CACHE`, else `~/.cache/onehead`.
 pub fn cache_dir() -> PathBuf {
@@ -74,6 +74,13 @@ fn write_tiny(dir: &Path) -> Result<()> {
     write("config.json", serde_json::to_string_pretty(&config).unwrap())?;
     write("generation_config.json", serde_json::to_string_pretty(&generation).unwrap())?;
     write("tokenizer.json", crate::hf::tokenizer::byte_level_json())?;
+    // A small chat template, so that the router's chat API has one to render (v2).
+    let tokenizer_config = serde_json::json!({
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "chat_template": "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+    });
+    write("tokenizer_config.json", serde_json::to_string_pretty(&tokenizer_config).unwrap())?;
 
     let _guard = tch::no_grad_guard();
     tch::manual_seed(SEED);

@@ -1,0 +1,248 @@
+//! The OpenAI-compatible HTTP API (`--http-listen`): `GET /v1/models`, `POST /v1/completions`
+//! and `POST /v1/chat/completions`, with server-sent events for `stream: true`.
+//!
+//! Only a protocol edge: each handler checks the API key, translates the JSON body into a
+//! `onehead.v1.GenerateRequest` (`request.rs`; chat messages through the model's template,
+//! `chat.rs`) and hands it to `Router::start`, the gRPC API's own path (admission, validation,
+//! retries, deadlines, metrics, traces); then it turns the events back into OpenAI JSON
+//! (`response.rs`) and any `Status` into an OpenAI error (`error.rs`). A client that goes away
+//! drops the response stream, which drops the events' receiver, which cancels the sequence on
+//! its worker at its next step, as a dropped gRPC stream does.
+
+mod error;
+mod request;
+mod response;
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use onehead_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+pub use error::ApiError;
+use request::{ChatRequest, CompletionRequest, chat_param, completion_param, parse};
+use response::{Answer, Kind};
+
+use crate::service::{Events, Route, Router};
+
+/// What the handlers share.
+#[derive(Clone)]
+struct Api {
+    router: Arc<Router>,
+    /// Accepted bearer tokens (the gRPC API's); empty: no authentication.
+    keys: Arc<HashSet<String>>,
+}
+
+/// The HTTP routes on `router`; request bodies up to `body_limit_bytes`.
+pub fn app(router: Arc<Router>, keys: Arc<HashSet<String>>, body_limit_bytes: usize) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .layer(DefaultBodyLimit::max(body_limit_bytes))
+        .with_state(Api { router, keys })
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then until open requests finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+impl Api {
+    /// `Authorization: Bearer KEY`, against the gRPC API's keys.
+    fn check_key(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        if self.keys.is_empty() {
+            return Ok(());
+        }
+        let presented =
+            headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            Some(key) if self.keys.contains(key.trim()) => Ok(()),
+            Some(_) => Err(ApiError::unauthenticated("wrong API key")),
+            None => Err(ApiError::unauthenticated("missing API key: send `Authorization: Bearer KEY`")),
+        }
+    }
+
+    /// The served model's id, or 404 for another one (a request that names none gets it).
+    fn model_id(&self, asked: Option<&str>) -> Result<Arc<crate::service::ModelView>, ApiError> {
+        let model = self.router.model().map_err(|s| ApiError::from_status(&s, |f| f))?;
+        match asked {
+            Some(asked) if asked != model.info.model_id => Err(ApiError::unknown_model(asked, &model.info.model_id)),
+            _ => Ok(model),
+        }
+    }
+
+    /// Starts the generation on the shared path and waits for its first event, so that a
+    /// failure before the first token (no healthy worker, a deadline) is an HTTP status.
+    async fn start(
+        &self,
+        headers: &HeaderMap,
+        request: pb::GenerateRequest,
+        route: Route,
+        param: fn(&str) -> &str,
+    ) -> Result<(pb::GenerateStreamResponse, Events), ApiError> {
+        let mut grpc = tonic::Request::new(request);
+        // The client's W3C trace context, as gRPC metadata, for the request's span.
+        for name in ["traceparent", "tracestate"] {
+            if let Some(value) = headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+                grpc.metadata_mut().insert(name, value);
+            }
+        }
+        // A deadline, as gRPC clients give it with `grpc-timeout`.
+        if let Some(secs) = headers.get("x-request-timeout").and_then(|v| v.to_str().ok())
+            && let Ok(timeout) = secs.trim().parse::<f64>().map(Duration::try_from_secs_f64)
+        {
+            let timeout = timeout.map_err(|e| ApiError::invalid("x-request-timeout", e))?;
+            let millis = timeout.as_millis().clamp(1, 99_999_999);
+            grpc.metadata_mut().insert("grpc-timeout", format!("{millis}m").parse().unwrap());
+        }
+        let mut events = self.router.start(grpc, route).await.map_err(|s| ApiError::from_status(&s, param))?;
+        match events.recv().await {
+            Some(Ok(first)) => Ok((first, events)),
+            Some(Err(status)) => Err(ApiError::from_status(&status, param)),
+            None => Err(ApiError::from_status(&tonic::Status::internal("generation ended without a result"), param)),
+        }
+    }
+}
+
+async fn models(State(api): State<Api>, headers: HeaderMap) -> Result<Response, ApiError> {
+    api.check_key(&headers)?;
+    let model = api.model_id(None)?;
+    let body = serde_json::json!({
+        "object": "list",
+        "data": [{
+            "id": model.info.model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "onehead",
+            "max_model_len": model.info.max_context,
+        }],
+    });
+    Ok(axum::Json(body).into_response())
+}
+
+async fn completions(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    api.check_key(&headers)?;
+    let request: CompletionRequest = parse(&body)?;
+    let model = api.model_id(request.common.model.as_deref())?;
+    let translated = request.translate()?;
+    let route = Route { path: "/v1/completions", operation: "text_completion" };
+    let (first, events) = api.start(&headers, translated.request, route, completion_param).await?;
+    let echo = translated.echo.map(|e| match e {
+        request::EchoPrompt::Text(t) => t,
+        request::EchoPrompt::Ids(ids) => model.tokenizer.decode(&ids),
+    });
+    let answer = Answer::new(Kind::Completion, model, request.logprobs.is_some(), request.common.include_usage());
+    respond(answer, request.common.streaming(), echo, first, events).await
+}
+
+async fn chat(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    api.check_key(&headers)?;
+    let request: ChatRequest = parse(&body)?;
+    let model = api.model_id(request.common.model.as_deref())?;
+    let template = model.chat.as_ref().map_err(|why| {
+        ApiError::invalid("messages", format!("the model `{}` has no chat template: {why}", model.info.model_id))
+    })?;
+    let prompt = template
+        .render(&request.messages()?, request.add_generation_prompt.unwrap_or(true))
+        .map_err(|why| ApiError::invalid("messages", why))?;
+    let route = Route { path: "/v1/chat/completions", operation: "chat" };
+    let (first, events) = api.start(&headers, request.translate(prompt)?, route, chat_param).await?;
+    let answer = Answer::new(Kind::Chat, model, request.logprobs.unwrap_or(false), request.common.include_usage());
+    respond(answer, request.common.streaming(), None, first, events).await
+}
+
+/// The whole answer as one JSON body, or a stream of server-sent events.
+async fn respond(
+    answer: Answer,
+    streaming: bool,
+    echo: Option<String>,
+    first: pb::GenerateStreamResponse,
+    events: Events,
+) -> Result<Response, ApiError> {
+    if !streaming {
+        let param = match answer.kind {
+            Kind::Completion => completion_param,
+            Kind::Chat => chat_param,
+        };
+        let collected = response::collect(first, events).await.map_err(|s| ApiError::from_status(&s, param))?;
+        return Ok(axum::Json(answer.whole(collected, echo)).into_response());
+    }
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(16);
+    tokio::spawn(stream_events(answer, echo, first, events, tx));
+    Ok(Sse::new(ReceiverStream::new(rx)).into_response())
+}
+
+/// Turns events into SSE chunks until the generation ends or the client goes away; then the
+/// events' receiver is dropped, which cancels the generation.
+async fn stream_events(
+    answer: Answer,
+    echo: Option<String>,
+    first: pb::GenerateStreamResponse,
+    mut events: Events,
+    tx: mpsc::Sender<Result<Event, Infallible>>,
+) {
+    let send = |json: serde_json::Value| {
+        let tx = tx.clone();
+        async move { tx.send(Ok(Event::default().data(json.to_string()))).await.is_ok() }
+    };
+    for chunk in answer.opening_chunks(echo) {
+        if !send(chunk).await {
+            return;
+        }
+    }
+    let mut next = Some(Ok(first));
+    loop {
+        let event = match next.take() {
+            Some(event) => event,
+            None => tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => event,
+                    None => return,
+                },
+                // Not waiting for the next token to find out: the sequence is cancelled now.
+                () = tx.closed() => return,
+            },
+        };
+        match event {
+            Ok(pb::GenerateStreamResponse { event: Some(pb::generate_stream_response::Event::Token(t)) }) => {
+                if let Some(chunk) = answer.token_chunk(&t)
+                    && !send(chunk).await
+                {
+                    return;
+                }
+            }
+            Ok(pb::GenerateStreamResponse { event: Some(pb::generate_stream_response::Event::Done(d)) }) => {
+                for chunk in answer.closing_chunks(&d) {
+                    if !send(chunk).await {
+                        return;
+                    }
+                }
+                let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+                return;
+            }
+            Ok(_) => {}
+            Err(status) => {
+                let param = match answer.kind {
+                    Kind::Completion => completion_param,
+                    Kind::Chat => chat_param,
+                };
+                let _ = send(ApiError::from_status(&status, param).body()).await;
+                return;
+            }
+        }
+    }
+}
