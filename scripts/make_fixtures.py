@@ -219,6 +219,11 @@ def llama_cases():
     yield "mistral_gqa", dict(seed=25, prompt_len=7), lambda: llama_family(
         "mistral", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, vocab_size=97,
         sliding_window=None)
+    # Mistral's sliding window, 5 keys of the 64 positions: prompts and chunks cross it. 5 query
+    # heads over 1 K/V head.
+    yield "mistral_window", dict(seed=26, prompt_len=9), lambda: llama_family(
+        "mistral", hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=48, vocab_size=97,
+        sliding_window=5)
 
 
 def main():

@@ -167,12 +167,19 @@ fn cpu_weights_are_packed_unless_told_otherwise() {
 /// Decode tokens of several sequences, attended together in one padded and masked call per
 /// layer, give each sequence the logits it gets alone: in a step of decodes only, and beside a
 /// prefill chunk. Sequences of different lengths, MQA, MHA and grouped K/V, at TP 1 and at TP 3
-/// (where Falcon's groups are split unevenly and attention runs per sequence again).
+/// (where Falcon's groups are split unevenly and attention runs per sequence again); with
+/// Mistral's window of 5, the sequences longer than it are attended one by one.
 #[test]
 fn decodes_attended_together_equal_each_sequence_alone() {
-    for (name, tp) in
-        [("mqa_f32", 1), ("mha_f32", 1), ("falcon_gqa", 1), ("falcon_gqa", 3), ("llama3_gqa", 1), ("qwen3_gqa", 4)]
-    {
+    for (name, tp) in [
+        ("mqa_f32", 1),
+        ("mha_f32", 1),
+        ("falcon_gqa", 1),
+        ("falcon_gqa", 3),
+        ("llama3_gqa", 1),
+        ("qwen3_gqa", 4),
+        ("mistral_window", 1),
+    ] {
         let (mut lm, reference) = load_tp(name, tp);
         check_decodes_together(&mut lm, &reference, &format!("{name} TP {tp}"), |a, e| (a - e).abs() <= TOLERANCE);
     }
@@ -257,7 +264,7 @@ fn check_decodes_together(lm: &mut LoadedModel, reference: &Reference, what: &st
 
 parity!(mqa_f32, mha_f32, mqa_hd12_untied, mqa_sharded, mqa_bf16, mqa_hd32_bf16);
 parity!(falcon_mqa, falcon_gqa, falcon_gqa_one_ln, falcon_rw_mha_sequential, falcon_rw40b, falcon_gqa_hd32);
-parity!(llama3_gqa, llama_mqa_bias, qwen2_gqa, qwen3_gqa, mistral_gqa);
+parity!(llama3_gqa, llama_mqa_bias, qwen2_gqa, qwen3_gqa, mistral_gqa, mistral_window);
 
 /// Falcon's K/V heads per shard: the one multi-query head on every shard; grouped K/V split by
 /// whole groups where the shard count divides them, else the straddled groups on both shards.

@@ -576,6 +576,9 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     /// `q_norm` and `k_norm` (Qwen3).
     pub qk_norm: bool,
+    /// Mistral's sliding window: each query attends its own key and the `window - 1` before
+    /// it (None: a window at least as long as the context, or none).
+    pub sliding_window: Option<i64>,
     pub tie_word_embeddings: bool,
     pub eos_token_ids: Vec<u32>,
 }
@@ -636,11 +639,17 @@ impl LlamaConfig {
             Qwen2 | Qwen3 => raw.sliding_window.filter(|_| raw.use_sliding_window),
             Mistral => raw.sliding_window,
         };
-        if let Some(w) = window.filter(|&w| w < max_position_embeddings) {
-            return Err(f.bad(
-                "sliding_window",
-                format!("sliding-window attention ({w} of {max_position_embeddings} positions) is not supported"),
-            ));
+        let sliding_window = window.filter(|&w| w < max_position_embeddings);
+        match (sliding_window, variant) {
+            (Some(w), _) if w <= 0 => return Err(f.bad("sliding_window", format!("must be positive, found {w}"))),
+            // Qwen slides only the layers from `max_window_layers` on; not supported.
+            (Some(w), Qwen2 | Qwen3) => {
+                return Err(f.bad(
+                    "sliding_window",
+                    format!("sliding-window attention ({w} of {max_position_embeddings} positions) is not supported for Qwen"),
+                ));
+            }
+            _ => {}
         }
         // transformers 5 writes `rope_parameters`; 4.x wrote `rope_theta` and `rope_scaling`.
         let (rope, rope_field) = match (raw.rope_parameters, raw.rope_scaling) {
@@ -702,6 +711,7 @@ impl LlamaConfig {
             o_bias: attention_bias && matches!(variant, Llama | Qwen3),
             mlp_bias: raw.mlp_bias,
             qk_norm: variant == Qwen3,
+            sliding_window,
             tie_word_embeddings: raw.tie_word_embeddings,
             eos_token_ids: raw.eos_token_id.to_vec(),
         })
@@ -885,7 +895,10 @@ mod tests {
         let c = llama(&format!(
             r#"{{"model_type": "mistral", {LLAMA}, "sliding_window": 4096, "max_position_embeddings": 4096}}"#
         ));
-        assert_eq!(c.max_position_embeddings, 4096, "a window as long as the context drops no key");
+        assert_eq!(c.sliding_window, None, "a window as long as the context drops no key");
+        // Mistral's default window, 4096 of its default 131072 positions.
+        let c = llama(&format!(r#"{{"model_type": "mistral", {LLAMA}}}"#));
+        assert_eq!((c.sliding_window, c.max_position_embeddings), (Some(4096), 131072));
         // Llama 3.1 8B's config.json (transformers 4.43).
         let c = llama(&format!(
             r#"{{"model_type": "llama", {LLAMA}, "num_key_value_heads": 2, "rope_theta": 500000.0,
@@ -921,13 +934,7 @@ mod tests {
             r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
             "`rope_scaling.low_freq_factor`: missing",
         );
-        // Mistral's default window, 4096 of its default 131072 positions.
-        bad(
-            "mistral",
-            r#""num_key_value_heads": 8"#,
-            "field `sliding_window`: sliding-window attention (4096 of 131072",
-        );
-        bad("mistral", r#""sliding_window": 16, "max_position_embeddings": 64"#, "field `sliding_window`");
+        bad("mistral", r#""sliding_window": 0"#, "field `sliding_window`: must be positive");
         bad(
             "qwen2",
             r#""num_key_value_heads": 2, "use_sliding_window": true, "sliding_window": 16"#,

@@ -1,6 +1,6 @@
 //! Llama-architecture models, one file for the dialects that share it (`llama`, with Llama 3's
 //! rotary scaling; `qwen2`: biases on q, k and v; `qwen3`: RMSNorm of each query and key head;
-//! `mistral`, without a sliding window): pre-norm blocks of rotary attention over grouped or
+//! `mistral`, with its sliding window): pre-norm blocks of rotary attention over grouped or
 //! multi-query K/V and a gated SiLU MLP, RMSNorm throughout.
 //!
 //! Mirrors `transformers/models/llama/modeling_llama.py` (and `qwen2`, `qwen3`, `mistral`). Field
@@ -13,7 +13,9 @@ use std::sync::Arc;
 use tch::Tensor;
 
 use super::parallel::{ShardLoader, row_parallel, split_qkv};
-use super::{Batch, CausalLm, GatedMlp, Linear, ModelShape, Placement, RmsNorm, Rotary, Shard, cached_attention};
+use super::{
+    Batch, CausalLm, GatedMlp, Linear, ModelShape, Placement, RmsNorm, Rotary, Shard, cached_attention_in_window,
+};
 use crate::error::Result;
 use crate::hf::config::LlamaConfig;
 use crate::hf::weights::Checkpoint;
@@ -31,6 +33,8 @@ pub struct Llama {
     lm_head: Linear,
     rotary: Rotary,
     scale: f64,
+    /// Mistral's sliding window (`LlamaConfig::sliding_window`).
+    sliding_window: Option<i64>,
     /// The shape, and this shard's heads, vocabulary rows and communicator.
     shard: Shard,
 }
@@ -102,7 +106,8 @@ impl Llama {
             c.max_position_embeddings,
             placement.device,
         );
-        Ok(Llama { embed_tokens, layers, norm, lm_head, rotary, scale: 1.0 / (c.head_dim as f64).sqrt(), shard })
+        let (scale, sliding_window) = (1.0 / (c.head_dim as f64).sqrt(), c.sliding_window);
+        Ok(Llama { embed_tokens, layers, norm, lm_head, rotary, scale, sliding_window, shard })
     }
 
     /// This shard's heads of attention: `(n_tokens, n_heads_here * head_dim)`, before `o_proj`.
@@ -114,7 +119,15 @@ impl Llama {
             (q, k) = (q_norm.forward(&q), k_norm.forward(&k));
         }
         let (q, k) = (Rotary::rotate(&q, angles), Rotary::rotate(&k, angles));
-        cached_attention(layer, (&q, &k, &v), batch, kv, &s.queries_per_kv_head, self.scale)
+        cached_attention_in_window(
+            layer,
+            (&q, &k, &v),
+            batch,
+            kv,
+            &s.queries_per_kv_head,
+            self.scale,
+            self.sliding_window,
+        )
     }
 }
 

@@ -271,19 +271,37 @@ pub fn load(
 /// by one, in place.
 pub(crate) fn cached_attention(
     layer: usize,
-    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    qkv: (&Tensor, &Tensor, &Tensor),
     batch: &Batch,
     kv: &KvPool,
     queries_per_kv_head: &[i64],
     scale: f64,
 ) -> Tensor {
+    cached_attention_in_window(layer, qkv, batch, kv, queries_per_kv_head, scale, None)
+}
+
+/// `cached_attention` where each query at position `p` attends only the keys at positions
+/// `p - window < j <= p` (Mistral's sliding window, as `transformers`' `sliding_window_overlay`)
+/// when `window` is given. The decode tokens are attended together only while every one of
+/// their sequences fits in the window (the joint call reads whole caches); beyond it each
+/// chunk is attended on its own, with the window in its mask.
+pub(crate) fn cached_attention_in_window(
+    layer: usize,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    batch: &Batch,
+    kv: &KvPool,
+    queries_per_kv_head: &[i64],
+    scale: f64,
+    window: Option<i64>,
+) -> Tensor {
     let uniform = queries_per_kv_head.windows(2).all(|w| w[0] == w[1]);
     let key_bytes_per_token = k.size()[1] * k.size()[2] * k.kind().elt_size_in_bytes() as i64;
     let in_place = amx::attention_applies(k.kind(), k.device(), k.size()[2]);
-    let decode = batch
-        .decode
-        .as_ref()
-        .filter(|d| uniform && decode_in_one_call(k.device(), in_place, d.longest * key_bytes_per_token));
+    let decode = batch.decode.as_ref().filter(|d| {
+        uniform
+            && decode_in_one_call(k.device(), in_place, d.longest * key_bytes_per_token)
+            && window.is_none_or(|w| d.longest <= w)
+    });
     if let Some(d) = decode.filter(|d| d.all) {
         return attend_decode(layer, (q, k, v), d, kv, scale, in_place);
     }
@@ -296,7 +314,8 @@ pub(crate) fn cached_attention(
             // The cache is (n_kv_heads, n_tokens, head_dim).
             kv.write(layer, chunk.slot, chunk.n_cached, &rows(k).transpose(0, 1), &rows(v).transpose(0, 1));
             let (k_all, v_all) = kv.view(layer, chunk.slot, chunk.n_cached + chunk.n_new);
-            outputs.push((row, attend(&rows(q), &k_all, &v_all, chunk.n_cached, scale, queries_per_kv_head)));
+            let attended = attend(&rows(q), &k_all, &v_all, chunk.n_cached, scale, queries_per_kv_head, window);
+            outputs.push((row, attended));
         }
         row += chunk.n_new;
     }
@@ -371,9 +390,17 @@ fn attend_decode(
 /// attention all `n_heads` queries meet the single K/V head in one call. When a shard holds
 /// different numbers of queries per K/V head (a group split between shards), each K/V head is
 /// attended on its own. Returns `(n_new, n_heads * head_dim)`, heads in order.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scale: f64, queries_per_kv_head: &[i64]) -> Tensor {
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    n_cached: i64,
+    scale: f64,
+    queries_per_kv_head: &[i64],
+    window: Option<i64>,
+) -> Tensor {
     if queries_per_kv_head.windows(2).all(|w| w[0] == w[1]) {
-        return attend_groups(q, k, v, n_cached, scale);
+        return attend_groups(q, k, v, n_cached, scale, window);
     }
     let mut first = 0;
     let outputs: Vec<Tensor> = queries_per_kv_head
@@ -382,7 +409,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scale: f64, queries
         .map(|(kv_idx, &n)| {
             let (kv_idx, q) = (kv_idx as i64, q.narrow(1, first, n));
             first += n;
-            attend_groups(&q, &k.narrow(0, kv_idx, 1), &v.narrow(0, kv_idx, 1), n_cached, scale)
+            attend_groups(&q, &k.narrow(0, kv_idx, 1), &v.narrow(0, kv_idx, 1), n_cached, scale, window)
         })
         .collect();
     Tensor::cat(&outputs, 1)
@@ -393,11 +420,13 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scale: f64, queries
 /// LibTorch's fused CPU attention is used rather than `bmm`: a bf16 `bmm` goes through oneDNN,
 /// which compiles a kernel for every new shape, and the key length changes every decode step
 /// (1.3 ms against 0.06 ms per call on the development machine).
-fn attend_groups(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scale: f64) -> Tensor {
+fn attend_groups(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scale: f64, window: Option<i64>) -> Tensor {
     let [n_new, n_heads, head_dim] = q.size()[..] else { unreachable!("q must be 3-d") };
     let n_kv_heads = k.size()[0];
     let group = n_heads / n_kv_heads;
-    if n_new > 1 && n_cached == 0 {
+    // Whether the window drops a key any of these queries would otherwise see.
+    let windowed = window.filter(|&w| n_cached + n_new > w);
+    if n_new > 1 && n_cached == 0 && windowed.is_none() {
         return attend_causal(q, k, v, group, scale);
     }
     // (1, n_kv_heads, n_new * group, head_dim): row i * group + g is head kv * group + g at token i.
@@ -408,14 +437,19 @@ fn attend_groups(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scale: f64) 
         head_dim,
     ]);
     // Decode (one new token) sees the whole cache; a chunk of several tokens needs the causal
-    // mask, offset by the tokens already cached.
-    let mask = (n_new > 1).then(|| {
+    // mask, offset by the tokens already cached, and a window its lower bound.
+    let mask = (n_new > 1 || windowed.is_some()).then(|| {
         let device = q.device();
         let query_pos =
             Tensor::arange(n_new, (Kind::Int64, device)).repeat_interleave_self_int(group, 0, None) + n_cached;
-        let key_pos = Tensor::arange(n_cached + n_new, (Kind::Int64, device));
+        let (key_pos, query_pos) =
+            (Tensor::arange(n_cached + n_new, (Kind::Int64, device)).unsqueeze(0), query_pos.unsqueeze(1));
         // (n_new * group, n_cached + n_new): true where the key may be attended to.
-        key_pos.unsqueeze(0).le_tensor(&query_pos.unsqueeze(1))
+        let causal = key_pos.le_tensor(&query_pos);
+        match windowed {
+            Some(w) => causal.logical_and(&key_pos.gt_tensor(&(query_pos - w))),
+            None => causal,
+        }
     });
     let y = Tensor::scaled_dot_product_attention(
         &q,
