@@ -19,16 +19,18 @@ fi
 model=${ONEHEAD_MODEL:-builtin:tiny}
 router_port=${ROUTER_PORT:-8080}
 worker_port=${WORKER_PORT:-50051}
+http_port=${HTTP_PORT:-8000}
 trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT INT TERM
 $bin/onehead-worker serve --model "$model" --listen "127.0.0.1:$worker_port" &
-$bin/onehead-router --listen "127.0.0.1:$router_port" --worker "http://127.0.0.1:$worker_port" &
+$bin/onehead-router --listen "127.0.0.1:$router_port" --http-listen "127.0.0.1:$http_port" --worker "http://127.0.0.1:$worker_port" &
 for _ in $(seq 100); do
     if $bin/onehead-router client --addr "http://127.0.0.1:$router_port" info >/dev/null 2>&1; then break; fi
     sleep 0.2
 done
 cat <<MSG
 
-onehead is serving $model at 127.0.0.1:$router_port (router) -> 127.0.0.1:$worker_port (worker).
+onehead is serving $model at 127.0.0.1:$router_port (router; OpenAI-compatible HTTP on
+127.0.0.1:$http_port) -> 127.0.0.1:$worker_port (worker).
 A first completion:
 MSG
 $bin/onehead-router client --addr "http://127.0.0.1:$router_port" generate --stream --max-new-tokens 48 --temperature 0.8 --seed 1 "def fibonacci(n):"
@@ -38,6 +40,8 @@ Call it yourself:
   $bin/onehead-router client --addr http://127.0.0.1:$router_port generate --stream "def hello():"
   grpcurl -plaintext -d '{"text": "def hello():", "parameters": {"max_new_tokens": 16}}' \\
       127.0.0.1:$router_port onehead.v1.TextGeneration/GenerateStream
+  curl http://127.0.0.1:$http_port/v1/completions -H 'content-type: application/json' \\
+      -d '{"model": "$model", "prompt": "def hello():", "max_tokens": 16}'
 Ctrl-C stops the cluster.
 MSG
 wait
