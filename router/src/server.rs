@@ -116,18 +116,26 @@ pub async fn serve(
     };
     // A JSON-escaped prompt of --max-prompt-bytes fits (each byte may take 6: `\u00XX`).
     let body_limit_bytes = config.limits.max_prompt_bytes.saturating_mul(6).saturating_add(64 << 10);
+    let http_tls = match (&config.tls, &config.http_listener) {
+        (Some((cert, key)), Some(_)) => Some(crate::openai::tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let handshake = config.connections.handshake;
     let router = Arc::new(Router::new(pool, model, config.limits, metrics));
     let http = {
         let router = router.clone();
         let stop = wait_stop(stopped);
         async move {
-            match config.http_listener {
-                Some(listener) => {
-                    let app = crate::openai::app(router, http_keys, body_limit_bytes);
-                    crate::openai::serve(listener, app, stop).await.map_err(anyhow::Error::from)
+            let app = crate::openai::app(router, http_keys, body_limit_bytes);
+            let served = match (config.http_listener, http_tls) {
+                (Some(listener), Some(tls)) => {
+                    let listener = crate::openai::tls::TlsListener::new(listener, tls, handshake)?;
+                    crate::openai::serve(listener, app, stop).await
                 }
-                None => Ok(()),
-            }
+                (Some(listener), None) => crate::openai::serve(listener, app, stop).await,
+                (None, _) => Ok(()),
+            };
+            served.map_err(anyhow::Error::from)
         }
     };
     let mut builder = tonic::transport::Server::builder();

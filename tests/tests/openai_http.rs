@@ -297,3 +297,60 @@ async fn chat_with_a_model_without_a_template_is_refused_naming_it() {
     let models = http(&addr, "GET", "/v1/models", &[], None).await.json();
     assert!(message.contains(models["data"][0]["id"].as_str().unwrap()), "{message} names the model");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_the_http_port_with_the_same_certificate() {
+    let dir = std::env::temp_dir().join(format!("onehead-http-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost", "-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "extendedKeyUsage=serverAuth", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl makes the test certificate");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let w = worker(&[]).await;
+    let (cert_path, key_path) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let args = ["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--worker", &w.url()];
+    let r =
+        Proc::start("onehead-router", &[&args[..], &["--tls-cert", cert_path, "--tls-key", key_path]].concat()).await;
+    let addr = r.http_addr.clone().unwrap();
+    let port = addr.rsplit_once(':').unwrap().1;
+    // curl checks the certificate against the test CA, for the name `localhost`.
+    let curl = |path: &str, body: Option<&str>| {
+        let mut c = std::process::Command::new("curl");
+        c.args(["-sS", "--cacert", cert_path, "--resolve", &format!("localhost:{port}:127.0.0.1")]);
+        c.args(["-w", "\n%{http_code}", &format!("https://localhost:{port}{path}")]);
+        if let Some(body) = body {
+            c.args(["-H", "content-type: application/json", "-d", body]);
+        }
+        let out = c.output().expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = curl("/v1/models", None);
+        if out.ends_with("200") {
+            assert!(out.contains("builtin:tiny"), "{out}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never served over TLS: {out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = curl("/v1/completions", Some(r#"{"prompt": "secure", "max_tokens": 3, "ignore_eos": true}"#));
+    assert!(out.ends_with("200") && out.contains("\"completion_tokens\":3"), "{out}");
+    // Plain HTTP on the TLS port gets no answer.
+    let plain = http_send(&addr, "GET", "/v1/models", &[], None).await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut plain = plain;
+        tokio::io::AsyncReadExt::read_to_end(&mut plain, &mut buf).await
+    })
+    .await;
+    assert!(!String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"), "{read:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -12,6 +12,7 @@
 mod error;
 mod request;
 mod response;
+pub mod tls;
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -52,9 +53,10 @@ pub fn app(router: Arc<Router>, keys: Arc<HashSet<String>>, body_limit_bytes: us
         .with_state(Api { router, keys })
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then until open requests finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// Serves `app` on `listener` (TCP, or `tls::TlsListener`) until `shutdown` resolves, then until
+/// open requests finish.
+pub async fn serve<L: axum::serve::Listener<Addr = std::net::SocketAddr>>(
+    listener: L,
     app: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
