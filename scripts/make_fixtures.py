@@ -20,6 +20,10 @@ import transformers
 from transformers import (
     FalconConfig,
     FalconForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPTBigCodeConfig,
     GPTBigCodeForCausalLM,
     LlamaConfig,
@@ -90,14 +94,17 @@ LLAMA_FAMILY = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
+    "gemma": (GemmaConfig, GemmaForCausalLM),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
 }
 
 
 def llama_family(model_type, **config):
-    """A Llama-architecture model of 2 layers, 64 positions, in `model_type`'s dialect."""
+    """A Llama-architecture model of 2 layers (unless told), 64 positions, in `model_type`'s dialect."""
     config_class, model_class = LLAMA_FAMILY[model_type]
     config.setdefault("eos_token_id", 1)
-    cfg = config_class(max_position_embeddings=64, num_hidden_layers=2, bos_token_id=0, **config)
+    config.setdefault("num_hidden_layers", 2)
+    cfg = config_class(max_position_embeddings=64, bos_token_id=0, **config)
     return model_class(cfg)
 
 
@@ -224,6 +231,19 @@ def llama_cases():
     yield "mistral_window", dict(seed=26, prompt_len=9), lambda: llama_family(
         "mistral", hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=48, vocab_size=97,
         sliding_window=5)
+    # Gemma 3 1B's shape: multi-query (6 query heads over 1 K/V head), heads of 16 over a width of
+    # 48, 5 layers of which the third is full (sliding_window_pattern 3) and the others slide
+    # over 4 keys, each kind with its own rope base; scale 24 ** -0.5, soft-capped logits.
+    gemma3_rope = {"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                   "sliding_attention": {"rope_type": "default", "rope_theta": 30.0}}
+    yield "gemma3_mqa", dict(seed=27, prompt_len=9), lambda: llama_family(
+        "gemma3_text", hidden_size=48, num_attention_heads=6, num_key_value_heads=1, head_dim=16,
+        intermediate_size=64, vocab_size=97, num_hidden_layers=5, sliding_window=4, sliding_window_pattern=3,
+        rope_parameters=gemma3_rope, query_pre_attn_scalar=24, final_logit_softcapping=5.0, pad_token_id=0)
+    # Gemma 1: 6 heads over 3 K/V heads, heads of 12 over a width of 48, tied embeddings.
+    yield "gemma_gqa", dict(seed=28, prompt_len=8), lambda: llama_family(
+        "gemma", hidden_size=48, num_attention_heads=6, num_key_value_heads=3, head_dim=12, intermediate_size=64,
+        vocab_size=89, pad_token_id=0)
 
 
 def main():

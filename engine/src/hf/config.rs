@@ -173,8 +173,7 @@ pub enum ModelConfig {
 }
 
 /// The `model_type`s read, and the architecture each means.
-const MODEL_TYPES: &str =
-    "\"gpt_bigcode\", \"falcon\", \"RefinedWebModel\", \"RefinedWeb\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\"";
+const MODEL_TYPES: &str = "\"gpt_bigcode\", \"falcon\", \"RefinedWebModel\", \"RefinedWeb\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \"gemma\", \"gemma3_text\"";
 
 impl ModelConfig {
     /// Reads `config.json` in `dir`, dispatching on `model_type`.
@@ -199,11 +198,13 @@ impl ModelConfig {
                     .map_err(|source| Error::Json { path: path.clone(), source })?;
                 Ok(ModelConfig::Falcon(FalconConfig::validate(raw, model_type == "RefinedWeb", &path)?))
             }
-            "llama" | "qwen2" | "qwen3" | "mistral" => {
+            "llama" | "qwen2" | "qwen3" | "mistral" | "gemma" | "gemma3_text" => {
                 let variant = match model_type {
                     "llama" => LlamaVariant::Llama,
                     "qwen2" => LlamaVariant::Qwen2,
                     "qwen3" => LlamaVariant::Qwen3,
+                    "gemma" => LlamaVariant::Gemma,
+                    "gemma3_text" => LlamaVariant::Gemma3Text,
                     _ => LlamaVariant::Mistral,
                 };
                 let raw: RawLlamaConfig = serde_json::from_value(value.clone())
@@ -337,6 +338,10 @@ struct RopeParameters {
     low_freq_factor: Option<f64>,
     high_freq_factor: Option<f64>,
     original_max_position_embeddings: Option<f64>,
+    /// Gemma 3's rope per layer type (transformers 5): `rope_parameters.sliding_attention` and
+    /// `rope_parameters.full_attention`, each a `RopeParameters` of its own.
+    sliding_attention: Option<Box<RopeParameters>>,
+    full_attention: Option<Box<RopeParameters>>,
 }
 
 fn default_falcon_positions() -> i64 {
@@ -505,8 +510,8 @@ struct RawLlamaConfig {
     attention_bias: Option<bool>,
     #[serde(default)]
     mlp_bias: bool,
-    #[serde(default)]
-    tie_word_embeddings: bool,
+    /// Missing: false, Gemma's true.
+    tie_word_embeddings: Option<bool>,
     #[serde(default)]
     use_sliding_window: bool,
     /// Missing: 4096 (Mistral's and Qwen's default); null: none.
@@ -514,6 +519,20 @@ struct RawLlamaConfig {
     sliding_window: Option<i64>,
     #[serde(default)]
     eos_token_id: TokenIds,
+    /// Gemma 3's name for `hidden_act`.
+    hidden_activation: Option<String>,
+    /// Gemma 2/3: attention scale `query_pre_attn_scalar ** -0.5`.
+    query_pre_attn_scalar: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    /// Gemma 3: `sliding_attention` or `full_attention` per layer, else every
+    /// `sliding_window_pattern`-th layer full (default 6).
+    layer_types: Option<Vec<String>>,
+    sliding_window_pattern: Option<i64>,
+    /// Gemma 3's rope base of the sliding layers (transformers 4's name).
+    rope_local_base_freq: Option<f64>,
+    #[serde(default)]
+    use_bidirectional_attention: Option<bool>,
 }
 
 fn default_sliding_window() -> Option<i64> {
@@ -530,6 +549,11 @@ pub enum LlamaVariant {
     /// RMSNorm of every query and key head (`q_norm`, `k_norm`).
     Qwen3,
     Mistral,
+    /// Gemma 1: embeddings scaled by `sqrt(hidden_size)`, RMSNorm by `1 + weight`, GELU-gated MLP.
+    Gemma,
+    /// Gemma 3's text model: Gemma's, plus q/k norms, norms after attention and MLP, and
+    /// sliding-window layers between full ones, each kind with its own rope base.
+    Gemma3Text,
 }
 
 impl LlamaVariant {
@@ -539,6 +563,8 @@ impl LlamaVariant {
             LlamaVariant::Qwen2 => "qwen2",
             LlamaVariant::Qwen3 => "qwen3",
             LlamaVariant::Mistral => "mistral",
+            LlamaVariant::Gemma => "gemma",
+            LlamaVariant::Gemma3Text => "gemma3_text",
         }
     }
 }
@@ -576,9 +602,26 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     /// `q_norm` and `k_norm` (Qwen3).
     pub qk_norm: bool,
-    /// Mistral's sliding window: each query attends its own key and the `window - 1` before
-    /// it (None: a window at least as long as the context, or none).
+    /// Mistral's and Gemma 3's sliding window: each query attends its own key and the
+    /// `window - 1` before it (None: a window at least as long as the context, or none).
     pub sliding_window: Option<i64>,
+    /// Which layers slide (all of them for Mistral; Gemma 3's `sliding_attention` layers).
+    pub sliding_layers: Vec<bool>,
+    /// The rope base of the sliding layers (Gemma 3's `rope_local_base_freq`; else `rope_theta`).
+    pub rope_local_theta: f64,
+    /// The MLP's gate activation: None for SiLU (Llama), else Gemma's GELU (`hidden_act`,
+    /// Gemma 3's `hidden_activation`).
+    pub gelu_gate: Option<Activation>,
+    /// Gemma: embeddings times `sqrt(hidden_size)`, and RMSNorm by `1 + weight`.
+    pub gemma_norms: bool,
+    /// Gemma 3: `post_attention_layernorm` normalises the attention's output, and
+    /// `pre_feedforward_layernorm` and `post_feedforward_layernorm` the MLP's input and output.
+    pub sandwich_norms: bool,
+    /// Scores are `q.k * attention_scale` (`query_pre_attn_scalar ** -0.5` for Gemma 3, else
+    /// `head_dim ** -0.5`).
+    pub attention_scale: f64,
+    /// Logits become `cap * tanh(logits / cap)` (`final_logit_softcapping`).
+    pub final_logit_softcapping: Option<f64>,
     pub tie_word_embeddings: bool,
     pub eos_token_ids: Vec<u32>,
 }
@@ -596,7 +639,8 @@ impl LlamaConfig {
         let default_positions = match variant {
             Llama => 2048,
             Qwen2 | Qwen3 => 32768,
-            Mistral => 4096 * 32,
+            Mistral | Gemma3Text => 4096 * 32,
+            Gemma => 8192,
         };
         let max_position_embeddings =
             f.positive("max_position_embeddings", Some(raw.max_position_embeddings.unwrap_or(default_positions)))?;
@@ -604,6 +648,8 @@ impl LlamaConfig {
             Llama => n_heads,
             Qwen2 | Qwen3 => 32,
             Mistral => 8,
+            Gemma => 16,
+            Gemma3Text => 4,
         };
         let n_kv_heads =
             f.positive("num_key_value_heads", Some(raw.num_key_value_heads.unwrap_or(default_kv_heads)))?;
@@ -615,6 +661,7 @@ impl LlamaConfig {
         let head_dim = match (raw.head_dim, variant) {
             (Some(d), _) => f.positive("head_dim", Some(d))?,
             (None, Qwen3) => 128,
+            (None, Gemma | Gemma3Text) => 256,
             (None, _) if hidden_size % n_heads != 0 => {
                 return Err(f.bad(
                     "num_attention_heads",
@@ -628,16 +675,49 @@ impl LlamaConfig {
         if head_dim % 2 != 0 {
             return Err(f.bad("head_dim", format!("rotary embeddings need an even head_dim, found {head_dim}")));
         }
-        let act = raw.hidden_act.as_deref().unwrap_or("silu");
-        if act != "silu" {
-            return Err(f.bad("hidden_act", format!("unsupported activation {act:?} (supported: silu)")));
+        let gelu_gate = match variant {
+            Llama | Qwen2 | Qwen3 | Mistral => {
+                let act = raw.hidden_act.as_deref().unwrap_or("silu");
+                if act != "silu" {
+                    return Err(f.bad("hidden_act", format!("unsupported activation {act:?} (supported: silu)")));
+                }
+                None
+            }
+            // `GemmaConfig` reads the original releases' "gelu" as the tanh approximation.
+            Gemma => match raw.hidden_act.as_deref().unwrap_or("gelu_pytorch_tanh") {
+                "gelu" => Some(Activation::GeluTanh),
+                act => Some(f.activation("hidden_act", act)?),
+            },
+            Gemma3Text => Some(
+                f.activation("hidden_activation", raw.hidden_activation.as_deref().unwrap_or("gelu_pytorch_tanh"))?,
+            ),
+        };
+        // What only Gemma 3 reads, and what none is run with here.
+        if let Some(cap) = raw.attn_logit_softcapping {
+            return Err(
+                f.bad("attn_logit_softcapping", format!("soft-capped attention scores ({cap}) are not supported"))
+            );
         }
-        // Llama has no window; Qwen2 and Qwen3 read `sliding_window` only with
+        if raw.use_bidirectional_attention == Some(true) {
+            return Err(f.bad("use_bidirectional_attention", "only causal attention is supported".into()));
+        }
+        // (Qwen writes `layer_types` too, all full without `use_sliding_window`.)
+        if variant != Gemma3Text {
+            let gemma3_only = [
+                ("query_pre_attn_scalar", raw.query_pre_attn_scalar.is_some()),
+                ("final_logit_softcapping", raw.final_logit_softcapping.is_some()),
+                ("rope_local_base_freq", raw.rope_local_base_freq.is_some()),
+            ];
+            if let Some((field, _)) = gemma3_only.iter().find(|(_, set)| *set) {
+                return Err(f.bad(field, format!("not read for {}", variant.model_type())));
+            }
+        }
+        // Llama and Gemma have no window; Qwen2 and Qwen3 read `sliding_window` only with
         // `use_sliding_window`. A window at least as long as the context never drops a key.
         let window = match variant {
-            Llama => None,
+            Llama | Gemma => None,
             Qwen2 | Qwen3 => raw.sliding_window.filter(|_| raw.use_sliding_window),
-            Mistral => raw.sliding_window,
+            Mistral | Gemma3Text => raw.sliding_window,
         };
         let sliding_window = window.filter(|&w| w < max_position_embeddings);
         match (sliding_window, variant) {
@@ -651,12 +731,40 @@ impl LlamaConfig {
             }
             _ => {}
         }
+        // Gemma 3's layers: `sliding_window_pattern` (default 6) makes every n-th layer full,
+        // as `Gemma3TextConfig.__post_init__`, unless `layer_types` names each.
+        let sliding_layers = match (variant, &raw.layer_types) {
+            (Gemma3Text, Some(types)) => {
+                if types.len() as i64 != num_hidden_layers {
+                    return Err(f.bad("layer_types", format!("{} entries for {num_hidden_layers} layers", types.len())));
+                }
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "sliding_attention" => Ok(true),
+                        "full_attention" => Ok(false),
+                        other => Err(f.bad("layer_types", format!("unsupported layer type {other:?}"))),
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            (Gemma3Text, None) => {
+                let pattern = f.positive("sliding_window_pattern", Some(raw.sliding_window_pattern.unwrap_or(6)))?;
+                (0..num_hidden_layers).map(|i| (i + 1) % pattern != 0).collect()
+            }
+            _ => vec![true; num_hidden_layers as usize],
+        };
+        let (mut rope_parameters, mut rope_local_theta) = (raw.rope_parameters, None);
+        if variant == Gemma3Text {
+            (rope_parameters, rope_local_theta) = gemma3_rope(rope_parameters, raw.rope_local_base_freq, &f)?;
+        }
         // transformers 5 writes `rope_parameters`; 4.x wrote `rope_theta` and `rope_scaling`.
-        let (rope, rope_field) = match (raw.rope_parameters, raw.rope_scaling) {
+        let (rope, rope_field) = match (rope_parameters, raw.rope_scaling) {
+            (Some(p), _) if variant == Gemma3Text => (Some(p), "rope_parameters.full_attention"),
             (Some(p), _) => (Some(p), "rope_parameters"),
             (None, s) => (s, "rope_scaling"),
         };
-        let rope_theta = rope.as_ref().and_then(|p| p.rope_theta).or(raw.rope_theta).unwrap_or(10_000.0);
+        let default_theta = if variant == Gemma3Text { 1_000_000.0 } else { 10_000.0 };
+        let rope_theta = rope.as_ref().and_then(|p| p.rope_theta).or(raw.rope_theta).unwrap_or(default_theta);
         f.positive_f64("rope_theta", rope_theta)?;
         let rope_llama3 = match rope.as_ref().map(|p| (p, p.rope_type.as_deref().unwrap_or("default"))) {
             None | Some((_, "default")) => None,
@@ -689,8 +797,17 @@ impl LlamaConfig {
                 ));
             }
         };
+        let rope_local_theta = f.positive_f64("rope_local_base_freq", rope_local_theta.unwrap_or(rope_theta))?;
+        let attention_scale = match raw.query_pre_attn_scalar {
+            Some(s) => 1.0 / f.positive_f64("query_pre_attn_scalar", s)?.sqrt(),
+            None if variant == Gemma3Text => 1.0 / 256f64.sqrt(),
+            None => 1.0 / (head_dim as f64).sqrt(),
+        };
+        let final_logit_softcapping =
+            raw.final_logit_softcapping.map(|c| f.positive_f64("final_logit_softcapping", c)).transpose()?;
         let eps = f.positive_f64("rms_norm_eps", raw.rms_norm_eps.unwrap_or(1e-6))?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
+        let gemma = matches!(variant, Gemma | Gemma3Text);
         if raw.mlp_bias && variant != Llama {
             return Err(f.bad("mlp_bias", format!("{} has no MLP biases", variant.model_type())));
         }
@@ -707,15 +824,50 @@ impl LlamaConfig {
             rms_norm_eps: eps,
             rope_theta,
             rope_llama3,
-            qkv_bias: variant == Qwen2 || (attention_bias && matches!(variant, Llama | Qwen3)),
-            o_bias: attention_bias && matches!(variant, Llama | Qwen3),
+            qkv_bias: variant == Qwen2 || (attention_bias && variant != Mistral),
+            o_bias: attention_bias && !matches!(variant, Qwen2 | Mistral),
             mlp_bias: raw.mlp_bias,
-            qk_norm: variant == Qwen3,
+            qk_norm: matches!(variant, Qwen3 | Gemma3Text),
             sliding_window,
-            tie_word_embeddings: raw.tie_word_embeddings,
+            sliding_layers,
+            rope_local_theta,
+            gelu_gate,
+            gemma_norms: gemma,
+            sandwich_norms: variant == Gemma3Text,
+            attention_scale,
+            final_logit_softcapping,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
             eos_token_ids: raw.eos_token_id.to_vec(),
         })
     }
+}
+
+/// Gemma 3's rope: the full layers' `RopeParameters` (as the other dialects read theirs, from
+/// `rope_parameters.full_attention` or `rope_scaling`) and the sliding layers' base
+/// (`rope_parameters.sliding_attention.rope_theta`, or `rope_local_base_freq`, default 10000),
+/// as `Gemma3TextConfig.convert_rope_params_to_dict`.
+fn gemma3_rope(
+    rope_parameters: Option<RopeParameters>,
+    rope_local_base_freq: Option<f64>,
+    f: &Fields,
+) -> Result<(Option<RopeParameters>, Option<f64>)> {
+    let Some(p) = rope_parameters else { return Ok((None, Some(rope_local_base_freq.unwrap_or(10_000.0)))) };
+    if p.rope_type.is_some() || p.rope_theta.is_some() {
+        return Err(
+            f.bad("rope_parameters", "Gemma 3 names one per layer type (full_attention, sliding_attention)".into())
+        );
+    }
+    let local = match p.sliding_attention.as_deref() {
+        Some(s) if s.rope_type.as_deref().is_some_and(|t| t != "default") => {
+            return Err(f.bad(
+                "rope_parameters.sliding_attention.rope_type",
+                format!("{:?} is not supported (only \"default\")", s.rope_type.as_deref().unwrap_or("")),
+            ));
+        }
+        Some(s) => s.rope_theta,
+        None => None,
+    };
+    Ok((p.full_attention.map(|b| *b), Some(local.or(rope_local_base_freq).unwrap_or(10_000.0))))
 }
 
 /// The errors a config validation returns, each naming `config.json` and the field.
@@ -947,11 +1099,90 @@ mod tests {
         check(r#"{"model_type": "llama", "hidden_size": 64}"#, "field `intermediate_size`: missing");
     }
 
+    /// Gemma 3 1B's config.json as published (transformers 4.50: `sliding_window_pattern`,
+    /// `rope_local_base_freq`), transformers 5's `layer_types` and per-type `rope_parameters`,
+    /// and Gemma 1's defaults (its original "gelu" meant the tanh approximation).
+    #[test]
+    fn gemma_dialects_read_their_own_defaults() {
+        let c = llama(
+            r#"{"model_type": "gemma3_text", "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+                "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256,
+                "rope_theta": 1000000, "rope_local_base_freq": 10000, "rope_scaling": null, "sliding_window": 512,
+                "sliding_window_pattern": 6, "final_logit_softcapping": null, "attn_logit_softcapping": null,
+                "vocab_size": 262144, "max_position_embeddings": 32768}"#,
+        );
+        assert_eq!((c.num_key_value_heads, c.head_dim, c.sliding_window), (1, 256, Some(512)));
+        assert_eq!((c.rope_theta, c.rope_local_theta, c.attention_scale), (1e6, 1e4, 1.0 / 16.0));
+        let full: Vec<usize> = (0..26).filter(|&i| !c.sliding_layers[i]).collect();
+        assert_eq!(full, [5, 11, 17, 23]);
+        assert_eq!(
+            (c.gelu_gate, c.gemma_norms, c.sandwich_norms, c.qk_norm),
+            (Some(Activation::GeluTanh), true, true, true)
+        );
+        assert_eq!((c.tie_word_embeddings, c.final_logit_softcapping), (true, None));
+        let c = llama(&format!(
+            r#"{{"model_type": "gemma3_text", {LLAMA}, "layer_types": ["full_attention", "sliding_attention"],
+                 "final_logit_softcapping": 30.0, "rope_parameters": {{"sliding_attention": {{"rope_type": "default",
+                 "rope_theta": 5.0}}, "full_attention": {{"rope_type": "default", "rope_theta": 7.0}}}}}}"#
+        ));
+        assert_eq!((c.sliding_layers, c.rope_theta, c.rope_local_theta), (vec![false, true], 7.0, 5.0));
+        assert_eq!((c.final_logit_softcapping, c.sliding_window, c.head_dim), (Some(30.0), Some(4096), 256));
+        let c = llama(
+            r#"{"model_type": "gemma", "hidden_size": 64, "num_attention_heads": 16, "num_hidden_layers": 2,
+                "intermediate_size": 96, "vocab_size": 100, "hidden_act": "gelu"}"#,
+        );
+        assert_eq!((c.num_key_value_heads, c.head_dim, c.max_position_embeddings), (16, 256, 8192));
+        assert_eq!(
+            (c.gelu_gate, c.sandwich_norms, c.qk_norm, c.sliding_window),
+            (Some(Activation::GeluTanh), false, false, None)
+        );
+        assert_eq!((c.tie_word_embeddings, c.attention_scale, c.rope_theta), (true, 1.0 / 16.0, 10_000.0));
+    }
+
+    #[test]
+    fn gemma_refuses_what_it_cannot_run_by_field() {
+        let bad = |model_type: &str, extra: &str, expected: &str| {
+            check(&format!(r#"{{"model_type": "{model_type}", {LLAMA}, {extra}}}"#), expected)
+        };
+        bad("gemma3_text", r#""attn_logit_softcapping": 50.0"#, "field `attn_logit_softcapping`");
+        bad(
+            "gemma",
+            r#""num_key_value_heads": 1, "use_bidirectional_attention": true"#,
+            "field `use_bidirectional_attention`",
+        );
+        bad(
+            "gemma3_text",
+            r#""rope_scaling": {"rope_type": "linear", "factor": 8.0}"#,
+            "field `rope_scaling.rope_type`",
+        );
+        bad(
+            "gemma3_text",
+            r#""rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 8.0}}"#,
+            "field `rope_parameters.full_attention.rope_type`",
+        );
+        bad(
+            "gemma3_text",
+            r#""rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 8.0}}"#,
+            "field `rope_parameters.sliding_attention.rope_type`",
+        );
+        bad("gemma3_text", r#""rope_parameters": {"rope_theta": 5.0}"#, "field `rope_parameters`: Gemma 3 names one");
+        bad("gemma3_text", r#""layer_types": ["full_attention"]"#, "field `layer_types`: 1 entries for 2 layers");
+        bad("gemma3_text", r#""layer_types": ["full_attention", "chunked_attention"]"#, "field `layer_types`");
+        bad("gemma3_text", r#""sliding_window_pattern": 0"#, "field `sliding_window_pattern`: must be positive");
+        bad("gemma3_text", r#""hidden_activation": "swish""#, "field `hidden_activation`");
+        bad(
+            "gemma",
+            r#""num_key_value_heads": 1, "final_logit_softcapping": 30.0"#,
+            "`final_logit_softcapping`: not read",
+        );
+        bad("llama", r#""query_pre_attn_scalar": 64"#, "field `query_pre_attn_scalar`: not read for llama");
+    }
+
     const GOOD: &str = r#""n_embd": 32, "n_head": 4, "n_layer": 2, "n_positions": 64, "vocab_size": 97"#;
 
     #[test]
     fn rejects_bad_configs_by_field() {
-        check(r#"{"model_type": "gemma"}"#, "field `model_type`: unsupported model type \"gemma\"");
+        check(r#"{"model_type": "mamba"}"#, "field `model_type`: unsupported model type \"mamba\"");
         check(r#"{"n_embd": 32}"#, "field `model_type`: missing");
         check(r#"{"model_type": "gpt_bigcode", "n_embd": 32,"#, "invalid JSON");
         check(

@@ -1,9 +1,13 @@
 //! Llama-architecture models, one file for the dialects that share it (`llama`, with Llama 3's
 //! rotary scaling; `qwen2`: biases on q, k and v; `qwen3`: RMSNorm of each query and key head;
-//! `mistral`, with its sliding window): pre-norm blocks of rotary attention over grouped or
-//! multi-query K/V and a gated SiLU MLP, RMSNorm throughout.
+//! `mistral`, with its sliding window; `gemma`: scaled embeddings, RMSNorm by `1 + weight`, a
+//! GELU-gated MLP; `gemma3_text`: Gemma's, with q/k norms, norms after attention and MLP too,
+//! sliding-window layers between full ones, each kind with its rope base, and soft-capped
+//! logits): pre-norm blocks of rotary attention over grouped or multi-query K/V and a gated
+//! MLP, RMSNorm throughout.
 //!
-//! Mirrors `transformers/models/llama/modeling_llama.py` (and `qwen2`, `qwen3`, `mistral`). Field
+//! Mirrors `transformers/models/llama/modeling_llama.py` (and `qwen2`, `qwen3`, `mistral`,
+//! `gemma`, `gemma3`). Field
 //! names are the checkpoint's tensor names (`model.layers.{i}.self_attn.q_proj`, ...); q, k and
 //! v are kept as one matrix (`qkv_proj`), and gate and up as another (`GatedMlp`), so that each
 //! pair or triple is one product.
@@ -15,6 +19,7 @@ use tch::Tensor;
 use super::parallel::{ShardLoader, row_parallel, split_qkv};
 use super::{
     Batch, CausalLm, GatedMlp, Linear, ModelShape, Placement, RmsNorm, Rotary, Shard, cached_attention_in_window,
+    soft_cap,
 };
 use crate::error::Result;
 use crate::hf::config::LlamaConfig;
@@ -26,15 +31,21 @@ use crate::parallel::heads::split;
 pub struct Llama {
     /// This shard's rows of `model.embed_tokens` (all of it at TP 1).
     embed_tokens: Tensor,
+    /// Gemma's embeddings are multiplied by `sqrt(hidden_size)`.
+    embed_scale: Option<f64>,
     layers: Vec<DecoderLayer>,
     /// `model.norm`.
     norm: RmsNorm,
     /// This shard's rows of `lm_head.weight`, or of `embed_tokens` when they are tied.
     lm_head: Linear,
     rotary: Rotary,
+    /// Gemma 3's rotary embeddings of the sliding layers (their own base); else `rotary`.
+    rotary_local: Option<Rotary>,
     scale: f64,
-    /// Mistral's sliding window (`LlamaConfig::sliding_window`).
+    /// Mistral's and Gemma 3's sliding window (`LlamaConfig::sliding_window`).
     sliding_window: Option<i64>,
+    /// `cap * tanh(logits / cap)` (Gemma 3's `final_logit_softcapping`).
+    final_logit_softcapping: Option<f64>,
     /// The shape, and this shard's heads, vocabulary rows and communicator.
     shard: Shard,
 }
@@ -42,8 +53,14 @@ pub struct Llama {
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
+    /// The MLP's input norm; with Gemma 3's sandwich norms, the attention output's, and
+    /// `pre_feedforward_layernorm` and `post_feedforward_layernorm` the MLP's input and output.
     post_attention_layernorm: RmsNorm,
+    pre_feedforward_layernorm: Option<RmsNorm>,
+    post_feedforward_layernorm: Option<RmsNorm>,
     mlp: GatedMlp,
+    /// Attends within `Llama::sliding_window` (Mistral: every layer; Gemma 3: `sliding_attention`).
+    sliding: bool,
 }
 
 struct Attention {
@@ -77,8 +94,10 @@ impl Llama {
         let shard = Shard::new(shape, placement, comm);
         let intermediate = split(c.intermediate_size, shard.comm.rank(), shard.comm.world_size());
         let w = ShardLoader { ckpt, shard: &shard, hidden: c.hidden_size };
-        let norm = |name: String| w.rms_norm(&name, c.hidden_size, c.rms_norm_eps);
-        let head_norm = |name: String| c.qk_norm.then(|| w.rms_norm(&name, c.head_dim, c.rms_norm_eps)).transpose();
+        let (eps, unit_offset) = (c.rms_norm_eps, c.gemma_norms);
+        let norm = |name: String| w.rms_norm(&name, c.hidden_size, eps, unit_offset);
+        let head_norm = |name: String| c.qk_norm.then(|| w.rms_norm(&name, c.head_dim, eps, unit_offset)).transpose();
+        let sandwich_norm = |name: String| c.sandwich_norms.then(|| norm(name)).transpose();
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let b = format!("model.layers.{i}");
@@ -92,7 +111,16 @@ impl Llama {
                         k_norm: head_norm(format!("{a}.k_norm"))?,
                     },
                     post_attention_layernorm: norm(format!("{b}.post_attention_layernorm"))?,
-                    mlp: w.gated_mlp(&format!("{b}.mlp"), c.intermediate_size, intermediate, c.mlp_bias)?,
+                    pre_feedforward_layernorm: sandwich_norm(format!("{b}.pre_feedforward_layernorm"))?,
+                    post_feedforward_layernorm: sandwich_norm(format!("{b}.post_feedforward_layernorm"))?,
+                    mlp: w.gated_mlp(
+                        &format!("{b}.mlp"),
+                        c.intermediate_size,
+                        intermediate,
+                        c.mlp_bias,
+                        c.gelu_gate,
+                    )?,
+                    sliding: c.sliding_layers[i as usize],
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -106,8 +134,23 @@ impl Llama {
             c.max_position_embeddings,
             placement.device,
         );
-        let (scale, sliding_window) = (1.0 / (c.head_dim as f64).sqrt(), c.sliding_window);
-        Ok(Llama { embed_tokens, layers, norm, lm_head, rotary, scale, sliding_window, shard })
+        // Only Gemma 3 gives its sliding layers a base of their own.
+        let rotary_local = (c.rope_local_theta != c.rope_theta)
+            .then(|| Rotary::new(c.head_dim, c.rope_local_theta, c.max_position_embeddings, placement.device));
+        let embed_scale = c.gemma_norms.then(|| (c.hidden_size as f64).sqrt());
+        Ok(Llama {
+            embed_tokens,
+            embed_scale,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            rotary_local,
+            scale: c.attention_scale,
+            sliding_window: c.sliding_window,
+            final_logit_softcapping: c.final_logit_softcapping,
+            shard,
+        })
     }
 
     /// This shard's heads of attention: `(n_tokens, n_heads_here * head_dim)`, before `o_proj`.
@@ -119,15 +162,8 @@ impl Llama {
             (q, k) = (q_norm.forward(&q), k_norm.forward(&k));
         }
         let (q, k) = (Rotary::rotate(&q, angles), Rotary::rotate(&k, angles));
-        cached_attention_in_window(
-            layer,
-            (&q, &k, &v),
-            batch,
-            kv,
-            &s.queries_per_kv_head,
-            self.scale,
-            self.sliding_window,
-        )
+        let window = self.sliding_window.filter(|_| self.layers[layer].sliding);
+        cached_attention_in_window(layer, (&q, &k, &v), batch, kv, &s.queries_per_kv_head, self.scale, window)
     }
 }
 
@@ -145,7 +181,14 @@ impl CausalLm for Llama {
             .map(|l| {
                 let a = &l.self_attn;
                 let head_norms = a.q_norm.iter().chain(&a.k_norm).map(RmsNorm::bytes).sum::<i64>();
-                l.input_layernorm.bytes()
+                let sandwich_norms = l
+                    .pre_feedforward_layernorm
+                    .iter()
+                    .chain(&l.post_feedforward_layernorm)
+                    .map(RmsNorm::bytes)
+                    .sum::<i64>();
+                sandwich_norms
+                    + l.input_layernorm.bytes()
                     + a.qkv_proj.bytes()
                     + a.o_proj.bytes()
                     + head_norms
@@ -160,15 +203,37 @@ impl CausalLm for Llama {
         let comm = self.shard.comm.as_ref();
         // (n_tokens, hidden_size)
         let mut x = self.shard.vocab.embed(&self.embed_tokens, &batch.token_ids, comm)?;
-        let angles = self.rotary.at(&batch.positions, self.shard.dtype.kind())?;
+        if let Some(scale) = self.embed_scale {
+            // In the activations' dtype, as `GemmaTextScaledWordEmbedding` (bf16 rounds it).
+            x = &x * Tensor::from(scale).to_kind(x.kind()).to_device(x.device());
+        }
+        let kind = self.shard.dtype.kind();
+        let angles = self.rotary.at(&batch.positions, kind)?;
+        let local_angles = self.rotary_local.as_ref().map(|r| r.at(&batch.positions, kind)).transpose()?;
         for (layer, l) in self.layers.iter().enumerate() {
-            let a = self.attention(layer, &l.input_layernorm.forward(&x), &angles, batch, kv);
-            x = &x + row_parallel(comm, &[(&a, &l.self_attn.o_proj)])?;
-            let m = l.mlp.up(&l.post_attention_layernorm.forward(&x));
-            x = &x + row_parallel(comm, &[(&m, &l.mlp.down_proj)])?;
+            let angles = local_angles.as_ref().filter(|_| l.sliding).unwrap_or(&angles);
+            let a = self.attention(layer, &l.input_layernorm.forward(&x), angles, batch, kv);
+            let a = row_parallel(comm, &[(&a, &l.self_attn.o_proj)])?;
+            // x = x + attn(ln(x)); x = x + mlp(ln(x)), or Gemma 3's: x = x + ln(attn(ln(x))); ...
+            let (a, mlp_norm) = match &l.pre_feedforward_layernorm {
+                Some(pre) => (l.post_attention_layernorm.forward(&a), pre),
+                None => (a, &l.post_attention_layernorm),
+            };
+            x = &x + a;
+            let m = l.mlp.up(&mlp_norm.forward(&x));
+            let m = row_parallel(comm, &[(&m, &l.mlp.down_proj)])?;
+            x = &x
+                + match &l.post_feedforward_layernorm {
+                    Some(norm) => norm.forward(&m),
+                    None => m,
+                };
         }
         // (n_rows, hidden_size) -> (n_rows, vocab_size)
         let x = self.norm.forward(&x.index_select(0, &batch.logit_rows));
-        self.shard.vocab.logits(&self.lm_head, &x, comm)
+        let logits = self.shard.vocab.logits(&self.lm_head, &x, comm)?;
+        Ok(match self.final_logit_softcapping {
+            Some(cap) => soft_cap(&logits, cap),
+            None => logits,
+        })
     }
 }

@@ -570,10 +570,12 @@ impl LayerNorm {
 }
 
 /// Root-mean-square normalisation over the last dimension, as `LlamaRMSNorm`: computed in f32,
-/// cast back to the activations' dtype, then scaled by the weight.
+/// cast back to the activations' dtype, then scaled by the weight. Gemma's (`unit_offset`, as
+/// `GemmaRMSNorm`) scales by `1 + weight` in f32, then casts.
 pub(crate) struct RmsNorm {
     pub weight: Tensor,
     pub eps: f64,
+    pub unit_offset: bool,
 }
 
 impl RmsNorm {
@@ -581,7 +583,11 @@ impl RmsNorm {
         let kind = x.kind();
         let x = x.to_kind(Kind::Float);
         let variance = x.square().mean_dim(-1, true, Kind::Float);
-        &self.weight * (x * (variance + self.eps).rsqrt()).to_kind(kind)
+        let normed = x * (variance + self.eps).rsqrt();
+        if self.unit_offset {
+            return (normed * (self.weight.to_kind(Kind::Float) + 1.0)).to_kind(kind);
+        }
+        &self.weight * normed.to_kind(kind)
     }
 
     pub fn bytes(&self) -> i64 {
@@ -589,9 +595,12 @@ impl RmsNorm {
     }
 }
 
-/// The gated MLP of Llama-architecture models, `down_proj(silu(gate_proj(x)) * up_proj(x))`,
-/// tensor-parallel: a shard holds its part of the intermediate width.
+/// The gated MLP of Llama-architecture models, `down_proj(silu(gate_proj(x)) * up_proj(x))`
+/// (Gemma's GeGLU: GELU for SiLU), tensor-parallel: a shard holds its part of the intermediate
+/// width.
 pub(crate) struct GatedMlp {
+    /// The gate's activation: None for SiLU.
+    pub act: Option<Activation>,
     /// Column-parallel: this shard's rows of `gate_proj` then the same rows of `up_proj`, in
     /// one matrix so both are one product.
     pub gate_up_proj: Linear,
@@ -600,16 +609,26 @@ pub(crate) struct GatedMlp {
 }
 
 impl GatedMlp {
-    /// `silu(gate) * up` `(n_tokens, intermediate_here)`, before the row-parallel `down_proj`.
+    /// `act(gate) * up` `(n_tokens, intermediate_here)`, before the row-parallel `down_proj`.
     pub fn up(&self, x: &Tensor) -> Tensor {
         let gate_up = self.gate_up_proj.forward(x);
         let half = gate_up.size()[1] / 2;
-        gate_up.narrow(1, 0, half).silu() * gate_up.narrow(1, half, half)
+        let gate = gate_up.narrow(1, 0, half);
+        let gate = match self.act {
+            None => gate.silu(),
+            Some(act) => act.apply(&gate),
+        };
+        gate * gate_up.narrow(1, half, half)
     }
 
     pub fn bytes(&self) -> i64 {
         self.gate_up_proj.bytes() + self.down_proj.bytes()
     }
+}
+
+/// `cap * tanh(x / cap)`: Gemma's soft-capping of logits, smooth and within `(-cap, cap)`.
+pub(crate) fn soft_cap(x: &Tensor, cap: f64) -> Tensor {
+    (x / cap).tanh() * cap
 }
 
 pub(crate) fn tensor_bytes(t: &Tensor) -> i64 {

@@ -10,6 +10,7 @@ use tch::Tensor;
 
 use super::{GatedMlp, LayerNorm, Linear, RmsNorm, Shard};
 use crate::error::{Error, Result};
+use crate::hf::config::Activation;
 use crate::hf::weights::Checkpoint;
 use crate::parallel::comm::Communicator;
 use crate::parallel::heads::split;
@@ -66,9 +67,10 @@ impl ShardLoader<'_> {
         self.linear(self.embedding("lm_head.weight")?, None)
     }
 
-    /// RMSNorm `prefix` over `width` (the model's, or a head's), replicated on every shard.
-    pub fn rms_norm(&self, prefix: &str, width: i64, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm { weight: self.full(&format!("{prefix}.weight"), &[width])?, eps })
+    /// RMSNorm `prefix` over `width` (the model's, or a head's), replicated on every shard;
+    /// Gemma's scales by `1 + weight` (`unit_offset`).
+    pub fn rms_norm(&self, prefix: &str, width: i64, eps: f64, unit_offset: bool) -> Result<RmsNorm> {
+        Ok(RmsNorm { weight: self.full(&format!("{prefix}.weight"), &[width])?, eps, unit_offset })
     }
 
     /// The attention's output projection `prefix` `(hidden, n_heads * head_dim)`: row-parallel
@@ -104,8 +106,15 @@ impl ShardLoader<'_> {
     }
 
     /// The gated MLP `prefix` (`gate_proj`, `up_proj`: `(intermediate, hidden)`; `down_proj`):
-    /// this shard's part `part` of the intermediate width.
-    pub fn gated_mlp(&self, prefix: &str, intermediate: i64, part: (i64, i64), bias: bool) -> Result<GatedMlp> {
+    /// this shard's part `part` of the intermediate width, gated by `act` (None: SiLU).
+    pub fn gated_mlp(
+        &self,
+        prefix: &str,
+        intermediate: i64,
+        part: (i64, i64),
+        bias: bool,
+        act: Option<Activation>,
+    ) -> Result<GatedMlp> {
         let shape = [intermediate, self.hidden];
         let read = |name: &str| -> Result<(Tensor, Option<Tensor>)> {
             let prefix = format!("{prefix}.{name}");
@@ -115,6 +124,7 @@ impl ShardLoader<'_> {
         let ((gate, gate_bias), (up, up_bias)) = (read("gate_proj")?, read("up_proj")?);
         let gate_up_bias = gate_bias.zip(up_bias).map(|(g, u)| Tensor::cat(&[g, u], 0));
         Ok(GatedMlp {
+            act,
             gate_up_proj: self.linear(Tensor::cat(&[gate, up], 0), gate_up_bias)?,
             down_proj: self.row_linear(&format!("{prefix}.down_proj"), [self.hidden, intermediate], part, bias)?,
         })
