@@ -1,9 +1,19 @@
-//! The router's metrics: requests by outcome, and the GenAI server timings and token usage.
+//! The router's metrics: requests by outcome, and the GenAI server timings and token usage,
+//! each series labelled with the route the requests came in by (`onehead_route`: a gRPC method
+//! or an HTTP path) and its `gen_ai_operation_name`.
 
 use onehead_telemetry::{Counter, Gauge, Histogram, Registry, SECONDS_BUCKETS};
 use tonic::Code;
 
-const GEN_AI: [(&str, &str); 2] = [("gen_ai_operation_name", "text_completion"), ("gen_ai_provider_name", "onehead")];
+use crate::service::Route;
+
+/// Every route a generation comes in by; each has its own series.
+pub const ROUTES: [Route; 4] = [
+    Route { path: "/onehead.v1.TextGeneration/Generate", operation: "text_completion" },
+    Route { path: "/onehead.v1.TextGeneration/GenerateStream", operation: "text_completion" },
+    Route { path: "/v1/completions", operation: "text_completion" },
+    Route { path: "/v1/chat/completions", operation: "chat" },
+];
 /// Token-count buckets recommended for `gen_ai.client.token.usage`.
 const TOKEN_BUCKETS: &[f64] = &[
     1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
@@ -23,6 +33,13 @@ const CODES: [Code; 8] = [
 ];
 
 pub struct RouterMetrics {
+    routes: Vec<(&'static str, RouteMetrics)>,
+    pub in_flight: Gauge,
+    pub healthy_workers: Gauge,
+}
+
+/// One route's series.
+struct RouteMetrics {
     requests: Vec<(Code, Counter)>,
     duration: Histogram,
     ttft: Histogram,
@@ -30,8 +47,6 @@ pub struct RouterMetrics {
     itl: Histogram,
     input_tokens: Histogram,
     output_tokens: Histogram,
-    pub in_flight: Gauge,
-    pub healthy_workers: Gauge,
 }
 
 fn code_name(code: Code) -> String {
@@ -46,6 +61,41 @@ fn code_name(code: Code) -> String {
 
 impl RouterMetrics {
     pub fn new(registry: &Registry) -> Self {
+        RouterMetrics {
+            routes: ROUTES.iter().map(|&route| (route.path, RouteMetrics::new(registry, route))).collect(),
+            in_flight: registry.gauge("onehead_router_requests_in_flight", "Requests admitted and not finished.", &[]),
+            healthy_workers: registry.gauge("onehead_router_healthy_workers", "Workers passing health checks.", &[]),
+        }
+    }
+
+    /// The series of `route` (a route not in `ROUTES` is counted as the first).
+    fn route(&self, route: Route) -> &RouteMetrics {
+        self.routes.iter().find(|(path, _)| *path == route.path).map_or(&self.routes[0].1, |(_, m)| m)
+    }
+
+    /// A request ended with `code`.
+    pub fn request(&self, route: Route, code: Code) {
+        self.route(route).request(code);
+    }
+
+    /// The gap between two consecutive tokens of one request.
+    pub fn inter_token(&self, route: Route, secs: f64) {
+        self.route(route).itl.observe(secs);
+    }
+
+    /// A completed generation.
+    pub fn completed(&self, route: Route, total_secs: f64, ttft_secs: f64, prompt_tokens: u32, generated_tokens: u32) {
+        self.route(route).completed(total_secs, ttft_secs, prompt_tokens, generated_tokens);
+    }
+}
+
+impl RouteMetrics {
+    fn new(registry: &Registry, route: Route) -> Self {
+        let gen_ai = [
+            ("gen_ai_operation_name", route.operation),
+            ("gen_ai_provider_name", "onehead"),
+            ("onehead_route", route.path),
+        ];
         let requests = CODES
             .iter()
             .map(|&code| {
@@ -55,7 +105,7 @@ impl RouterMetrics {
                     registry.counter(
                         "onehead_router_requests_total",
                         "Requests by final gRPC status.",
-                        &[("code", &name)],
+                        &[("code", &name), ("onehead_route", route.path)],
                     ),
                 )
             })
@@ -64,58 +114,49 @@ impl RouterMetrics {
             registry.histogram(
                 "gen_ai_client_token_usage",
                 "Tokens used per request, by type.",
-                &[GEN_AI[0], GEN_AI[1], ("gen_ai_token_type", kind)],
+                &[gen_ai[0], gen_ai[1], gen_ai[2], ("gen_ai_token_type", kind)],
                 TOKEN_BUCKETS,
             )
         };
-        RouterMetrics {
+        RouteMetrics {
             requests,
             duration: registry.histogram(
                 "gen_ai_server_request_duration_seconds",
                 "Time from arrival to the last token.",
-                &GEN_AI,
+                &gen_ai,
                 SECONDS_BUCKETS,
             ),
             ttft: registry.histogram(
                 "gen_ai_server_time_to_first_token_seconds",
                 "Time from arrival to the first token.",
-                &GEN_AI,
+                &gen_ai,
                 SECONDS_BUCKETS,
             ),
             tpot: registry.histogram(
                 "gen_ai_server_time_per_output_token_seconds",
                 "Time per output token after the first.",
-                &GEN_AI,
+                &gen_ai,
                 TPOT_BUCKETS,
             ),
             itl: registry.histogram(
                 "onehead_router_inter_token_latency_seconds",
                 "Time between consecutive streamed tokens of a request.",
-                &GEN_AI,
+                &gen_ai,
                 TPOT_BUCKETS,
             ),
             input_tokens: usage("input"),
             output_tokens: usage("output"),
-            in_flight: registry.gauge("onehead_router_requests_in_flight", "Requests admitted and not finished.", &[]),
-            healthy_workers: registry.gauge("onehead_router_healthy_workers", "Workers passing health checks.", &[]),
         }
     }
 
-    /// A request ended with `code`.
-    pub fn request(&self, code: Code) {
+    fn request(&self, code: Code) {
         let code = if CODES.contains(&code) { code } else { Code::Internal };
         if let Some((_, c)) = self.requests.iter().find(|(k, _)| *k == code) {
             c.inc();
         }
     }
 
-    /// The gap between two consecutive tokens of one request.
-    pub fn inter_token(&self, secs: f64) {
-        self.itl.observe(secs);
-    }
-
-    /// A completed generation.
-    pub fn completed(&self, total_secs: f64, ttft_secs: f64, prompt_tokens: u32, generated_tokens: u32) {
+    fn completed(&self, total_secs: f64, ttft_secs: f64, prompt_tokens: u32, generated_tokens: u32) {
         self.request(Code::Ok);
         self.duration.observe(total_secs);
         if generated_tokens > 0 {

@@ -156,7 +156,7 @@ impl Router {
     /// Admits, validates and starts a generation; its events come on the returned channel.
     /// The one path of every generation, whichever API it came through.
     pub(crate) async fn start(&self, request: Request<pb::GenerateRequest>, route: Route) -> Result<Events, Status> {
-        self.admit(request, route).await.inspect_err(|status| self.metrics.request(status.code()))
+        self.admit(request, route).await.inspect_err(|status| self.metrics.request(route, status.code()))
     }
 
     async fn admit(&self, request: Request<pb::GenerateRequest>, route: Route) -> Result<Events, Status> {
@@ -197,8 +197,18 @@ impl Router {
             async move {
                 let _permit = permit;
                 metrics.in_flight.add(1.0);
-                let run =
-                    Run { pool, model, job, tx, arrived, deadline, max_attempts, silence, metrics: metrics.clone() };
+                let run = Run {
+                    pool,
+                    model,
+                    job,
+                    tx,
+                    arrived,
+                    deadline,
+                    max_attempts,
+                    silence,
+                    metrics: metrics.clone(),
+                    route,
+                };
                 run.execute().await;
                 metrics.in_flight.add(-1.0);
             }
@@ -220,6 +230,7 @@ struct Run {
     /// See `Limits::stream_silence`.
     silence: Duration,
     metrics: Arc<RouterMetrics>,
+    route: Route,
 }
 
 enum Attempt {
@@ -261,7 +272,7 @@ impl Run {
 
     /// Ends the request with `status`.
     async fn fail(&self, status: Status) {
-        self.metrics.request(status.code());
+        self.metrics.request(self.route, status.code());
         let _ = self.tx.send(Err(status)).await;
     }
 
@@ -345,7 +356,7 @@ impl Run {
                     let now = Instant::now();
                     match last_token {
                         None => first_token_secs = now.duration_since(self.arrived).as_secs_f64(),
-                        Some(last) => self.metrics.inter_token(now.duration_since(last).as_secs_f64()),
+                        Some(last) => self.metrics.inter_token(self.route, now.duration_since(last).as_secs_f64()),
                     }
                     last_token = Some(now);
                     n_tokens += 1;
@@ -403,7 +414,7 @@ impl Run {
         let total = self.arrived.elapsed().as_secs_f64();
         tracing::Span::current().record("gen_ai.usage.output_tokens", i64::from(n_tokens));
         tracing::info!(reason = ?reason, tokens = n_tokens, total_secs = total, ttft_secs = ttft, "request done");
-        self.metrics.completed(total, ttft, self.job.prompt_ids.len() as u32, n_tokens);
+        self.metrics.completed(self.route, total, ttft, self.job.prompt_ids.len() as u32, n_tokens);
         pb::generate_stream_response::Event::Done(pb::GenerateDone {
             finish_reason: reason as i32,
             usage: Some(pb::Usage { prompt_tokens: self.job.prompt_ids.len() as u32, generated_tokens: n_tokens }),
@@ -474,7 +485,7 @@ type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[tonic::async_trait]
 impl TextGeneration for Router {
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let route = Route { path: "/onehead.v1.TextGeneration/Generate", operation: "text_completion" };
+        let route = crate::metrics::ROUTES[0];
         let mut events = self.start(request, route).await?;
         let mut out = pb::GenerateResponse::default();
         while let Some(event) = events.recv().await {
@@ -502,7 +513,7 @@ impl TextGeneration for Router {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let route = Route { path: "/onehead.v1.TextGeneration/GenerateStream", operation: "text_completion" };
+        let route = crate::metrics::ROUTES[1];
         let events = self.start(request, route).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }

@@ -410,13 +410,16 @@ async fn metrics_move_with_the_tokens_generated() {
     assert!(wm[r#"onehead_step_weight_bytes_total{shard="0"}"#] > 0.0);
     assert_eq!(wm[r#"onehead_worker_requests_total{reason="length"}"#], 3.0);
     let rm = r.scrape().await;
-    assert_eq!(rm[r#"onehead_router_requests_total{code="ok"}"#], 3.0);
-    let usage = r#"gen_ai_client_token_usage_sum{gen_ai_operation_name="text_completion",gen_ai_provider_name="onehead",gen_ai_token_type="output"}"#;
+    assert_eq!(
+        rm[r#"onehead_router_requests_total{code="ok",onehead_route="/onehead.v1.TextGeneration/Generate"}"#],
+        3.0
+    );
+    let usage = r#"gen_ai_client_token_usage_sum{gen_ai_operation_name="text_completion",gen_ai_provider_name="onehead",onehead_route="/onehead.v1.TextGeneration/Generate",gen_ai_token_type="output"}"#;
     assert_eq!(rm[usage], 30.0);
     assert_eq!(rm["onehead_router_healthy_workers"], 1.0);
-    let ttft = r#"gen_ai_server_time_to_first_token_seconds_count{gen_ai_operation_name="text_completion",gen_ai_provider_name="onehead"}"#;
+    let ttft = r#"gen_ai_server_time_to_first_token_seconds_count{gen_ai_operation_name="text_completion",gen_ai_provider_name="onehead",onehead_route="/onehead.v1.TextGeneration/Generate"}"#;
     assert_eq!(rm[ttft], 3.0);
-    let itl = r#"onehead_router_inter_token_latency_seconds_count{gen_ai_operation_name="text_completion",gen_ai_provider_name="onehead"}"#;
+    let itl = r#"onehead_router_inter_token_latency_seconds_count{gen_ai_operation_name="text_completion",gen_ai_provider_name="onehead",onehead_route="/onehead.v1.TextGeneration/Generate"}"#;
     assert_eq!(rm[itl], 3.0 * 9.0, "9 gaps between 10 tokens, 3 times");
     // promtool (Debian's `prometheus` package) accepts both expositions, where it is installed.
     for p in [&w, &r] {
@@ -440,7 +443,10 @@ async fn metrics_move_with_the_tokens_generated() {
     }
     // A refused request is counted by its code.
     let _ = c.generate(text_request("", 1)).await.unwrap_err();
-    assert_eq!(r.scrape().await[r#"onehead_router_requests_total{code="invalid_argument"}"#], 1.0);
+    assert_eq!(
+        r.scrape().await[r#"onehead_router_requests_total{code="invalid_argument",onehead_route="/onehead.v1.TextGeneration/Generate"}"#],
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

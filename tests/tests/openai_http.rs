@@ -42,7 +42,7 @@ fn chunks(r: &onehead_tests::HttpResponse) -> (Vec<Value>, bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_answer_as_the_grpc_api_does() {
     let w = worker(&[]).await;
-    let (r, addr) = http_router(&[&w], &[]).await;
+    let (r, addr) = http_router(&[&w], &["--metrics-listen", "127.0.0.1:0"]).await;
     let mut grpc = TextGenerationClient::new(r.channel().await);
     let models = http(&addr, "GET", "/v1/models", &[], None).await;
     assert_eq!(models.status, 200, "{}", models.body);
@@ -85,6 +85,15 @@ async fn completions_answer_as_the_grpc_api_does() {
     let s = post(&addr, "/v1/completions", stopped).await.json();
     assert_eq!(s["choices"][0]["text"], expected.text[..expected.text.find(&stop).unwrap()]);
     assert_eq!(s["choices"][0]["finish_reason"], "stop");
+    // The same metrics as gRPC's, by route.
+    let m = r.scrape().await;
+    assert_eq!(m[r#"onehead_router_requests_total{code="ok",onehead_route="/v1/completions"}"#], 4.0);
+    assert_eq!(
+        m[r#"onehead_router_requests_total{code="ok",onehead_route="/onehead.v1.TextGeneration/Generate"}"#],
+        1.0
+    );
+    let usage = r#"gen_ai_client_token_usage_sum{gen_ai_operation_name="text_completion",gen_ai_provider_name="onehead",onehead_route="/v1/completions",gen_ai_token_type="output"}"#;
+    assert!(m[usage] >= 36.0, "{}", m[usage]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

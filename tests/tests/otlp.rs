@@ -65,6 +65,13 @@ impl TraceService for Receiver {
     }
 }
 
+fn str_attribute<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
+    span.attributes.iter().find(|a| a.key == key).and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+        Value::StringValue(v) => Some(v.as_str()),
+        _ => None,
+    })
+}
+
 fn int_attribute(span: &Span, key: &str) -> Option<i64> {
     span.attributes.iter().find(|a| a.key == key).and_then(|a| match a.value.as_ref()?.value.as_ref()? {
         Value::IntValue(v) => Some(*v),
@@ -97,7 +104,12 @@ async fn spans_in_one_trace_and_metrics_arrive_over_otlp() {
     )
     .await;
     w.wait_serving().await;
-    let r = Proc::start_with_env("onehead-router", &["--listen", "127.0.0.1:0", "--worker", &w.url()], &env).await;
+    let r = Proc::start_with_env(
+        "onehead-router",
+        &["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--worker", &w.url()],
+        &env,
+    )
+    .await;
     r.wait_serving().await;
 
     // The client starts the trace (W3C traceparent); the router continues it.
@@ -106,6 +118,15 @@ async fn spans_in_one_trace_and_metrics_arrive_over_otlp() {
     request.metadata_mut().insert("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap());
     let mut client = pb::text_generation_client::TextGenerationClient::new(r.channel().await);
     assert_eq!(client.generate(request).await.unwrap().into_inner().tokens.len(), 5);
+    // So does the HTTP API, for a `traceparent` header.
+    let http_trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let traceparent = format!("00-{http_trace_id}-00f067aa0ba902b8-01");
+    let chat = serde_json::json!({"messages": [{"role": "user", "content": "trace me"}], "max_tokens": 3});
+    let http_addr = r.http_addr.clone().unwrap();
+    let answer =
+        onehead_tests::http(&http_addr, "POST", "/v1/chat/completions", &[("traceparent", &traceparent)], Some(&chat))
+            .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
 
     let hex = |id: &[u8]| id.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -119,9 +140,19 @@ async fn spans_in_one_trace_and_metrics_arrive_over_otlp() {
             let step = spans
                 .iter()
                 .find(|(_, s)| s.name == "onehead.step" && int_attribute(s, "onehead.step.weight_bytes").is_some());
-            if let (Some((router_service, router)), Some((worker_service, worker)), Some((_, step))) =
-                (router, worker, step)
+            let http =
+                spans.iter().find(|(_, s)| s.name == "onehead.router.generate" && hex(&s.trace_id) == http_trace_id);
+            if let (Some((router_service, router)), Some((worker_service, worker)), Some((_, step)), Some((_, http))) =
+                (router, worker, step, http)
             {
+                assert_eq!(
+                    hex(&http.parent_span_id),
+                    "00f067aa0ba902b8",
+                    "the HTTP request's span is the client's child"
+                );
+                assert_eq!(str_attribute(http, "onehead.route"), Some("/v1/chat/completions"));
+                assert_eq!(str_attribute(http, "gen_ai.operation.name"), Some("chat"));
+                assert_eq!(str_attribute(router, "onehead.route"), Some("/onehead.v1.TextGeneration/Generate"));
                 assert_eq!((router_service.as_str(), worker_service.as_str()), ("onehead-router", "onehead-worker"));
                 assert_eq!(worker.parent_span_id, router.span_id, "the worker's span is the router's child");
                 assert_eq!(hex(&router.parent_span_id), "00f067aa0ba902b7", "the router's span is the client's child");

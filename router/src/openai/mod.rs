@@ -141,7 +141,7 @@ async fn completions(State(api): State<Api>, headers: HeaderMap, body: Bytes) ->
     let request: CompletionRequest = parse(&body)?;
     let model = api.model_id(request.common.model.as_deref())?;
     let translated = request.translate()?;
-    let route = Route { path: "/v1/completions", operation: "text_completion" };
+    let route = crate::metrics::ROUTES[2];
     let (first, events) = api.start(&headers, translated.request, route, completion_param).await?;
     let echo = translated.echo.map(|e| match e {
         request::EchoPrompt::Text(t) => t,
@@ -161,7 +161,7 @@ async fn chat(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result
     let prompt = template
         .render(&request.messages()?, request.add_generation_prompt.unwrap_or(true))
         .map_err(|why| ApiError::invalid("messages", why))?;
-    let route = Route { path: "/v1/chat/completions", operation: "chat" };
+    let route = crate::metrics::ROUTES[3];
     let (first, events) = api.start(&headers, request.translate(prompt)?, route, chat_param).await?;
     let answer = Answer::new(Kind::Chat, model, request.logprobs.unwrap_or(false), request.common.include_usage());
     respond(answer, request.common.streaming(), None, first, events).await
