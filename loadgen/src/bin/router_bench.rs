@@ -1,6 +1,8 @@
 //! `onehead-router-bench`: what the router adds. Time to first token through the router against
-//! straight to the worker (p50, p99), and streamed tokens/s through each at a fixed concurrency.
-//! Requests are bounded in count and go only to the two addresses given.
+//! straight to the worker (p50, p99), and streamed tokens/s through each at a fixed concurrency;
+//! with `--http`, the same through the router's OpenAI-compatible HTTP API (streamed
+//! `/v1/completions`, a connection per request as `curl` makes). Requests are bounded in count and
+//! go only to the addresses given.
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,9 @@ struct Args {
     router: String,
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     worker: String,
+    /// `host:port` of the router's `--http-listen` API, to compare with its gRPC API.
+    #[arg(long)]
+    http: Option<String>,
     /// Sequential requests for the time-to-first-token comparison.
     #[arg(long, default_value_t = 200)]
     ttft_requests: usize,
@@ -87,6 +92,43 @@ async fn via_worker(
     Ok((first, tokens))
 }
 
+/// Streams one completion of `n` tokens through the HTTP API: (seconds to the first event, tokens
+/// as its usage counts them).
+async fn via_http(addr: &str, n: u32) -> anyhow::Result<(f64, u32)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = serde_json::json!({
+        "prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": true,
+        "stream": true, "stream_options": {"include_usage": true},
+    })
+    .to_string();
+    let started = Instant::now();
+    let mut socket = tokio::net::TcpStream::connect(addr).await?;
+    socket.set_nodelay(true)?;
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    socket.write_all((head + &body).as_bytes()).await?;
+    let (mut received, mut chunk, mut first) = (Vec::new(), [0u8; 16384], None);
+    loop {
+        let k = socket.read(&mut chunk).await?;
+        if k == 0 {
+            break;
+        }
+        received.extend_from_slice(&chunk[..k]);
+        if first.is_none() && received.windows(6).any(|w| w == b"data: ") {
+            first = Some(started.elapsed().as_secs_f64());
+        }
+    }
+    let text = String::from_utf8_lossy(&received);
+    anyhow::ensure!(text.starts_with("HTTP/1.1 200") && text.contains("data: [DONE]"), "HTTP answer: {text}");
+    let tokens = text
+        .rsplit_once("\"completion_tokens\":")
+        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no usage in {text}"))?;
+    Ok((first.unwrap_or_default(), tokens))
+}
+
 fn percentile(xs: &mut [f64], p: f64) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[((xs.len() - 1) as f64 * p).round() as usize]
@@ -101,13 +143,18 @@ async fn main() -> anyhow::Result<()> {
     let worker = wpb::worker_client::WorkerClient::new(Channel::from_shared(args.worker.clone())?.connect().await?);
 
     // Time to first token, alternating the two paths request by request.
-    let (mut r_ttft, mut w_ttft) = (Vec::new(), Vec::new());
+    let (mut r_ttft, mut w_ttft, mut h_ttft) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..args.ttft_requests + 10 {
         let r = via_router(&mut router.clone(), 1).await?.0;
         let w = via_worker(&mut worker.clone(), format!("bench-ttft-{i}"), 1).await?.0;
+        let h = match &args.http {
+            Some(addr) => via_http(addr, 1).await?.0,
+            None => 0.0,
+        };
         if i >= 10 {
             r_ttft.push(r * 1e3);
             w_ttft.push(w * 1e3);
+            h_ttft.push(h * 1e3);
         }
     }
     let (r50, r99) = (percentile(&mut r_ttft, 0.5), percentile(&mut r_ttft, 0.99));
@@ -116,6 +163,11 @@ async fn main() -> anyhow::Result<()> {
     println!("  direct to worker: p50 {w50:.2}  p99 {w99:.2}");
     println!("  through router:   p50 {r50:.2}  p99 {r99:.2}");
     println!("  router adds:      p50 {:.2}  p99 {:.2}", r50 - w50, r99 - w99);
+    if args.http.is_some() {
+        let (h50, h99) = (percentile(&mut h_ttft, 0.5), percentile(&mut h_ttft, 0.99));
+        println!("  through HTTP API: p50 {h50:.2}  p99 {h99:.2}");
+        println!("  HTTP over gRPC:   p50 {:.2}  p99 {:.2}", h50 - r50, h99 - r99);
+    }
 
     // Streamed tokens/s at a fixed concurrency, each path on its own.
     let c = args.concurrency;
@@ -147,6 +199,24 @@ async fn main() -> anyhow::Result<()> {
     println!("streamed tokens/s at concurrency {c}, {n} tokens each:");
     println!("  direct to worker: {worker_tps:.0}");
     println!("  through router:   {router_tps:.0} ({:.1}% of direct)", 100.0 * router_tps / worker_tps);
+    if let Some(addr) = &args.http {
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..c)
+            .map(|_| {
+                let addr = addr.clone();
+                tokio::spawn(async move { via_http(&addr, n).await })
+            })
+            .collect();
+        let mut tokens = 0;
+        for t in tasks {
+            tokens += t.await??.1;
+        }
+        let http_tps = tokens as f64 / started.elapsed().as_secs_f64();
+        println!(
+            "  through HTTP API: {http_tps:.0} ({:.1}% of gRPC through the router)",
+            100.0 * http_tps / router_tps
+        );
+    }
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())
 }
