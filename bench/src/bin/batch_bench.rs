@@ -53,6 +53,9 @@ struct Args {
     telemetry_overhead: bool,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// cpu or cuda (as `onehead-engine-bench --device`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Keep CPU weights as stored, for LibTorch's plain `linear` (default: prepacked for oneDNN).
     #[arg(long)]
     plain_cpu_weights: bool,
@@ -67,17 +70,23 @@ fn main() -> anyhow::Result<()> {
     if args.telemetry_overhead {
         return telemetry_overhead();
     }
+    let device = match args.device.as_str() {
+        "cpu" => tch::Device::Cpu,
+        "cuda" if tch::Cuda::is_available() => tch::Device::Cuda(0),
+        other => anyhow::bail!("--device {other}: expected cpu, or cuda where LibTorch sees a GPU"),
+    };
     let load = |multi_query: bool| -> anyhow::Result<LoadedModel> {
         let dir = args.checkpoints.checkpoint(multi_query)?;
         let options = LoadOptions {
             dtype: Some(Dtype::Bf16),
+            device,
             weight_form: WeightForm::from_flags(args.plain_cpu_weights, args.no_amx_weights),
             ..Default::default()
         };
         Ok(load_model(dir.to_str().unwrap(), &options)?)
     };
-    println!("onehead-batch-bench: {} LibTorch threads", tch::get_num_threads());
-    let mut report = serde_json::json!({"threads": tch::get_num_threads()});
+    println!("onehead-batch-bench: {} LibTorch threads, device {device:?}", tch::get_num_threads());
+    let mut report = serde_json::json!({"threads": tch::get_num_threads(), "device": args.device});
 
     let mut mqa = load(true)?;
     let mut throughput = Vec::new();
