@@ -20,6 +20,8 @@ import transformers
 from transformers import (
     FalconConfig,
     FalconForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     GemmaConfig,
@@ -95,6 +97,7 @@ LLAMA_FAMILY = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "gemma": (GemmaConfig, GemmaForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
     "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
 }
 
@@ -244,6 +247,12 @@ def llama_cases():
     yield "gemma_gqa", dict(seed=28, prompt_len=8), lambda: llama_family(
         "gemma", hidden_size=48, num_attention_heads=6, num_key_value_heads=3, head_dim=12, intermediate_size=64,
         vocab_size=89, pad_token_id=0)
+    # Gemma 2: 6 heads over 2 K/V heads, heads of 16 over a width of 48, 4 layers alternating
+    # sliding (window 4) and full, attention scores capped at 3 and logits at 8, scale 20 ** -0.5.
+    yield "gemma2_gqa", dict(seed=29, prompt_len=9), lambda: llama_family(
+        "gemma2", hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=16, intermediate_size=64,
+        vocab_size=97, num_hidden_layers=4, sliding_window=4, attn_logit_softcapping=3.0,
+        final_logit_softcapping=8.0, query_pre_attn_scalar=20, pad_token_id=0)
 
 
 def main():

@@ -173,7 +173,7 @@ pub enum ModelConfig {
 }
 
 /// The `model_type`s read, and the architecture each means.
-const MODEL_TYPES: &str = "\"gpt_bigcode\", \"falcon\", \"RefinedWebModel\", \"RefinedWeb\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \"gemma\", \"gemma3_text\"";
+const MODEL_TYPES: &str = "\"gpt_bigcode\", \"falcon\", \"RefinedWebModel\", \"RefinedWeb\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \"gemma\", \"gemma2\", \"gemma3_text\"";
 
 impl ModelConfig {
     /// Reads `config.json` in `dir`, dispatching on `model_type`.
@@ -198,12 +198,13 @@ impl ModelConfig {
                     .map_err(|source| Error::Json { path: path.clone(), source })?;
                 Ok(ModelConfig::Falcon(FalconConfig::validate(raw, model_type == "RefinedWeb", &path)?))
             }
-            "llama" | "qwen2" | "qwen3" | "mistral" | "gemma" | "gemma3_text" => {
+            "llama" | "qwen2" | "qwen3" | "mistral" | "gemma" | "gemma2" | "gemma3_text" => {
                 let variant = match model_type {
                     "llama" => LlamaVariant::Llama,
                     "qwen2" => LlamaVariant::Qwen2,
                     "qwen3" => LlamaVariant::Qwen3,
                     "gemma" => LlamaVariant::Gemma,
+                    "gemma2" => LlamaVariant::Gemma2,
                     "gemma3_text" => LlamaVariant::Gemma3Text,
                     _ => LlamaVariant::Mistral,
                 };
@@ -523,8 +524,11 @@ struct RawLlamaConfig {
     hidden_activation: Option<String>,
     /// Gemma 2/3: attention scale `query_pre_attn_scalar ** -0.5`.
     query_pre_attn_scalar: Option<f64>,
-    final_logit_softcapping: Option<f64>,
-    attn_logit_softcapping: Option<f64>,
+    /// Missing (outer None) apart from null (Some(None)): Gemma 2 caps by default.
+    #[serde(default, deserialize_with = "present")]
+    final_logit_softcapping: Option<Option<f64>>,
+    #[serde(default, deserialize_with = "present")]
+    attn_logit_softcapping: Option<Option<f64>>,
     /// Gemma 3: `sliding_attention` or `full_attention` per layer, else every
     /// `sliding_window_pattern`-th layer full (default 6).
     layer_types: Option<Vec<String>>,
@@ -533,6 +537,11 @@ struct RawLlamaConfig {
     rope_local_base_freq: Option<f64>,
     #[serde(default)]
     use_bidirectional_attention: Option<bool>,
+}
+
+/// A field that is there, null or not (for `Option<Option<_>>`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(d).map(Some)
 }
 
 fn default_sliding_window() -> Option<i64> {
@@ -551,6 +560,9 @@ pub enum LlamaVariant {
     Mistral,
     /// Gemma 1: embeddings scaled by `sqrt(hidden_size)`, RMSNorm by `1 + weight`, GELU-gated MLP.
     Gemma,
+    /// Gemma 2: Gemma's, with norms after attention and MLP too, sliding-window layers
+    /// alternating with full ones, and soft-capped attention scores and logits.
+    Gemma2,
     /// Gemma 3's text model: Gemma's, plus q/k norms, norms after attention and MLP, and
     /// sliding-window layers between full ones, each kind with its own rope base.
     Gemma3Text,
@@ -564,6 +576,7 @@ impl LlamaVariant {
             LlamaVariant::Qwen3 => "qwen3",
             LlamaVariant::Mistral => "mistral",
             LlamaVariant::Gemma => "gemma",
+            LlamaVariant::Gemma2 => "gemma2",
             LlamaVariant::Gemma3Text => "gemma3_text",
         }
     }
@@ -602,10 +615,10 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     /// `q_norm` and `k_norm` (Qwen3).
     pub qk_norm: bool,
-    /// Mistral's and Gemma 3's sliding window: each query attends its own key and the
+    /// Mistral's and Gemma 2/3's sliding window: each query attends its own key and the
     /// `window - 1` before it (None: a window at least as long as the context, or none).
     pub sliding_window: Option<i64>,
-    /// Which layers slide (all of them for Mistral; Gemma 3's `sliding_attention` layers).
+    /// Which layers slide (all of them for Mistral; Gemma 2/3's `sliding_attention` layers).
     pub sliding_layers: Vec<bool>,
     /// The rope base of the sliding layers (Gemma 3's `rope_local_base_freq`; else `rope_theta`).
     pub rope_local_theta: f64,
@@ -614,14 +627,16 @@ pub struct LlamaConfig {
     pub gelu_gate: Option<Activation>,
     /// Gemma: embeddings times `sqrt(hidden_size)`, and RMSNorm by `1 + weight`.
     pub gemma_norms: bool,
-    /// Gemma 3: `post_attention_layernorm` normalises the attention's output, and
+    /// Gemma 2 and 3: `post_attention_layernorm` normalises the attention's output, and
     /// `pre_feedforward_layernorm` and `post_feedforward_layernorm` the MLP's input and output.
     pub sandwich_norms: bool,
-    /// Scores are `q.k * attention_scale` (`query_pre_attn_scalar ** -0.5` for Gemma 3, else
+    /// Scores are `q.k * attention_scale` (`query_pre_attn_scalar ** -0.5` for Gemma 2/3, else
     /// `head_dim ** -0.5`).
     pub attention_scale: f64,
     /// Logits become `cap * tanh(logits / cap)` (`final_logit_softcapping`).
     pub final_logit_softcapping: Option<f64>,
+    /// Attention scores become `cap * tanh(scores / cap)` (Gemma 2's `attn_logit_softcapping`).
+    pub attn_logit_softcapping: Option<f64>,
     pub tie_word_embeddings: bool,
     pub eos_token_ids: Vec<u32>,
 }
@@ -640,7 +655,7 @@ impl LlamaConfig {
             Llama => 2048,
             Qwen2 | Qwen3 => 32768,
             Mistral | Gemma3Text => 4096 * 32,
-            Gemma => 8192,
+            Gemma | Gemma2 => 8192,
         };
         let max_position_embeddings =
             f.positive("max_position_embeddings", Some(raw.max_position_embeddings.unwrap_or(default_positions)))?;
@@ -649,7 +664,7 @@ impl LlamaConfig {
             Qwen2 | Qwen3 => 32,
             Mistral => 8,
             Gemma => 16,
-            Gemma3Text => 4,
+            Gemma2 | Gemma3Text => 4,
         };
         let n_kv_heads =
             f.positive("num_key_value_heads", Some(raw.num_key_value_heads.unwrap_or(default_kv_heads)))?;
@@ -661,7 +676,7 @@ impl LlamaConfig {
         let head_dim = match (raw.head_dim, variant) {
             (Some(d), _) => f.positive("head_dim", Some(d))?,
             (None, Qwen3) => 128,
-            (None, Gemma | Gemma3Text) => 256,
+            (None, Gemma | Gemma2 | Gemma3Text) => 256,
             (None, _) if hidden_size % n_heads != 0 => {
                 return Err(f.bad(
                     "num_attention_heads",
@@ -688,27 +703,37 @@ impl LlamaConfig {
                 "gelu" => Some(Activation::GeluTanh),
                 act => Some(f.activation("hidden_act", act)?),
             },
-            Gemma3Text => Some(
+            Gemma2 | Gemma3Text => Some(
                 f.activation("hidden_activation", raw.hidden_activation.as_deref().unwrap_or("gelu_pytorch_tanh"))?,
             ),
         };
-        // What only Gemma 3 reads, and what none is run with here.
-        if let Some(cap) = raw.attn_logit_softcapping {
-            return Err(
-                f.bad("attn_logit_softcapping", format!("soft-capped attention scores ({cap}) are not supported"))
-            );
+        // Gemma 2 caps scores and logits unless told null; Gemma 3 reads only the logits' cap
+        // (5.24's Gemma 3 attention does not apply `attn_logit_softcapping`: refused).
+        let caps = |field: &str, value: Option<Option<f64>>, default: f64| -> Result<Option<f64>> {
+            let cap = match (variant, value) {
+                (Gemma2, None) => Some(default),
+                (_, v) => v.flatten(),
+            };
+            cap.map(|c| f.positive_f64(field, c)).transpose()
+        };
+        let final_logit_softcapping = caps("final_logit_softcapping", raw.final_logit_softcapping, 30.0)?;
+        let attn_logit_softcapping = caps("attn_logit_softcapping", raw.attn_logit_softcapping, 50.0)?;
+        if let Some(cap) = attn_logit_softcapping.filter(|_| variant != Gemma2) {
+            return Err(f.bad(
+                "attn_logit_softcapping",
+                format!("soft-capped attention scores ({cap}) are read for gemma2 only"),
+            ));
         }
         if raw.use_bidirectional_attention == Some(true) {
             return Err(f.bad("use_bidirectional_attention", "only causal attention is supported".into()));
         }
         // (Qwen writes `layer_types` too, all full without `use_sliding_window`.)
-        if variant != Gemma3Text {
-            let gemma3_only = [
+        if !matches!(variant, Gemma2 | Gemma3Text) {
+            let gemma_only = [
                 ("query_pre_attn_scalar", raw.query_pre_attn_scalar.is_some()),
-                ("final_logit_softcapping", raw.final_logit_softcapping.is_some()),
-                ("rope_local_base_freq", raw.rope_local_base_freq.is_some()),
+                ("final_logit_softcapping", final_logit_softcapping.is_some()),
             ];
-            if let Some((field, _)) = gemma3_only.iter().find(|(_, set)| *set) {
+            if let Some((field, _)) = gemma_only.iter().find(|(_, set)| *set) {
                 return Err(f.bad(field, format!("not read for {}", variant.model_type())));
             }
         }
@@ -717,7 +742,7 @@ impl LlamaConfig {
         let window = match variant {
             Llama | Gemma => None,
             Qwen2 | Qwen3 => raw.sliding_window.filter(|_| raw.use_sliding_window),
-            Mistral | Gemma3Text => raw.sliding_window,
+            Mistral | Gemma2 | Gemma3Text => raw.sliding_window,
         };
         let sliding_window = window.filter(|&w| w < max_position_embeddings);
         match (sliding_window, variant) {
@@ -734,7 +759,7 @@ impl LlamaConfig {
         // Gemma 3's layers: `sliding_window_pattern` (default 6) makes every n-th layer full,
         // as `Gemma3TextConfig.__post_init__`, unless `layer_types` names each.
         let sliding_layers = match (variant, &raw.layer_types) {
-            (Gemma3Text, Some(types)) => {
+            (Gemma2 | Gemma3Text, Some(types)) => {
                 if types.len() as i64 != num_hidden_layers {
                     return Err(f.bad("layer_types", format!("{} entries for {num_hidden_layers} layers", types.len())));
                 }
@@ -751,11 +776,15 @@ impl LlamaConfig {
                 let pattern = f.positive("sliding_window_pattern", Some(raw.sliding_window_pattern.unwrap_or(6)))?;
                 (0..num_hidden_layers).map(|i| (i + 1) % pattern != 0).collect()
             }
+            // Gemma 2's default: every other layer slides, from the first.
+            (Gemma2, None) => (0..num_hidden_layers).map(|i| i % 2 == 0).collect(),
             _ => vec![true; num_hidden_layers as usize],
         };
         let (mut rope_parameters, mut rope_local_theta) = (raw.rope_parameters, None);
         if variant == Gemma3Text {
             (rope_parameters, rope_local_theta) = gemma3_rope(rope_parameters, raw.rope_local_base_freq, &f)?;
+        } else if let Some(freq) = raw.rope_local_base_freq {
+            return Err(f.bad("rope_local_base_freq", format!("{freq}: not read for {}", variant.model_type())));
         }
         // transformers 5 writes `rope_parameters`; 4.x wrote `rope_theta` and `rope_scaling`.
         let (rope, rope_field) = match (rope_parameters, raw.rope_scaling) {
@@ -800,14 +829,12 @@ impl LlamaConfig {
         let rope_local_theta = f.positive_f64("rope_local_base_freq", rope_local_theta.unwrap_or(rope_theta))?;
         let attention_scale = match raw.query_pre_attn_scalar {
             Some(s) => 1.0 / f.positive_f64("query_pre_attn_scalar", s)?.sqrt(),
-            None if variant == Gemma3Text => 1.0 / 256f64.sqrt(),
+            None if matches!(variant, Gemma2 | Gemma3Text) => 1.0 / 256f64.sqrt(),
             None => 1.0 / (head_dim as f64).sqrt(),
         };
-        let final_logit_softcapping =
-            raw.final_logit_softcapping.map(|c| f.positive_f64("final_logit_softcapping", c)).transpose()?;
         let eps = f.positive_f64("rms_norm_eps", raw.rms_norm_eps.unwrap_or(1e-6))?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
-        let gemma = matches!(variant, Gemma | Gemma3Text);
+        let gemma = matches!(variant, Gemma | Gemma2 | Gemma3Text);
         if raw.mlp_bias && variant != Llama {
             return Err(f.bad("mlp_bias", format!("{} has no MLP biases", variant.model_type())));
         }
@@ -833,9 +860,10 @@ impl LlamaConfig {
             rope_local_theta,
             gelu_gate,
             gemma_norms: gemma,
-            sandwich_norms: variant == Gemma3Text,
+            sandwich_norms: matches!(variant, Gemma2 | Gemma3Text),
             attention_scale,
             final_logit_softcapping,
+            attn_logit_softcapping,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
             eos_token_ids: raw.eos_token_id.to_vec(),
         })
@@ -1137,6 +1165,21 @@ mod tests {
             (Some(Activation::GeluTanh), false, false, None)
         );
         assert_eq!((c.tie_word_embeddings, c.attention_scale, c.rope_theta), (true, 1.0 / 16.0, 10_000.0));
+        // Gemma 2 caps scores at 50 and logits at 30 unless told null, and alternates its layers.
+        let c = llama(
+            r#"{"model_type": "gemma2", "hidden_size": 64, "num_attention_heads": 8, "num_hidden_layers": 3,
+                "intermediate_size": 96, "vocab_size": 100}"#,
+        );
+        assert_eq!((c.attn_logit_softcapping, c.final_logit_softcapping), (Some(50.0), Some(30.0)));
+        assert_eq!(
+            (c.sliding_layers, c.sliding_window, c.num_key_value_heads),
+            (vec![true, false, true], Some(4096), 4)
+        );
+        assert_eq!((c.sandwich_norms, c.qk_norm, c.attention_scale), (true, false, 1.0 / 16.0));
+        let c = llama(&format!(
+            r#"{{"model_type": "gemma2", {LLAMA}, "attn_logit_softcapping": null, "final_logit_softcapping": null}}"#
+        ));
+        assert_eq!((c.attn_logit_softcapping, c.final_logit_softcapping), (None, None));
     }
 
     #[test]
@@ -1176,6 +1219,8 @@ mod tests {
             "`final_logit_softcapping`: not read",
         );
         bad("llama", r#""query_pre_attn_scalar": 64"#, "field `query_pre_attn_scalar`: not read for llama");
+        bad("gemma2", r#""attn_logit_softcapping": -1.0"#, "field `attn_logit_softcapping`: must be positive");
+        bad("gemma2", r#""rope_local_base_freq": 10.0"#, "field `rope_local_base_freq`");
     }
 
     const GOOD: &str = r#""n_embd": 32, "n_head": 4, "n_layer": 2, "n_positions": 64, "vocab_size": 97"#;

@@ -1,16 +1,16 @@
 //! Llama-architecture models, one file for the dialects that share it (`llama`, with Llama 3's
 //! rotary scaling; `qwen2`: biases on q, k and v; `qwen3`: RMSNorm of each query and key head;
 //! `mistral`, with its sliding window; `gemma`: scaled embeddings, RMSNorm by `1 + weight`, a
-//! GELU-gated MLP; `gemma3_text`: Gemma's, with q/k norms, norms after attention and MLP too,
-//! sliding-window layers between full ones, each kind with its rope base, and soft-capped
-//! logits): pre-norm blocks of rotary attention over grouped or multi-query K/V and a gated
-//! MLP, RMSNorm throughout.
+//! GELU-gated MLP; `gemma2`: Gemma's, with norms after attention and MLP too, sliding-window
+//! layers alternating with full ones, soft-capped attention scores and logits; `gemma3_text`:
+//! Gemma 2's without the scores' cap, with q/k norms and a rope base per kind of layer):
+//! pre-norm blocks of rotary attention over grouped or multi-query K/V and a gated MLP,
+//! RMSNorm throughout.
 //!
 //! Mirrors `transformers/models/llama/modeling_llama.py` (and `qwen2`, `qwen3`, `mistral`,
-//! `gemma`, `gemma3`). Field
-//! names are the checkpoint's tensor names (`model.layers.{i}.self_attn.q_proj`, ...); q, k and
-//! v are kept as one matrix (`qkv_proj`), and gate and up as another (`GatedMlp`), so that each
-//! pair or triple is one product.
+//! `gemma`, `gemma2`, `gemma3`). Field names are the checkpoint's tensor names
+//! (`model.layers.{i}.self_attn.q_proj`, ...); q, k and v are kept as one matrix (`qkv_proj`),
+//! and gate and up as another (`GatedMlp`), so that each pair or triple is one product.
 
 use std::sync::Arc;
 
@@ -18,8 +18,8 @@ use tch::Tensor;
 
 use super::parallel::{ShardLoader, row_parallel, split_qkv};
 use super::{
-    Batch, CausalLm, GatedMlp, Linear, ModelShape, Placement, RmsNorm, Rotary, Shard, cached_attention_in_window,
-    soft_cap,
+    Batch, CausalLm, GatedMlp, Linear, ModelShape, Placement, RmsNorm, Rotary, Scores, Shard,
+    cached_attention_in_window, soft_cap,
 };
 use crate::error::Result;
 use crate::hf::config::LlamaConfig;
@@ -44,8 +44,10 @@ pub struct Llama {
     scale: f64,
     /// Mistral's and Gemma 3's sliding window (`LlamaConfig::sliding_window`).
     sliding_window: Option<i64>,
-    /// `cap * tanh(logits / cap)` (Gemma 3's `final_logit_softcapping`).
+    /// `cap * tanh(logits / cap)` (Gemma 2's and 3's `final_logit_softcapping`).
     final_logit_softcapping: Option<f64>,
+    /// Gemma 2's cap of the attention scores (`attn_logit_softcapping`).
+    attn_logit_softcapping: Option<f64>,
     /// The shape, and this shard's heads, vocabulary rows and communicator.
     shard: Shard,
 }
@@ -149,6 +151,7 @@ impl Llama {
             scale: c.attention_scale,
             sliding_window: c.sliding_window,
             final_logit_softcapping: c.final_logit_softcapping,
+            attn_logit_softcapping: c.attn_logit_softcapping,
             shard,
         })
     }
@@ -162,8 +165,12 @@ impl Llama {
             (q, k) = (q_norm.forward(&q), k_norm.forward(&k));
         }
         let (q, k) = (Rotary::rotate(&q, angles), Rotary::rotate(&k, angles));
-        let window = self.sliding_window.filter(|_| self.layers[layer].sliding);
-        cached_attention_in_window(layer, (&q, &k, &v), batch, kv, &s.queries_per_kv_head, self.scale, window)
+        let scores = Scores {
+            scale: self.scale,
+            window: self.sliding_window.filter(|_| self.layers[layer].sliding),
+            softcap: self.attn_logit_softcapping,
+        };
+        cached_attention_in_window(layer, (&q, &k, &v), batch, kv, &s.queries_per_kv_head, scores)
     }
 }
 

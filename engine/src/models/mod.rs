@@ -277,23 +277,36 @@ pub(crate) fn cached_attention(
     queries_per_kv_head: &[i64],
     scale: f64,
 ) -> Tensor {
-    cached_attention_in_window(layer, qkv, batch, kv, queries_per_kv_head, scale, None)
+    let scores = Scores { scale, window: None, softcap: None };
+    cached_attention_in_window(layer, qkv, batch, kv, queries_per_kv_head, scores)
 }
 
-/// `cached_attention` where each query at position `p` attends only the keys at positions
-/// `p - window < j <= p` (Mistral's sliding window, as `transformers`' `sliding_window_overlay`)
-/// when `window` is given. The decode tokens are attended together only while every one of
-/// their sequences fits in the window (the joint call reads whole caches); beyond it each
-/// chunk is attended on its own, with the window in its mask.
+/// How a layer's queries score its keys.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Scores {
+    /// Multiplies `q . k`.
+    pub scale: f64,
+    /// Each query at position `p` attends only the keys at positions `p - window < j <= p`
+    /// (Mistral's and Gemma's sliding window, as `transformers`' `sliding_window_overlay`).
+    pub window: Option<i64>,
+    /// Scaled scores become `cap * tanh(scores / cap)` before the mask (Gemma 2's
+    /// `attn_logit_softcapping`, as its `eager_attention_forward`).
+    pub softcap: Option<f64>,
+}
+
+/// `cached_attention` with a window and soft-capped scores where `scores` says. The decode
+/// tokens are attended together only while every one of their sequences fits in the window
+/// (the joint call reads whole caches) and the scores are not capped (the fused kernels cannot);
+/// otherwise each chunk is attended on its own, with the window in its mask.
 pub(crate) fn cached_attention_in_window(
     layer: usize,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     batch: &Batch,
     kv: &KvPool,
     queries_per_kv_head: &[i64],
-    scale: f64,
-    window: Option<i64>,
+    scores: Scores,
 ) -> Tensor {
+    let (scale, window) = (scores.scale, scores.window);
     let uniform = queries_per_kv_head.windows(2).all(|w| w[0] == w[1]);
     let key_bytes_per_token = k.size()[1] * k.size()[2] * k.kind().elt_size_in_bytes() as i64;
     let in_place = amx::attention_applies(k.kind(), k.device(), k.size()[2]);
@@ -301,6 +314,7 @@ pub(crate) fn cached_attention_in_window(
         uniform
             && decode_in_one_call(k.device(), in_place, d.longest * key_bytes_per_token)
             && window.is_none_or(|w| d.longest <= w)
+            && scores.softcap.is_none()
     });
     if let Some(d) = decode.filter(|d| d.all) {
         return attend_decode(layer, (q, k, v), d, kv, scale, in_place);
@@ -314,7 +328,7 @@ pub(crate) fn cached_attention_in_window(
             // The cache is (n_kv_heads, n_tokens, head_dim).
             kv.write(layer, chunk.slot, chunk.n_cached, &rows(k).transpose(0, 1), &rows(v).transpose(0, 1));
             let (k_all, v_all) = kv.view(layer, chunk.slot, chunk.n_cached + chunk.n_new);
-            let attended = attend(&rows(q), &k_all, &v_all, chunk.n_cached, scale, queries_per_kv_head, window);
+            let attended = attend(&rows(q), &k_all, &v_all, chunk.n_cached, scores, queries_per_kv_head);
             outputs.push((row, attended));
         }
         row += chunk.n_new;
@@ -390,17 +404,9 @@ fn attend_decode(
 /// attention all `n_heads` queries meet the single K/V head in one call. When a shard holds
 /// different numbers of queries per K/V head (a group split between shards), each K/V head is
 /// attended on its own. Returns `(n_new, n_heads * head_dim)`, heads in order.
-fn attend(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    n_cached: i64,
-    scale: f64,
-    queries_per_kv_head: &[i64],
-    window: Option<i64>,
-) -> Tensor {
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scores: Scores, queries_per_kv_head: &[i64]) -> Tensor {
     if queries_per_kv_head.windows(2).all(|w| w[0] == w[1]) {
-        return attend_groups(q, k, v, n_cached, scale, window);
+        return attend_groups(q, k, v, n_cached, scores);
     }
     let mut first = 0;
     let outputs: Vec<Tensor> = queries_per_kv_head
@@ -409,7 +415,7 @@ fn attend(
         .map(|(kv_idx, &n)| {
             let (kv_idx, q) = (kv_idx as i64, q.narrow(1, first, n));
             first += n;
-            attend_groups(&q, &k.narrow(0, kv_idx, 1), &v.narrow(0, kv_idx, 1), n_cached, scale, window)
+            attend_groups(&q, &k.narrow(0, kv_idx, 1), &v.narrow(0, kv_idx, 1), n_cached, scores)
         })
         .collect();
     Tensor::cat(&outputs, 1)
@@ -420,13 +426,14 @@ fn attend(
 /// LibTorch's fused CPU attention is used rather than `bmm`: a bf16 `bmm` goes through oneDNN,
 /// which compiles a kernel for every new shape, and the key length changes every decode step
 /// (1.3 ms against 0.06 ms per call on the development machine).
-fn attend_groups(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scale: f64, window: Option<i64>) -> Tensor {
+fn attend_groups(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scores: Scores) -> Tensor {
     let [n_new, n_heads, head_dim] = q.size()[..] else { unreachable!("q must be 3-d") };
     let n_kv_heads = k.size()[0];
     let group = n_heads / n_kv_heads;
+    let scale = scores.scale;
     // Whether the window drops a key any of these queries would otherwise see.
-    let windowed = window.filter(|&w| n_cached + n_new > w);
-    if n_new > 1 && n_cached == 0 && windowed.is_none() {
+    let windowed = scores.window.filter(|&w| n_cached + n_new > w);
+    if n_new > 1 && n_cached == 0 && windowed.is_none() && scores.softcap.is_none() {
         return attend_causal(q, k, v, group, scale);
     }
     // (1, n_kv_heads, n_new * group, head_dim): row i * group + g is head kv * group + g at token i.
@@ -451,16 +458,27 @@ fn attend_groups(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scale: f64, 
             None => causal,
         }
     });
-    let y = Tensor::scaled_dot_product_attention(
-        &q,
-        &k.unsqueeze(0),
-        &v.unsqueeze(0),
-        mask.as_ref(),
-        0.0,
-        false,
-        scale,
-        false,
-    );
+    let y = match scores.softcap {
+        None => Tensor::scaled_dot_product_attention(
+            &q,
+            &k.unsqueeze(0),
+            &v.unsqueeze(0),
+            mask.as_ref(),
+            0.0,
+            false,
+            scale,
+            false,
+        ),
+        Some(cap) => {
+            // (1, n_kv_heads, n_new * group, n_cached + n_new), softmax in f32 as the reference.
+            let s = soft_cap(&(q.matmul(&k.unsqueeze(0).transpose(-1, -2)) * scale), cap);
+            let s = match &mask {
+                Some(mask) => s.masked_fill(&mask.logical_not(), f64::NEG_INFINITY),
+                None => s,
+            };
+            s.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v.unsqueeze(0))
+        }
+    };
     // (1, n_kv_heads, n_new * group, head_dim) -> (n_new, n_heads * head_dim)
     y.view([n_kv_heads, n_new, group, head_dim]).permute([1, 0, 2, 3]).reshape([n_new, n_heads * head_dim])
 }
