@@ -363,3 +363,48 @@ async fn tls_on_the_http_port_with_the_same_certificate() {
     assert!(!String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"), "{read:?}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `builtin:tiny`'s folder in the model cache (the worker writes it on first use).
+fn builtin_tiny_dir() -> std::path::PathBuf {
+    let cache = std::env::var_os("ONEHEAD_CACHE").map_or_else(
+        || std::path::PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/onehead"),
+        std::path::PathBuf::from,
+    );
+    let version = |p: &std::path::PathBuf| {
+        p.file_name()?.to_str()?.strip_prefix("builtin-tiny-v")?.parse::<u32>().ok().filter(|_| p.is_dir())
+    };
+    std::fs::read_dir(cache.join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter_map(|p| Some((version(&p)?, p)))
+        .max()
+        .expect("builtin:tiny in the cache")
+        .1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_renders_a_real_world_template_from_the_model_folder() {
+    // builtin:tiny's weights and tokenizer, with Qwen2-Instruct's tokenizer_config.json.
+    let tiny = worker(&[]).await;
+    drop(tiny);
+    let dir = std::env::temp_dir().join(format!("onehead-chatml-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in ["config.json", "generation_config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(builtin_tiny_dir().join(file), dir.join(file)).unwrap();
+    }
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/chatml_template/tokenizer_config.json");
+    std::fs::copy(fixture, dir.join("tokenizer_config.json")).unwrap();
+    let w = worker_with_model(dir.to_str().unwrap(), &[]).await;
+    let (_r, addr) = http_router(&[&w], &[]).await;
+    let chat = json!({"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 8, "temperature": 0, "ignore_eos": true});
+    let answer = post(&addr, "/v1/chat/completions", chat).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    // The template adds the default system turn and the assistant's header, as transformers does.
+    let rendered = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n";
+    let mut plain = completion(rendered, 8);
+    plain.as_object_mut().unwrap().remove("model");
+    let plain = post(&addr, "/v1/completions", plain).await.json();
+    assert_eq!(answer.json()["choices"][0]["message"]["content"], plain["choices"][0]["text"]);
+    assert_eq!(answer.json()["usage"], plain["usage"]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
