@@ -214,6 +214,7 @@ if [[ $device == cuda ]]; then
     echo "- GPU: $gpu" >>"$work/header"
 else
     echo "- CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores" >>"$work/header"
+    echo "- the dry run: small shapes and few steps, so its figures show only that each section runs" >>"$work/header"
 fi
 render
 cat "$work/header"
@@ -452,7 +453,7 @@ sys.exit(not any(l.startswith("onehead_kv_cache_capacity_tokens ") and float(l.s
         fi
         sleep 1
     done
-    host_available=$(awk '/^MemAvailable:/ {printf "%d\n", $2 * 1024}' /proc/meminfo)
+    host_available=$(($(awk '/^MemAvailable:/ {print $2}' /proc/meminfo) * 1024))
     used=""
     if [[ $device == cuda ]]; then
         used=$(nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader 2>/dev/null | head -1)
