@@ -221,7 +221,7 @@ impl KernelPass {
             names.extend(matrices.iter().map(|m| format!("transformer.h.{l}.{m}")));
         }
         let all_names = names.clone();
-        names.truncate(matrices.len() * max_layers.unwrap_or(usize::MAX));
+        names.truncate(matrices.len().saturating_mul(max_layers.unwrap_or(usize::MAX)));
         names.push(head.into());
         let layers = names
             .iter()
