@@ -117,10 +117,10 @@ pub async fn serve(
     // A JSON-escaped prompt of --max-prompt-bytes fits (each byte may take 6: `\u00XX`).
     let body_limit_bytes = config.limits.max_prompt_bytes.saturating_mul(6).saturating_add(64 << 10);
     let http_tls = match (&config.tls, &config.http_listener) {
-        (Some((cert, key)), Some(_)) => Some(crate::openai::tls::acceptor(cert, key)?),
+        (Some((cert, key)), Some(_)) => Some(crate::openai::listen::acceptor(cert, key)?),
         _ => None,
     };
-    let handshake = config.connections.handshake;
+    let connections = config.connections;
     let router = Arc::new(Router::new(pool, model, config.limits, metrics));
     let http = {
         let router = router.clone();
@@ -129,10 +129,13 @@ pub async fn serve(
             let app = crate::openai::app(router, http_keys, body_limit_bytes);
             let served = match (config.http_listener, http_tls) {
                 (Some(listener), Some(tls)) => {
-                    let listener = crate::openai::tls::TlsListener::new(listener, tls, handshake)?;
+                    let listener = crate::openai::listen::TlsListener::new(listener, tls, connections)?;
                     crate::openai::serve(listener, app, stop).await
                 }
-                (Some(listener), None) => crate::openai::serve(listener, app, stop).await,
+                (Some(listener), None) => {
+                    let listener = crate::openai::listen::PlainListener::new(listener, connections)?;
+                    crate::openai::serve(listener, app, stop).await
+                }
                 (None, _) => Ok(()),
             };
             served.map_err(anyhow::Error::from)

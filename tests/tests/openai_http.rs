@@ -408,3 +408,30 @@ async fn chat_renders_a_real_world_template_from_the_model_folder() {
     assert_eq!(answer.json()["usage"], plain["usage"]);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_idle_http_connections_are_closed_as_grpc_ones_are() {
+    let w = worker(&[]).await;
+    let limits = ["--handshake-timeout-secs", "0.5", "--idle-connection-timeout-secs", "1"];
+    let (_r, addr) = http_router(&[&w], &limits).await;
+    let closed_within = |mut socket: tokio::net::TcpStream, limit: Duration| async move {
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(limit, tokio::io::AsyncReadExt::read_to_end(&mut socket, &mut buf)).await;
+        assert!(read.is_ok(), "still open after {limit:?}");
+        (started.elapsed(), String::from_utf8_lossy(&buf).into_owned())
+    };
+    // Silent since accept: closed after the handshake timeout.
+    let silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (after, _) = closed_within(silent, Duration::from_secs(5)).await;
+    assert!(after >= Duration::from_millis(400), "closed after {after:?}");
+    // One answered request on a kept-alive connection, then nothing: closed when idle.
+    let mut kept = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!("GET /v1/models HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut kept, request.as_bytes()).await.unwrap();
+    let (after, answer) = closed_within(kept, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(after >= Duration::from_millis(900), "closed after {after:?}");
+    // The API still serves.
+    assert_eq!(post(&addr, "/v1/completions", completion("ok", 2)).await.status, 200);
+}

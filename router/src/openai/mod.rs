@@ -10,9 +10,9 @@
 //! its worker at its next step, as a dropped gRPC stream does.
 
 mod error;
+pub mod listen;
 mod request;
 mod response;
-pub mod tls;
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -53,8 +53,8 @@ pub fn app(router: Arc<Router>, keys: Arc<HashSet<String>>, body_limit_bytes: us
         .with_state(Api { router, keys })
 }
 
-/// Serves `app` on `listener` (TCP, or `tls::TlsListener`) until `shutdown` resolves, then until
-/// open requests finish.
+/// Serves `app` on `listener` (`listen::PlainListener` or `listen::TlsListener`) until `shutdown`
+/// resolves, then until open requests finish.
 pub async fn serve<L: axum::serve::Listener<Addr = std::net::SocketAddr>>(
     listener: L,
     app: axum::Router,
