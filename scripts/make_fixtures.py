@@ -36,6 +36,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Starcoder2Config,
+    Starcoder2ForCausalLM,
 )
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
@@ -99,6 +101,7 @@ LLAMA_FAMILY = {
     "gemma": (GemmaConfig, GemmaForCausalLM),
     "gemma2": (Gemma2Config, Gemma2ForCausalLM),
     "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "starcoder2": (Starcoder2Config, Starcoder2ForCausalLM),
 }
 
 
@@ -253,6 +256,11 @@ def llama_cases():
         "gemma2", hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=16, intermediate_size=64,
         vocab_size=97, num_hidden_layers=4, sliding_window=4, attn_logit_softcapping=3.0,
         final_logit_softcapping=8.0, query_pre_attn_scalar=20, pad_token_id=0)
+    # Starcoder2: LayerNorm with biases, a plain tanh-GELU MLP, every bias; 6 heads over 2 K/V
+    # heads, a window of 5.
+    yield "starcoder2_gqa", dict(seed=30, prompt_len=9), lambda: llama_family(
+        "starcoder2", hidden_size=48, num_attention_heads=6, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=97, sliding_window=5, rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
 
 
 def main():

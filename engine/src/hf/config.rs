@@ -173,7 +173,7 @@ pub enum ModelConfig {
 }
 
 /// The `model_type`s read, and the architecture each means.
-const MODEL_TYPES: &str = "\"gpt_bigcode\", \"falcon\", \"RefinedWebModel\", \"RefinedWeb\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \"gemma\", \"gemma2\", \"gemma3_text\"";
+const MODEL_TYPES: &str = "\"gpt_bigcode\", \"falcon\", \"RefinedWebModel\", \"RefinedWeb\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \"gemma\", \"gemma2\", \"gemma3_text\", \"starcoder2\"";
 
 impl ModelConfig {
     /// Reads `config.json` in `dir`, dispatching on `model_type`.
@@ -198,7 +198,7 @@ impl ModelConfig {
                     .map_err(|source| Error::Json { path: path.clone(), source })?;
                 Ok(ModelConfig::Falcon(FalconConfig::validate(raw, model_type == "RefinedWeb", &path)?))
             }
-            "llama" | "qwen2" | "qwen3" | "mistral" | "gemma" | "gemma2" | "gemma3_text" => {
+            "llama" | "qwen2" | "qwen3" | "mistral" | "gemma" | "gemma2" | "gemma3_text" | "starcoder2" => {
                 let variant = match model_type {
                     "llama" => LlamaVariant::Llama,
                     "qwen2" => LlamaVariant::Qwen2,
@@ -206,6 +206,7 @@ impl ModelConfig {
                     "gemma" => LlamaVariant::Gemma,
                     "gemma2" => LlamaVariant::Gemma2,
                     "gemma3_text" => LlamaVariant::Gemma3Text,
+                    "starcoder2" => LlamaVariant::Starcoder2,
                     _ => LlamaVariant::Mistral,
                 };
                 let raw: RawLlamaConfig = serde_json::from_value(value.clone())
@@ -511,13 +512,17 @@ struct RawLlamaConfig {
     attention_bias: Option<bool>,
     #[serde(default)]
     mlp_bias: bool,
-    /// Missing: false, Gemma's true.
+    /// Missing: false; Gemma's and Starcoder2's true.
     tie_word_embeddings: Option<bool>,
     #[serde(default)]
     use_sliding_window: bool,
-    /// Missing: 4096 (Mistral's and Qwen's default); null: none.
-    #[serde(default = "default_sliding_window")]
-    sliding_window: Option<i64>,
+    /// Missing (outer None): 4096 (Mistral's, Qwen's and Gemma's default; Starcoder2's none);
+    /// null: none.
+    #[serde(default, deserialize_with = "present")]
+    sliding_window: Option<Option<i64>>,
+    /// Starcoder2: LayerNorm's epsilon, and biases on every projection (default true).
+    norm_epsilon: Option<f64>,
+    use_bias: Option<bool>,
     #[serde(default)]
     eos_token_id: TokenIds,
     /// Gemma 3's name for `hidden_act`.
@@ -540,12 +545,10 @@ struct RawLlamaConfig {
 }
 
 /// A field that is there, null or not (for `Option<Option<_>>`).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<f64>>, D::Error> {
-    Option::<f64>::deserialize(d).map(Some)
-}
-
-fn default_sliding_window() -> Option<i64> {
-    Some(4096)
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// The `model_type`s one Llama-architecture implementation runs; they differ in defaults,
@@ -566,6 +569,9 @@ pub enum LlamaVariant {
     /// Gemma 3's text model: Gemma's, plus q/k norms, norms after attention and MLP, and
     /// sliding-window layers between full ones, each kind with its own rope base.
     Gemma3Text,
+    /// Starcoder2: LayerNorm with biases, a plain GELU MLP (`c_fc`, `c_proj`), biases on every
+    /// projection, a sliding window.
+    Starcoder2,
 }
 
 impl LlamaVariant {
@@ -578,6 +584,7 @@ impl LlamaVariant {
             LlamaVariant::Gemma => "gemma",
             LlamaVariant::Gemma2 => "gemma2",
             LlamaVariant::Gemma3Text => "gemma3_text",
+            LlamaVariant::Starcoder2 => "starcoder2",
         }
     }
 }
@@ -604,7 +611,10 @@ pub struct LlamaConfig {
     pub head_dim: i64,
     pub vocab_size: i64,
     pub max_position_embeddings: i64,
+    /// The norms' epsilon (`rms_norm_eps`; Starcoder2's `norm_epsilon`).
     pub rms_norm_eps: f64,
+    /// Starcoder2: LayerNorm with a bias instead of RMSNorm, and a plain MLP, `c_proj(gelu(c_fc(x)))`.
+    pub starcoder2_blocks: bool,
     pub rope_theta: f64,
     pub rope_llama3: Option<Llama3Rope>,
     /// Biases on `q_proj`, `k_proj`, `v_proj` (Qwen2; `attention_bias` elsewhere).
@@ -624,7 +634,7 @@ pub struct LlamaConfig {
     pub rope_local_theta: f64,
     /// The MLP's gate activation: None for SiLU (Llama), else Gemma's GELU (`hidden_act`,
     /// Gemma 3's `hidden_activation`).
-    pub gelu_gate: Option<Activation>,
+    pub mlp_gelu: Option<Activation>,
     /// Gemma: embeddings times `sqrt(hidden_size)`, and RMSNorm by `1 + weight`.
     pub gemma_norms: bool,
     /// Gemma 2 and 3: `post_attention_layernorm` normalises the attention's output, and
@@ -655,6 +665,7 @@ impl LlamaConfig {
             Llama => 2048,
             Qwen2 | Qwen3 => 32768,
             Mistral | Gemma3Text => 4096 * 32,
+            Starcoder2 => 4096,
             Gemma | Gemma2 => 8192,
         };
         let max_position_embeddings =
@@ -665,6 +676,7 @@ impl LlamaConfig {
             Mistral => 8,
             Gemma => 16,
             Gemma2 | Gemma3Text => 4,
+            Starcoder2 => 2,
         };
         let n_kv_heads =
             f.positive("num_key_value_heads", Some(raw.num_key_value_heads.unwrap_or(default_kv_heads)))?;
@@ -674,6 +686,10 @@ impl LlamaConfig {
             );
         }
         let head_dim = match (raw.head_dim, variant) {
+            // `Starcoder2Attention` always divides.
+            (Some(d), Starcoder2) if d * n_heads != hidden_size => {
+                return Err(f.bad("head_dim", format!("{d}: starcoder2's heads are hidden_size / num_attention_heads")));
+            }
             (Some(d), _) => f.positive("head_dim", Some(d))?,
             (None, Qwen3) => 128,
             (None, Gemma | Gemma2 | Gemma3Text) => 256,
@@ -690,7 +706,7 @@ impl LlamaConfig {
         if head_dim % 2 != 0 {
             return Err(f.bad("head_dim", format!("rotary embeddings need an even head_dim, found {head_dim}")));
         }
-        let gelu_gate = match variant {
+        let mlp_gelu = match variant {
             Llama | Qwen2 | Qwen3 | Mistral => {
                 let act = raw.hidden_act.as_deref().unwrap_or("silu");
                 if act != "silu" {
@@ -703,6 +719,7 @@ impl LlamaConfig {
                 "gelu" => Some(Activation::GeluTanh),
                 act => Some(f.activation("hidden_act", act)?),
             },
+            Starcoder2 => Some(f.activation("hidden_act", raw.hidden_act.as_deref().unwrap_or("gelu_pytorch_tanh"))?),
             Gemma2 | Gemma3Text => Some(
                 f.activation("hidden_activation", raw.hidden_activation.as_deref().unwrap_or("gelu_pytorch_tanh"))?,
             ),
@@ -739,10 +756,11 @@ impl LlamaConfig {
         }
         // Llama and Gemma have no window; Qwen2 and Qwen3 read `sliding_window` only with
         // `use_sliding_window`. A window at least as long as the context never drops a key.
-        let window = match variant {
-            Llama | Gemma => None,
-            Qwen2 | Qwen3 => raw.sliding_window.filter(|_| raw.use_sliding_window),
-            Mistral | Gemma2 | Gemma3Text => raw.sliding_window,
+        let window = match (variant, raw.sliding_window) {
+            (Llama | Gemma, _) => None,
+            (Starcoder2, w) => w.flatten(),
+            (Qwen2 | Qwen3, w) => w.unwrap_or(Some(4096)).filter(|_| raw.use_sliding_window),
+            (_, w) => w.unwrap_or(Some(4096)),
         };
         let sliding_window = window.filter(|&w| w < max_position_embeddings);
         match (sliding_window, variant) {
@@ -832,8 +850,18 @@ impl LlamaConfig {
             None if matches!(variant, Gemma2 | Gemma3Text) => 1.0 / 256f64.sqrt(),
             None => 1.0 / (head_dim as f64).sqrt(),
         };
-        let eps = f.positive_f64("rms_norm_eps", raw.rms_norm_eps.unwrap_or(1e-6))?;
-        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let eps = match variant {
+            Starcoder2 => f.positive_f64("norm_epsilon", raw.norm_epsilon.unwrap_or(1e-5))?,
+            _ => f.positive_f64("rms_norm_eps", raw.rms_norm_eps.unwrap_or(1e-6))?,
+        };
+        // Starcoder2 biases everything or nothing (`use_bias`); the others read `attention_bias`.
+        let attention_bias = match variant {
+            Starcoder2 => raw.use_bias.unwrap_or(true),
+            _ => raw.attention_bias.unwrap_or(false),
+        };
+        if let Some(b) = raw.use_bias.filter(|_| variant != Starcoder2) {
+            return Err(f.bad("use_bias", format!("{b}: not read for {}", variant.model_type())));
+        }
         let gemma = matches!(variant, Gemma | Gemma2 | Gemma3Text);
         if raw.mlp_bias && variant != Llama {
             return Err(f.bad("mlp_bias", format!("{} has no MLP biases", variant.model_type())));
@@ -849,22 +877,23 @@ impl LlamaConfig {
             vocab_size,
             max_position_embeddings,
             rms_norm_eps: eps,
+            starcoder2_blocks: variant == Starcoder2,
             rope_theta,
             rope_llama3,
             qkv_bias: variant == Qwen2 || (attention_bias && variant != Mistral),
             o_bias: attention_bias && !matches!(variant, Qwen2 | Mistral),
-            mlp_bias: raw.mlp_bias,
+            mlp_bias: raw.mlp_bias || (variant == Starcoder2 && attention_bias),
             qk_norm: matches!(variant, Qwen3 | Gemma3Text),
             sliding_window,
             sliding_layers,
             rope_local_theta,
-            gelu_gate,
+            mlp_gelu,
             gemma_norms: gemma,
             sandwich_norms: matches!(variant, Gemma2 | Gemma3Text),
             attention_scale,
             final_logit_softcapping,
             attn_logit_softcapping,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma || variant == Starcoder2),
             eos_token_ids: raw.eos_token_id.to_vec(),
         })
     }
@@ -1144,7 +1173,7 @@ mod tests {
         let full: Vec<usize> = (0..26).filter(|&i| !c.sliding_layers[i]).collect();
         assert_eq!(full, [5, 11, 17, 23]);
         assert_eq!(
-            (c.gelu_gate, c.gemma_norms, c.sandwich_norms, c.qk_norm),
+            (c.mlp_gelu, c.gemma_norms, c.sandwich_norms, c.qk_norm),
             (Some(Activation::GeluTanh), true, true, true)
         );
         assert_eq!((c.tie_word_embeddings, c.final_logit_softcapping), (true, None));
@@ -1161,7 +1190,7 @@ mod tests {
         );
         assert_eq!((c.num_key_value_heads, c.head_dim, c.max_position_embeddings), (16, 256, 8192));
         assert_eq!(
-            (c.gelu_gate, c.sandwich_norms, c.qk_norm, c.sliding_window),
+            (c.mlp_gelu, c.sandwich_norms, c.qk_norm, c.sliding_window),
             (Some(Activation::GeluTanh), false, false, None)
         );
         assert_eq!((c.tie_word_embeddings, c.attention_scale, c.rope_theta), (true, 1.0 / 16.0, 10_000.0));
@@ -1180,6 +1209,20 @@ mod tests {
             r#"{{"model_type": "gemma2", {LLAMA}, "attn_logit_softcapping": null, "final_logit_softcapping": null}}"#
         ));
         assert_eq!((c.attn_logit_softcapping, c.final_logit_softcapping), (None, None));
+    }
+
+    /// Starcoder2's defaults: no window unless given, biases everywhere, LayerNorm's epsilon.
+    #[test]
+    fn starcoder2_reads_its_own_defaults() {
+        let c = llama(&format!(r#"{{"model_type": "starcoder2", {LLAMA}}}"#));
+        assert_eq!(
+            (c.num_key_value_heads, c.head_dim, c.max_position_embeddings, c.sliding_window),
+            (2, 8, 4096, None)
+        );
+        assert_eq!((c.qkv_bias, c.o_bias, c.mlp_bias, c.tie_word_embeddings), (true, true, true, true));
+        assert_eq!((c.starcoder2_blocks, c.mlp_gelu, c.rms_norm_eps), (true, Some(Activation::GeluTanh), 1e-5));
+        let c = llama(&format!(r#"{{"model_type": "starcoder2", {LLAMA}, "use_bias": false, "sliding_window": 16}}"#));
+        assert_eq!((c.qkv_bias, c.o_bias, c.mlp_bias, c.sliding_window), (false, false, false, Some(16)));
     }
 
     #[test]
@@ -1220,6 +1263,9 @@ mod tests {
         );
         bad("llama", r#""query_pre_attn_scalar": 64"#, "field `query_pre_attn_scalar`: not read for llama");
         bad("gemma2", r#""attn_logit_softcapping": -1.0"#, "field `attn_logit_softcapping`: must be positive");
+        bad("starcoder2", r#""head_dim": 16"#, "field `head_dim`: 16: starcoder2's heads are hidden_size");
+        bad("starcoder2", r#""hidden_act": "swiglu""#, "field `hidden_act`");
+        bad("llama", r#""use_bias": true"#, "field `use_bias`: true: not read for llama");
         bad("gemma2", r#""rope_local_base_freq": 10.0"#, "field `rope_local_base_freq`");
     }
 

@@ -3,12 +3,13 @@
 //! `mistral`, with its sliding window; `gemma`: scaled embeddings, RMSNorm by `1 + weight`, a
 //! GELU-gated MLP; `gemma2`: Gemma's, with norms after attention and MLP too, sliding-window
 //! layers alternating with full ones, soft-capped attention scores and logits; `gemma3_text`:
-//! Gemma 2's without the scores' cap, with q/k norms and a rope base per kind of layer):
-//! pre-norm blocks of rotary attention over grouped or multi-query K/V and a gated MLP,
-//! RMSNorm throughout.
+//! Gemma 2's without the scores' cap, with q/k norms and a rope base per kind of layer;
+//! `starcoder2`: LayerNorm with biases, a plain GELU MLP `c_fc`/`c_proj`, biases everywhere, a
+//! sliding window): pre-norm blocks of rotary attention over grouped or multi-query K/V and a
+//! gated MLP, RMSNorm elsewhere.
 //!
 //! Mirrors `transformers/models/llama/modeling_llama.py` (and `qwen2`, `qwen3`, `mistral`,
-//! `gemma`, `gemma2`, `gemma3`). Field names are the checkpoint's tensor names
+//! `gemma`, `gemma2`, `gemma3`, `starcoder2`). Field names are the checkpoint's tensor names
 //! (`model.layers.{i}.self_attn.q_proj`, ...); q, k and v are kept as one matrix (`qkv_proj`),
 //! and gate and up as another (`GatedMlp`), so that each pair or triple is one product.
 
@@ -18,10 +19,11 @@ use tch::Tensor;
 
 use super::parallel::{ShardLoader, row_parallel, split_qkv};
 use super::{
-    Batch, CausalLm, GatedMlp, Linear, ModelShape, Placement, RmsNorm, Rotary, Scores, Shard,
+    Batch, CausalLm, GatedMlp, Linear, ModelShape, Norm, Placement, RmsNorm, Rotary, Scores, Shard,
     cached_attention_in_window, soft_cap,
 };
 use crate::error::Result;
+use crate::hf::config::Activation;
 use crate::hf::config::LlamaConfig;
 use crate::hf::weights::Checkpoint;
 use crate::kv_cache::KvPool;
@@ -35,7 +37,7 @@ pub struct Llama {
     embed_scale: Option<f64>,
     layers: Vec<DecoderLayer>,
     /// `model.norm`.
-    norm: RmsNorm,
+    norm: Norm,
     /// This shard's rows of `lm_head.weight`, or of `embed_tokens` when they are tied.
     lm_head: Linear,
     rotary: Rotary,
@@ -53,16 +55,52 @@ pub struct Llama {
 }
 
 struct DecoderLayer {
-    input_layernorm: RmsNorm,
+    input_layernorm: Norm,
     self_attn: Attention,
     /// The MLP's input norm; with Gemma 3's sandwich norms, the attention output's, and
     /// `pre_feedforward_layernorm` and `post_feedforward_layernorm` the MLP's input and output.
-    post_attention_layernorm: RmsNorm,
-    pre_feedforward_layernorm: Option<RmsNorm>,
-    post_feedforward_layernorm: Option<RmsNorm>,
-    mlp: GatedMlp,
+    post_attention_layernorm: Norm,
+    pre_feedforward_layernorm: Option<Norm>,
+    post_feedforward_layernorm: Option<Norm>,
+    mlp: Mlp,
     /// Attends within `Llama::sliding_window` (Mistral: every layer; Gemma 3: `sliding_attention`).
     sliding: bool,
+}
+
+/// The MLP: gated (`gate_proj`, `up_proj`, `down_proj`), or Starcoder2's plain one.
+enum Mlp {
+    Gated(GatedMlp),
+    Plain {
+        /// Column-parallel: this shard's output rows.
+        c_fc: Linear,
+        /// Row-parallel: this shard's input columns.
+        c_proj: Linear,
+        act: Activation,
+    },
+}
+
+impl Mlp {
+    /// `(n_tokens, intermediate_here)`, before the row-parallel `down`.
+    fn up(&self, x: &Tensor) -> Tensor {
+        match self {
+            Mlp::Gated(mlp) => mlp.up(x),
+            Mlp::Plain { c_fc, act, .. } => c_fc.forward_activated(x, *act),
+        }
+    }
+
+    fn down(&self) -> &Linear {
+        match self {
+            Mlp::Gated(mlp) => &mlp.down_proj,
+            Mlp::Plain { c_proj, .. } => c_proj,
+        }
+    }
+
+    fn bytes(&self) -> i64 {
+        match self {
+            Mlp::Gated(mlp) => mlp.bytes(),
+            Mlp::Plain { c_fc, c_proj, .. } => c_fc.bytes() + c_proj.bytes(),
+        }
+    }
 }
 
 struct Attention {
@@ -97,7 +135,23 @@ impl Llama {
         let intermediate = split(c.intermediate_size, shard.comm.rank(), shard.comm.world_size());
         let w = ShardLoader { ckpt, shard: &shard, hidden: c.hidden_size };
         let (eps, unit_offset) = (c.rms_norm_eps, c.gemma_norms);
-        let norm = |name: String| w.rms_norm(&name, c.hidden_size, eps, unit_offset);
+        let norm = |name: String| -> Result<Norm> {
+            Ok(match c.starcoder2_blocks {
+                true => Norm::Layer(w.layer_norm(&name, eps)?),
+                false => Norm::Rms(w.rms_norm(&name, c.hidden_size, eps, unit_offset)?),
+            })
+        };
+        let mlp = |prefix: String| -> Result<Mlp> {
+            let (inner, hidden) = (c.intermediate_size, c.hidden_size);
+            Ok(match (c.starcoder2_blocks, c.mlp_gelu) {
+                (true, Some(act)) => Mlp::Plain {
+                    c_fc: w.column_linear(&format!("{prefix}.c_fc"), [inner, hidden], intermediate, c.mlp_bias)?,
+                    c_proj: w.row_linear(&format!("{prefix}.c_proj"), [hidden, inner], intermediate, c.mlp_bias)?,
+                    act,
+                },
+                (_, act) => Mlp::Gated(w.gated_mlp(&prefix, inner, intermediate, c.mlp_bias, act)?),
+            })
+        };
         let head_norm = |name: String| c.qk_norm.then(|| w.rms_norm(&name, c.head_dim, eps, unit_offset)).transpose();
         let sandwich_norm = |name: String| c.sandwich_norms.then(|| norm(name)).transpose();
         let layers = (0..c.num_hidden_layers)
@@ -115,13 +169,7 @@ impl Llama {
                     post_attention_layernorm: norm(format!("{b}.post_attention_layernorm"))?,
                     pre_feedforward_layernorm: sandwich_norm(format!("{b}.pre_feedforward_layernorm"))?,
                     post_feedforward_layernorm: sandwich_norm(format!("{b}.post_feedforward_layernorm"))?,
-                    mlp: w.gated_mlp(
-                        &format!("{b}.mlp"),
-                        c.intermediate_size,
-                        intermediate,
-                        c.mlp_bias,
-                        c.gelu_gate,
-                    )?,
+                    mlp: mlp(format!("{b}.mlp"))?,
                     sliding: c.sliding_layers[i as usize],
                 })
             })
@@ -192,7 +240,7 @@ impl CausalLm for Llama {
                     .pre_feedforward_layernorm
                     .iter()
                     .chain(&l.post_feedforward_layernorm)
-                    .map(RmsNorm::bytes)
+                    .map(Norm::bytes)
                     .sum::<i64>();
                 sandwich_norms
                     + l.input_layernorm.bytes()
@@ -228,7 +276,7 @@ impl CausalLm for Llama {
             };
             x = &x + a;
             let m = l.mlp.up(&mlp_norm.forward(&x));
-            let m = row_parallel(comm, &[(&m, &l.mlp.down_proj)])?;
+            let m = row_parallel(comm, &[(&m, l.mlp.down())])?;
             x = &x
                 + match &l.post_feedforward_layernorm {
                     Some(norm) => norm.forward(&m),

@@ -613,6 +613,28 @@ impl RmsNorm {
     }
 }
 
+/// A block's norm: RMSNorm, or LayerNorm with a bias (Starcoder2).
+pub(crate) enum Norm {
+    Rms(RmsNorm),
+    Layer(LayerNorm),
+}
+
+impl Norm {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Norm::Rms(n) => n.forward(x),
+            Norm::Layer(n) => n.forward(x),
+        }
+    }
+
+    pub fn bytes(&self) -> i64 {
+        match self {
+            Norm::Rms(n) => n.bytes(),
+            Norm::Layer(n) => n.bytes(),
+        }
+    }
+}
+
 /// The gated MLP of Llama-architecture models, `down_proj(silu(gate_proj(x)) * up_proj(x))`
 /// (Gemma's GeGLU: GELU for SiLU), tensor-parallel: a shard holds its part of the intermediate
 /// width.
