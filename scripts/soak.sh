@@ -67,7 +67,7 @@ trap 'exit 130' INT TERM
 start() {
     local name=$1 log=$dir/$1.log
     shift
-    "$@" --listen 127.0.0.1:0 --shutdown-grace-secs 10 >"$log" 2>&1 &
+    NO_COLOR=1 "$@" --listen 127.0.0.1:0 --shutdown-grace-secs 10 >"$log" 2>&1 &
     pids+=($!)
     for _ in $(seq 600); do
         addr=$(sed -n 's/^listening on //p' "$log" | head -1)
@@ -215,7 +215,8 @@ echo "$growth" | sed 's/^GROWTH:/grew by 5% or more:/'
 grep -q '^GROWTH:' <<<"$growth" && { echo "soak: FAIL: memory or descriptors grew by 5% or more" >&2; verdict=1; }
 for name in "${names[@]}"; do
     n=$(grep -cE 'ERROR|WARN|panicked' "$dir/$name.log" || true)
-    [[ $n -eq 0 ]] || echo "soak: $name logged $n warnings or errors, for example: $(grep -m1 -E 'ERROR|WARN|panicked' "$dir/$name.log")"
+    [[ $n -eq 0 ]] || echo "soak: $name logged $n warnings or errors, the first:" \
+        "$(grep -m1 -E 'ERROR|WARN|panicked' "$dir/$name.log" | sed 's/\x1b\[[0-9;]*m//g')"
 done
 echo "soak: samples in $dir/samples.csv, results in $dir/bench.json, logs in $dir"
 [[ $verdict -eq 0 ]] && echo "soak: PASS" || echo "soak: FAIL"
