@@ -60,7 +60,8 @@ pub struct Router {
     pub model: Arc<RwLock<Option<Arc<ModelView>>>>,
     pub limits: Limits,
     permits: Arc<Semaphore>,
-    /// Tokenizations running at once, on the blocking pool: one per core.
+    /// Tokenizations running at once, on the blocking pool: half the cores (at least one), so
+    /// that long texts never take every core from the runtime's threads.
     tokenizing: Semaphore,
 }
 
@@ -122,7 +123,7 @@ impl Router {
     ) -> Self {
         let permits = Arc::new(Semaphore::new(limits.max_concurrent_requests));
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        Router { metrics, pool, model, limits, permits, tokenizing: Semaphore::new(cores) }
+        Router { metrics, pool, model, limits, permits, tokenizing: Semaphore::new((cores / 2).max(1)) }
     }
 
     pub(crate) fn model(&self) -> Result<Arc<ModelView>, Status> {
@@ -147,7 +148,7 @@ impl Router {
     }
 
     /// Runs `work` (tokenizing: milliseconds to seconds for a long text) on the blocking pool,
-    /// at most one per core at once, so that it never holds up the runtime's other requests.
+    /// at most `tokenizing` at once, so that it never holds up the runtime's other requests.
     async fn off_runtime<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
         let _turn = self.tokenizing.acquire().await.map_err(|_| Status::unavailable("the router is stopping"))?;
         tokio::task::spawn_blocking(work).await.map_err(|e| Status::internal(format!("tokenizing failed: {e}")))

@@ -155,12 +155,20 @@ async fn a_huge_prompt_is_refused_by_size_and_never_stalls_other_calls() {
             calls.join_all().await
         })
     };
-    let (worst, statuses) = probe_while(&c, busy).await;
+    // The probe is another client, on its own connection, as an unrelated caller would be.
+    let started = Instant::now();
+    let (worst, statuses) = probe_while(&client(&raised).await, busy).await;
+    let busy_for = started.elapsed();
     for status in statuses {
         // Tokenized, then refused for its length in tokens: the whole text was read.
         assert!(status.message().contains("leave no room in the model's context"), "{}", status.message());
     }
-    assert!(worst < Duration::from_millis(300), "GetModelInfo waited {worst:?} behind the tokenizer");
+    // Tokenizing on the runtime, a probe waited about as long as the tokenizer ran. Receiving
+    // 8 MB costs the runtime some time too (a lot more in a debug build on a busy machine), so
+    // the bound is relative to how long the two calls took, with an absolute floor.
+    eprintln!("huge prompts: {busy_for:?}; the longest probe: {worst:?}");
+    let bound = (busy_for / 5).max(Duration::from_millis(300));
+    assert!(worst < bound, "GetModelInfo waited {worst:?} behind the tokenizer ({busy_for:?} in all)");
 }
 
 /// F6: idle connections. Nothing closed a connection that never spoke, and tonic's accept loop
