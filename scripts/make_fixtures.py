@@ -26,6 +26,8 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     GPTBigCodeConfig,
     GPTBigCodeForCausalLM,
     LlamaConfig,
@@ -102,6 +104,7 @@ LLAMA_FAMILY = {
     "gemma2": (Gemma2Config, Gemma2ForCausalLM),
     "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
     "starcoder2": (Starcoder2Config, Starcoder2ForCausalLM),
+    "granite": (GraniteConfig, GraniteForCausalLM),
 }
 
 
@@ -261,6 +264,11 @@ def llama_cases():
     yield "starcoder2_gqa", dict(seed=30, prompt_len=9), lambda: llama_family(
         "starcoder2", hidden_size=48, num_attention_heads=6, num_key_value_heads=2, intermediate_size=64,
         vocab_size=97, sliding_window=5, rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+    # Granite: Llama with its four multipliers, none of them 1; 6 heads over 2 K/V heads.
+    yield "granite_gqa", dict(seed=31, prompt_len=8), lambda: llama_family(
+        "granite", hidden_size=48, num_attention_heads=6, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=97, embedding_multiplier=2.0, attention_multiplier=0.2, residual_multiplier=0.5,
+        logits_scaling=3.0)
 
 
 def main():

@@ -265,7 +265,7 @@ fn check_decodes_together(lm: &mut LoadedModel, reference: &Reference, what: &st
 parity!(mqa_f32, mha_f32, mqa_hd12_untied, mqa_sharded, mqa_bf16, mqa_hd32_bf16);
 parity!(falcon_mqa, falcon_gqa, falcon_gqa_one_ln, falcon_rw_mha_sequential, falcon_rw40b, falcon_gqa_hd32);
 parity!(llama3_gqa, llama_mqa_bias, qwen2_gqa, qwen3_gqa, mistral_gqa, mistral_window);
-parity!(gemma3_mqa, gemma_gqa, gemma2_gqa, starcoder2_gqa);
+parity!(gemma3_mqa, gemma_gqa, gemma2_gqa, starcoder2_gqa, granite_gqa);
 
 /// Falcon's K/V heads per shard: the one multi-query head on every shard; grouped K/V split by
 /// whole groups where the shard count divides them, else the straddled groups on both shards.

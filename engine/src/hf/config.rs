@@ -173,7 +173,7 @@ pub enum ModelConfig {
 }
 
 /// The `model_type`s read, and the architecture each means.
-const MODEL_TYPES: &str = "\"gpt_bigcode\", \"falcon\", \"RefinedWebModel\", \"RefinedWeb\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \"gemma\", \"gemma2\", \"gemma3_text\", \"starcoder2\"";
+const MODEL_TYPES: &str = "\"gpt_bigcode\", \"falcon\", \"RefinedWebModel\", \"RefinedWeb\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \"gemma\", \"gemma2\", \"gemma3_text\", \"starcoder2\", \"granite\"";
 
 impl ModelConfig {
     /// Reads `config.json` in `dir`, dispatching on `model_type`.
@@ -198,7 +198,7 @@ impl ModelConfig {
                     .map_err(|source| Error::Json { path: path.clone(), source })?;
                 Ok(ModelConfig::Falcon(FalconConfig::validate(raw, model_type == "RefinedWeb", &path)?))
             }
-            "llama" | "qwen2" | "qwen3" | "mistral" | "gemma" | "gemma2" | "gemma3_text" | "starcoder2" => {
+            "llama" | "qwen2" | "qwen3" | "mistral" | "gemma" | "gemma2" | "gemma3_text" | "starcoder2" | "granite" => {
                 let variant = match model_type {
                     "llama" => LlamaVariant::Llama,
                     "qwen2" => LlamaVariant::Qwen2,
@@ -207,6 +207,7 @@ impl ModelConfig {
                     "gemma2" => LlamaVariant::Gemma2,
                     "gemma3_text" => LlamaVariant::Gemma3Text,
                     "starcoder2" => LlamaVariant::Starcoder2,
+                    "granite" => LlamaVariant::Granite,
                     _ => LlamaVariant::Mistral,
                 };
                 let raw: RawLlamaConfig = serde_json::from_value(value.clone())
@@ -523,6 +524,11 @@ struct RawLlamaConfig {
     /// Starcoder2: LayerNorm's epsilon, and biases on every projection (default true).
     norm_epsilon: Option<f64>,
     use_bias: Option<bool>,
+    /// Granite's multipliers (default 1).
+    embedding_multiplier: Option<f64>,
+    attention_multiplier: Option<f64>,
+    residual_multiplier: Option<f64>,
+    logits_scaling: Option<f64>,
     #[serde(default)]
     eos_token_id: TokenIds,
     /// Gemma 3's name for `hidden_act`.
@@ -572,6 +578,9 @@ pub enum LlamaVariant {
     /// Starcoder2: LayerNorm with biases, a plain GELU MLP (`c_fc`, `c_proj`), biases on every
     /// projection, a sliding window.
     Starcoder2,
+    /// Granite: Llama's, with multipliers of the embeddings, attention scores and residual
+    /// branches, and a divisor of the logits.
+    Granite,
 }
 
 impl LlamaVariant {
@@ -585,6 +594,7 @@ impl LlamaVariant {
             LlamaVariant::Gemma2 => "gemma2",
             LlamaVariant::Gemma3Text => "gemma3_text",
             LlamaVariant::Starcoder2 => "starcoder2",
+            LlamaVariant::Granite => "granite",
         }
     }
 }
@@ -647,6 +657,13 @@ pub struct LlamaConfig {
     pub final_logit_softcapping: Option<f64>,
     /// Attention scores become `cap * tanh(scores / cap)` (Gemma 2's `attn_logit_softcapping`).
     pub attn_logit_softcapping: Option<f64>,
+    /// Granite: the embeddings are multiplied by `embedding_multiplier`, each block's attention
+    /// and MLP outputs by `residual_multiplier` before they are added, and the logits divided
+    /// by `logits_scaling` (all 1 elsewhere; Granite's `attention_multiplier` is the attention
+    /// scale).
+    pub embedding_multiplier: f64,
+    pub residual_multiplier: f64,
+    pub logits_scaling: f64,
     pub tie_word_embeddings: bool,
     pub eos_token_ids: Vec<u32>,
 }
@@ -662,7 +679,7 @@ impl LlamaConfig {
         let vocab_size = f.positive("vocab_size", raw.vocab_size)?;
         // Each dialect's defaults (`LlamaConfig`, `Qwen2Config`, ... in transformers 5).
         let default_positions = match variant {
-            Llama => 2048,
+            Llama | Granite => 2048,
             Qwen2 | Qwen3 => 32768,
             Mistral | Gemma3Text => 4096 * 32,
             Starcoder2 => 4096,
@@ -671,7 +688,7 @@ impl LlamaConfig {
         let max_position_embeddings =
             f.positive("max_position_embeddings", Some(raw.max_position_embeddings.unwrap_or(default_positions)))?;
         let default_kv_heads = match variant {
-            Llama => n_heads,
+            Llama | Granite => n_heads,
             Qwen2 | Qwen3 => 32,
             Mistral => 8,
             Gemma => 16,
@@ -707,7 +724,7 @@ impl LlamaConfig {
             return Err(f.bad("head_dim", format!("rotary embeddings need an even head_dim, found {head_dim}")));
         }
         let mlp_gelu = match variant {
-            Llama | Qwen2 | Qwen3 | Mistral => {
+            Llama | Qwen2 | Qwen3 | Mistral | Granite => {
                 let act = raw.hidden_act.as_deref().unwrap_or("silu");
                 if act != "silu" {
                     return Err(f.bad("hidden_act", format!("unsupported activation {act:?} (supported: silu)")));
@@ -757,7 +774,7 @@ impl LlamaConfig {
         // Llama and Gemma have no window; Qwen2 and Qwen3 read `sliding_window` only with
         // `use_sliding_window`. A window at least as long as the context never drops a key.
         let window = match (variant, raw.sliding_window) {
-            (Llama | Gemma, _) => None,
+            (Llama | Gemma | Granite, _) => None,
             (Starcoder2, w) => w.flatten(),
             (Qwen2 | Qwen3, w) => w.unwrap_or(Some(4096)).filter(|_| raw.use_sliding_window),
             (_, w) => w.unwrap_or(Some(4096)),
@@ -845,7 +862,22 @@ impl LlamaConfig {
             }
         };
         let rope_local_theta = f.positive_f64("rope_local_base_freq", rope_local_theta.unwrap_or(rope_theta))?;
+        // Granite's four multipliers, read by no other dialect.
+        let granite = [
+            ("embedding_multiplier", raw.embedding_multiplier),
+            ("attention_multiplier", raw.attention_multiplier),
+            ("residual_multiplier", raw.residual_multiplier),
+            ("logits_scaling", raw.logits_scaling),
+        ];
+        for (field, value) in granite {
+            match (variant, value) {
+                (Granite, Some(v)) => _ = f.positive_f64(field, v)?,
+                (_, None) => {}
+                (_, Some(v)) => return Err(f.bad(field, format!("{v}: not read for {}", variant.model_type()))),
+            }
+        }
         let attention_scale = match raw.query_pre_attn_scalar {
+            None if variant == Granite => raw.attention_multiplier.unwrap_or(1.0),
             Some(s) => 1.0 / f.positive_f64("query_pre_attn_scalar", s)?.sqrt(),
             None if matches!(variant, Gemma2 | Gemma3Text) => 1.0 / 256f64.sqrt(),
             None => 1.0 / (head_dim as f64).sqrt(),
@@ -863,7 +895,7 @@ impl LlamaConfig {
             return Err(f.bad("use_bias", format!("{b}: not read for {}", variant.model_type())));
         }
         let gemma = matches!(variant, Gemma | Gemma2 | Gemma3Text);
-        if raw.mlp_bias && variant != Llama {
+        if raw.mlp_bias && !matches!(variant, Llama | Granite) {
             return Err(f.bad("mlp_bias", format!("{} has no MLP biases", variant.model_type())));
         }
         Ok(LlamaConfig {
@@ -893,6 +925,9 @@ impl LlamaConfig {
             attention_scale,
             final_logit_softcapping,
             attn_logit_softcapping,
+            embedding_multiplier: raw.embedding_multiplier.unwrap_or(1.0),
+            residual_multiplier: raw.residual_multiplier.unwrap_or(1.0),
+            logits_scaling: raw.logits_scaling.unwrap_or(1.0),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma || variant == Starcoder2),
             eos_token_ids: raw.eos_token_id.to_vec(),
         })
@@ -1211,6 +1246,24 @@ mod tests {
         assert_eq!((c.attn_logit_softcapping, c.final_logit_softcapping), (None, None));
     }
 
+    /// Granite's multipliers: the attention scale is `attention_multiplier`, not head_dim ** -0.5.
+    #[test]
+    fn granite_reads_its_multipliers() {
+        let c = llama(&format!(
+            r#"{{"model_type": "granite", {LLAMA}, "embedding_multiplier": 12.0, "attention_multiplier": 0.0078125,
+                 "residual_multiplier": 0.22, "logits_scaling": 8.0}}"#
+        ));
+        assert_eq!((c.embedding_multiplier, c.attention_scale), (12.0, 0.0078125));
+        assert_eq!((c.residual_multiplier, c.logits_scaling, c.num_key_value_heads), (0.22, 8.0, 8));
+        let c = llama(&format!(r#"{{"model_type": "granite", {LLAMA}}}"#));
+        assert_eq!(
+            (c.embedding_multiplier, c.attention_scale, c.residual_multiplier, c.logits_scaling),
+            (1.0, 1.0, 1.0, 1.0)
+        );
+        let c = llama(&format!(r#"{{"model_type": "llama", {LLAMA}}}"#));
+        assert_eq!((c.embedding_multiplier, c.residual_multiplier, c.logits_scaling), (1.0, 1.0, 1.0));
+    }
+
     /// Starcoder2's defaults: no window unless given, biases everywhere, LayerNorm's epsilon.
     #[test]
     fn starcoder2_reads_its_own_defaults() {
@@ -1266,6 +1319,8 @@ mod tests {
         bad("starcoder2", r#""head_dim": 16"#, "field `head_dim`: 16: starcoder2's heads are hidden_size");
         bad("starcoder2", r#""hidden_act": "swiglu""#, "field `hidden_act`");
         bad("llama", r#""use_bias": true"#, "field `use_bias`: true: not read for llama");
+        bad("llama", r#""logits_scaling": 8.0"#, "field `logits_scaling`: 8: not read for llama");
+        bad("granite", r#""residual_multiplier": 0.0"#, "field `residual_multiplier`: must be positive");
         bad("gemma2", r#""rope_local_base_freq": 10.0"#, "field `rope_local_base_freq`");
     }
 

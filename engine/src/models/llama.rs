@@ -5,13 +5,15 @@
 //! layers alternating with full ones, soft-capped attention scores and logits; `gemma3_text`:
 //! Gemma 2's without the scores' cap, with q/k norms and a rope base per kind of layer;
 //! `starcoder2`: LayerNorm with biases, a plain GELU MLP `c_fc`/`c_proj`, biases everywhere, a
-//! sliding window): pre-norm blocks of rotary attention over grouped or multi-query K/V and a
-//! gated MLP, RMSNorm elsewhere.
+//! sliding window; `granite`: multipliers of the embeddings, attention scores and residual
+//! branches, and a divisor of the logits): pre-norm blocks of rotary attention over grouped or
+//! multi-query K/V and a gated MLP, RMSNorm elsewhere.
 //!
 //! Mirrors `transformers/models/llama/modeling_llama.py` (and `qwen2`, `qwen3`, `mistral`,
-//! `gemma`, `gemma2`, `gemma3`, `starcoder2`). Field names are the checkpoint's tensor names
-//! (`model.layers.{i}.self_attn.q_proj`, ...); q, k and v are kept as one matrix (`qkv_proj`),
-//! and gate and up as another (`GatedMlp`), so that each pair or triple is one product.
+//! `gemma`, `gemma2`, `gemma3`, `starcoder2`, `granite`). Field names are the checkpoint's
+//! tensor names (`model.layers.{i}.self_attn.q_proj`, ...); q, k and v are kept as one matrix
+//! (`qkv_proj`), and gate and up as another (`GatedMlp`), so that each pair or triple is one
+//! product.
 
 use std::sync::Arc;
 
@@ -35,6 +37,10 @@ pub struct Llama {
     embed_tokens: Tensor,
     /// Gemma's embeddings are multiplied by `sqrt(hidden_size)`.
     embed_scale: Option<f64>,
+    /// Granite's `embedding_multiplier`, `residual_multiplier` and `logits_scaling` (1 elsewhere).
+    embedding_multiplier: f64,
+    residual_multiplier: f64,
+    logits_scaling: f64,
     layers: Vec<DecoderLayer>,
     /// `model.norm`.
     norm: Norm,
@@ -191,6 +197,9 @@ impl Llama {
         Ok(Llama {
             embed_tokens,
             embed_scale,
+            embedding_multiplier: c.embedding_multiplier,
+            residual_multiplier: c.residual_multiplier,
+            logits_scaling: c.logits_scaling,
             layers,
             norm,
             lm_head,
@@ -262,6 +271,13 @@ impl CausalLm for Llama {
             // In the activations' dtype, as `GemmaTextScaledWordEmbedding` (bf16 rounds it).
             x = &x * Tensor::from(scale).to_kind(x.kind()).to_device(x.device());
         }
+        if self.embedding_multiplier != 1.0 {
+            x = &x * self.embedding_multiplier;
+        }
+        // Granite's residual branches are scaled before they are added.
+        let residual = |branch: Tensor| {
+            if self.residual_multiplier == 1.0 { branch } else { branch * self.residual_multiplier }
+        };
         let kind = self.shard.dtype.kind();
         let angles = self.rotary.at(&batch.positions, kind)?;
         let local_angles = self.rotary_local.as_ref().map(|r| r.at(&batch.positions, kind)).transpose()?;
@@ -274,18 +290,21 @@ impl CausalLm for Llama {
                 Some(pre) => (l.post_attention_layernorm.forward(&a), pre),
                 None => (a, &l.post_attention_layernorm),
             };
-            x = &x + a;
+            x = &x + residual(a);
             let m = l.mlp.up(&mlp_norm.forward(&x));
             let m = row_parallel(comm, &[(&m, l.mlp.down())])?;
             x = &x
-                + match &l.post_feedforward_layernorm {
+                + residual(match &l.post_feedforward_layernorm {
                     Some(norm) => norm.forward(&m),
                     None => m,
-                };
+                });
         }
         // (n_rows, hidden_size) -> (n_rows, vocab_size)
         let x = self.norm.forward(&x.index_select(0, &batch.logit_rows));
-        let logits = self.shard.vocab.logits(&self.lm_head, &x, comm)?;
+        let mut logits = self.shard.vocab.logits(&self.lm_head, &x, comm)?;
+        if self.logits_scaling != 1.0 {
+            logits /= self.logits_scaling;
+        }
         Ok(match self.final_logit_softcapping {
             Some(cap) => soft_cap(&logits, cap),
             None => logits,
