@@ -441,3 +441,10 @@ fn a_missing_or_malformed_device_is_one_line_naming_it() {
 async fn batched_equals_alone_llama3_gqa_tp2() {
     check_batched_equals_alone("llama3_gqa", "2").await;
 }
+
+/// Gemma 3's shape (6 query heads over 1 K/V head, local and global layers with a window shorter
+/// than the prompts, soft-capped logits) over 3 shards, each holding the one K/V head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_equals_alone_gemma3_mqa_tp3() {
+    check_batched_equals_alone("gemma3_mqa", "3").await;
+}
