@@ -118,7 +118,7 @@ fn accepted(g: Generation, bounds: Bounds) {
     );
     assert!(g.kv_tokens() <= u64::from(bounds.max_context), "{} tokens overflow the context", g.kv_tokens());
     assert!(g.stop.len() <= 8 && g.stop.iter().all(|s| (1..=256).contains(&s.len())), "stop {:?}", g.stop);
-    let wire = worker_request(g).encode_to_vec();
+    let wire = onehead_router::service::worker_request("fuzz-0".into(), &g).encode_to_vec();
     let request = wpb::GenerateRequest::decode(wire.as_slice()).expect("an encoded worker request decodes");
     let shape = ModelShape {
         n_layers: 1,
@@ -130,29 +130,6 @@ fn accepted(g: Generation, bounds: Bounds) {
     };
     if let Err(e) = crate::worker::engine_request(request, &shape) {
         panic!("the router accepted a request that the worker refuses: {e}");
-    }
-}
-
-/// The worker request the router sends for an accepted request, as `Job::new` in
-/// router/src/service.rs builds it (private there, in a file this crate does not own: keep the
-/// two in step).
-fn worker_request(g: Generation) -> wpb::GenerateRequest {
-    wpb::GenerateRequest {
-        request_id: "fuzz-0".into(),
-        prompt_ids: g.prompt_ids,
-        sampling: Some(wpb::SamplingParams {
-            temperature: g.sampling.temperature,
-            top_k: g.sampling.top_k,
-            top_p: g.sampling.top_p,
-            repetition_penalty: g.sampling.repetition_penalty,
-            seed: g.sampling.seed,
-        }),
-        stopping: Some(wpb::StoppingCriteria {
-            max_new_tokens: g.max_new_tokens,
-            stop_token_ids: g.stop_token_ids,
-            ignore_eos: g.ignore_eos,
-        }),
-        top_n_logprobs: g.top_n_logprobs,
     }
 }
 

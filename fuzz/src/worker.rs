@@ -4,11 +4,10 @@
 //! ordinary and on degenerate logits. Input: one byte that picks the model, then the request.
 
 use std::sync::OnceLock;
-use std::time::Instant;
 
 use arbitrary::Unstructured;
-use onehead_engine::batching::request::{self, StoppingCriteria};
-use onehead_engine::batching::sampling::{Sampler, SamplingParams, top_logprobs};
+use onehead_engine::batching::request;
+use onehead_engine::batching::sampling::{Sampler, top_logprobs};
 use onehead_engine::error::Error;
 use onehead_engine::models::ModelShape;
 use onehead_proto::worker::v1 as pb;
@@ -83,38 +82,11 @@ fn check(path: &'static str, request: pb::GenerateRequest, shape: &ModelShape) {
     }
 }
 
-/// The worker's conversion of a proto request into an engine request, as
-/// `WorkerService::request` in worker/src/server.rs does it: keep the two in step. That one is a
-/// private method of the service (which needs a running engine), in a file this crate does not
-/// own. One difference: an unset seed is 0 here, not drawn from the clock, so that an input
-/// that fails fails again.
+/// The worker's conversion of a proto request into an engine request
+/// (`onehead_worker::server::engine_request`), with an unset seed 0 rather than the clock's, so
+/// that an input that fails fails again.
 pub fn engine_request(r: pb::GenerateRequest, shape: &ModelShape) -> Result<request::Request, Error> {
-    let sampling = r.sampling.unwrap_or_default();
-    let stopping = r.stopping.unwrap_or_default();
-    if sampling.top_k < 0 {
-        return Err(Error::invalid("top_k", format!("must be >= 0, got {}", sampling.top_k)));
-    }
-    let sampling = SamplingParams {
-        temperature: sampling.temperature,
-        top_k: sampling.top_k as usize,
-        top_p: sampling.top_p.unwrap_or(1.0),
-        repetition_penalty: sampling.repetition_penalty.unwrap_or(1.0),
-        seed: sampling.seed.unwrap_or(0),
-    };
-    let request = request::Request {
-        id: r.request_id,
-        prompt_ids: r.prompt_ids,
-        sampling,
-        stopping: StoppingCriteria {
-            max_new_tokens: stopping.max_new_tokens as usize,
-            stop_token_ids: stopping.stop_token_ids,
-            ignore_eos: stopping.ignore_eos,
-        },
-        top_n_logprobs: r.top_n_logprobs as usize,
-        arrived: Instant::now(),
-    };
-    request.validate(shape)?;
-    Ok(request)
+    onehead_worker::server::engine_request(r, shape, || 0)
 }
 
 /// Logits rows of `vocab_size`: a ramp, a flat row, and one of every non-finite and extreme

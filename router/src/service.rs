@@ -76,25 +76,30 @@ struct Job {
 
 impl Job {
     fn new(request_id: String, g: Generation) -> Self {
-        let tokens = g.kv_tokens();
-        let worker_request = wpb::GenerateRequest {
-            request_id,
-            prompt_ids: g.prompt_ids.clone(),
-            sampling: Some(wpb::SamplingParams {
-                temperature: g.sampling.temperature,
-                top_k: g.sampling.top_k,
-                top_p: g.sampling.top_p,
-                repetition_penalty: g.sampling.repetition_penalty,
-                seed: g.sampling.seed,
-            }),
-            stopping: Some(wpb::StoppingCriteria {
-                max_new_tokens: g.max_new_tokens,
-                stop_token_ids: g.stop_token_ids,
-                ignore_eos: g.ignore_eos,
-            }),
-            top_n_logprobs: g.top_n_logprobs,
-        };
-        Job { tokens, prompt_ids: g.prompt_ids, worker_request, stops: g.stop }
+        let worker_request = worker_request(request_id, &g);
+        Job { tokens: g.kv_tokens(), prompt_ids: g.prompt_ids, worker_request, stops: g.stop }
+    }
+}
+
+/// The worker request that carries a validated generation (stop sequences stay with the
+/// router, which matches them on the text).
+pub fn worker_request(request_id: String, g: &Generation) -> wpb::GenerateRequest {
+    wpb::GenerateRequest {
+        request_id,
+        prompt_ids: g.prompt_ids.clone(),
+        sampling: Some(wpb::SamplingParams {
+            temperature: g.sampling.temperature,
+            top_k: g.sampling.top_k,
+            top_p: g.sampling.top_p,
+            repetition_penalty: g.sampling.repetition_penalty,
+            seed: g.sampling.seed,
+        }),
+        stopping: Some(wpb::StoppingCriteria {
+            max_new_tokens: g.max_new_tokens,
+            stop_token_ids: g.stop_token_ids.clone(),
+            ignore_eos: g.ignore_eos,
+        }),
+        top_n_logprobs: g.top_n_logprobs,
     }
 }
 

@@ -55,37 +55,40 @@ fn status(e: Error) -> Status {
     }
 }
 
-impl WorkerService {
-    /// Checks a proto request against the model and turns it into an engine request.
-    fn request(&self, r: pb::GenerateRequest) -> Result<request::Request, Error> {
-        let arrived = Instant::now();
-        let sampling = r.sampling.unwrap_or_default();
-        let stopping = r.stopping.unwrap_or_default();
-        if sampling.top_k < 0 {
-            return Err(Error::invalid("top_k", format!("must be >= 0, got {}", sampling.top_k)));
-        }
-        let sampling = SamplingParams {
-            temperature: sampling.temperature,
-            top_k: sampling.top_k as usize,
-            top_p: sampling.top_p.unwrap_or(1.0),
-            repetition_penalty: sampling.repetition_penalty.unwrap_or(1.0),
-            seed: sampling.seed.unwrap_or_else(clock_seed),
-        };
-        let request = request::Request {
-            id: r.request_id,
-            prompt_ids: r.prompt_ids,
-            sampling,
-            stopping: StoppingCriteria {
-                max_new_tokens: stopping.max_new_tokens as usize,
-                stop_token_ids: stopping.stop_token_ids,
-                ignore_eos: stopping.ignore_eos,
-            },
-            top_n_logprobs: r.top_n_logprobs as usize,
-            arrived,
-        };
-        request.validate(&self.info.shape)?;
-        Ok(request)
+/// Checks a proto request against a model of `shape` and turns it into an engine request; an
+/// unset seed is `default_seed()` (the clock's, when serving).
+pub fn engine_request(
+    r: pb::GenerateRequest,
+    shape: &ModelShape,
+    default_seed: impl FnOnce() -> u64,
+) -> Result<request::Request, Error> {
+    let arrived = Instant::now();
+    let sampling = r.sampling.unwrap_or_default();
+    let stopping = r.stopping.unwrap_or_default();
+    if sampling.top_k < 0 {
+        return Err(Error::invalid("top_k", format!("must be >= 0, got {}", sampling.top_k)));
     }
+    let sampling = SamplingParams {
+        temperature: sampling.temperature,
+        top_k: sampling.top_k as usize,
+        top_p: sampling.top_p.unwrap_or(1.0),
+        repetition_penalty: sampling.repetition_penalty.unwrap_or(1.0),
+        seed: sampling.seed.unwrap_or_else(default_seed),
+    };
+    let request = request::Request {
+        id: r.request_id,
+        prompt_ids: r.prompt_ids,
+        sampling,
+        stopping: StoppingCriteria {
+            max_new_tokens: stopping.max_new_tokens as usize,
+            stop_token_ids: stopping.stop_token_ids,
+            ignore_eos: stopping.ignore_eos,
+        },
+        top_n_logprobs: r.top_n_logprobs as usize,
+        arrived,
+    };
+    request.validate(shape)?;
+    Ok(request)
 }
 
 fn to_proto(event: Event) -> pb::GenerateResponse {
@@ -131,7 +134,7 @@ impl Worker for WorkerService {
             trace_id = tracing::field::Empty,
         );
         onehead_telemetry::set_parent_from(&span, request.metadata());
-        let request = self.request(request.into_inner()).map_err(status)?;
+        let request = engine_request(request.into_inner(), &self.info.shape, clock_seed).map_err(status)?;
         let events = self.engine.submit(request).instrument(span.clone()).await.map_err(status)?;
         let stream = UnboundedReceiverStream::new(events).map(move |e| {
             let _in_span = &span;
