@@ -162,6 +162,9 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.workers.is_empty() && args.worker_dns.is_empty() {
         bail!("no workers: give --worker URL or --worker-dns NAME:PORT");
     }
+    if args.max_new_tokens == 0 {
+        bail!("--max-new-tokens: must be at least 1");
+    }
     let api_keys: HashSet<String> = match &args.api_key_file {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("--api-key-file {}", path.display()))?
