@@ -36,6 +36,24 @@ impl ConnectionLimits {
     /// 10 s for a first byte, which a real client sends at once; 5 minutes idle, well above the
     /// router's stream-silence limit, so a connection carrying a live stream is never idle.
     pub const DEFAULT: Self = Self { handshake: Duration::from_secs(10), idle: Duration::from_secs(300) };
+
+    /// The limits as both servers' flags give them: `--handshake-timeout-secs` and
+    /// `--idle-connection-timeout-secs`.
+    pub fn from_flags(handshake_secs: f64, idle_secs: f64) -> Result<Self, String> {
+        Ok(ConnectionLimits {
+            handshake: positive_secs("--handshake-timeout-secs", handshake_secs)?,
+            idle: positive_secs("--idle-connection-timeout-secs", idle_secs)?,
+        })
+    }
+}
+
+/// A flag's seconds as a duration; zero, negative and non-finite values are refused, naming the
+/// flag. The servers' time limits are all given this way.
+pub fn positive_secs(flag: &str, secs: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{flag}: expected a positive number of seconds, got {secs}"))
 }
 
 /// After a failed accept (mostly `EMFILE`: out of descriptors), the wait before the next.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use onehead_proto::serving::ConnectionLimits;
+use onehead_proto::serving::{ConnectionLimits, positive_secs};
 use onehead_proto::v1 as pb;
 use onehead_router::client::{self, ClientCommand};
 use onehead_router::discovery::Discovery;
@@ -196,12 +196,11 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             max_concurrent_requests: args.max_concurrent_requests,
             max_attempts: args.max_attempts.max(1),
             max_prompt_bytes: args.max_prompt_bytes,
-            stream_silence: positive_secs("--stream-silence-timeout-secs", args.stream_silence_timeout_secs)?,
+            stream_silence: positive_secs("--stream-silence-timeout-secs", args.stream_silence_timeout_secs)
+                .map_err(anyhow::Error::msg)?,
         },
-        connections: ConnectionLimits {
-            handshake: positive_secs("--handshake-timeout-secs", args.handshake_timeout_secs)?,
-            idle: positive_secs("--idle-connection-timeout-secs", args.idle_connection_timeout_secs)?,
-        },
+        connections: ConnectionLimits::from_flags(args.handshake_timeout_secs, args.idle_connection_timeout_secs)
+            .map_err(anyhow::Error::msg)?,
         api_keys,
         tls,
         model_id: args.model_id,
@@ -226,12 +225,4 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         served = server::serve(listener, config, stop) => served,
         () = expired => Ok(()),
     }
-}
-
-/// A flag's seconds as a duration; zero, negative and non-finite values are refused by name.
-fn positive_secs(flag: &str, secs: f64) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(secs)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .with_context(|| format!("{flag}: expected a positive number of seconds, got {secs}"))
 }

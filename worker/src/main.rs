@@ -13,7 +13,7 @@ use onehead_engine::generate::generate;
 use onehead_engine::hf::config::Dtype;
 use onehead_engine::kernels::WeightForm;
 use onehead_engine::loader::{LoadOptions, LoadedModel, available_memory_bytes, device_memory_bytes, load_model};
-use onehead_proto::serving::ConnectionLimits;
+use onehead_proto::serving::{ConnectionLimits, positive_secs};
 use onehead_worker::engine;
 use onehead_worker::metrics::WorkerMetrics;
 use onehead_worker::serve::{DeviceMemory, KvPoolLimits, KvPoolRequest, PoolMemory, kv_pool_tokens, pool_budget_bytes};
@@ -97,19 +97,9 @@ struct ConnectionArgs {
 
 impl ConnectionArgs {
     fn limits(&self) -> anyhow::Result<ConnectionLimits> {
-        Ok(ConnectionLimits {
-            handshake: positive_secs("--handshake-timeout-secs", self.handshake_timeout_secs)?,
-            idle: positive_secs("--idle-connection-timeout-secs", self.idle_connection_timeout_secs)?,
-        })
+        ConnectionLimits::from_flags(self.handshake_timeout_secs, self.idle_connection_timeout_secs)
+            .map_err(anyhow::Error::msg)
     }
-}
-
-/// A flag's seconds as a duration; zero, negative and non-finite values are refused by name.
-fn positive_secs(flag: &str, secs: f64) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(secs)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .with_context(|| format!("{flag}: expected a positive number of seconds, got {secs}"))
 }
 
 #[derive(Args)]
@@ -275,7 +265,7 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
         bail!("--max-batch-size and --prefill-chunk must be at least 1");
     }
     let serve_limits = server::ServeLimits {
-        stall: positive_secs("--stall-timeout-secs", args.stall_timeout_secs)?,
+        stall: positive_secs("--stall-timeout-secs", args.stall_timeout_secs).map_err(anyhow::Error::msg)?,
         connections: args.connections.limits()?,
     };
     if args.max_step_tokens < args.max_batch_size {
