@@ -17,6 +17,7 @@ COPY router/Cargo.toml router/
 COPY bench/Cargo.toml bench/
 COPY loadgen/Cargo.toml loadgen/
 COPY tests/Cargo.toml tests/
+COPY fuzz/Cargo.toml fuzz/
 COPY deploy/docker/stub-sources.sh /usr/local/bin/
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     stub-sources.sh \
