@@ -296,19 +296,7 @@ async fn tokenize_and_model_info() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_on_the_public_port() {
-    let dir = std::env::temp_dir().join(format!("onehead-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let made = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost", "-addext", "basicConstraints=critical,CA:FALSE"])
-        .args(["-addext", "extendedKeyUsage=serverAuth", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl makes the test certificate");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (cert, key) = onehead_tests::self_signed_certificate("onehead-tls");
     let w = worker(&[]).await;
     let r = Proc::start(
         "onehead-router",
@@ -343,7 +331,7 @@ async fn tls_on_the_public_port() {
     // Plaintext is refused on a TLS port.
     let plain = Channel::from_shared(format!("http://{}", r.addr)).unwrap().connect().await.unwrap();
     assert!(TextGenerationClient::new(plain).generate(text_request("x", 1)).await.is_err());
-    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(cert.parent().unwrap()).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

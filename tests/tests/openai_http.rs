@@ -309,19 +309,7 @@ async fn chat_with_a_model_without_a_template_is_refused_naming_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_on_the_http_port_with_the_same_certificate() {
-    let dir = std::env::temp_dir().join(format!("onehead-http-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let made = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost", "-addext", "basicConstraints=critical,CA:FALSE"])
-        .args(["-addext", "extendedKeyUsage=serverAuth", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl makes the test certificate");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (cert, key) = onehead_tests::self_signed_certificate("onehead-http-tls");
     let w = worker(&[]).await;
     let (cert_path, key_path) = (cert.to_str().unwrap(), key.to_str().unwrap());
     let args = ["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--worker", &w.url()];
@@ -361,7 +349,7 @@ async fn tls_on_the_http_port_with_the_same_certificate() {
     })
     .await;
     assert!(!String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"), "{read:?}");
-    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(cert.parent().unwrap()).unwrap();
 }
 
 /// `builtin:tiny`'s folder in the model cache (the worker writes it on first use).
