@@ -4,7 +4,8 @@
 //!
 //! A worker is in after a passing health check. It is out after `FAILED_CHECKS` failed checks in
 //! a row, or at once when a request to it fails; the next passing check lets it back in. A worker
-//! that serves another model than the cluster's is refused, for as long as the router knows it.
+//! that serves another model than the cluster's is refused until a later description (fetched
+//! when the worker restarts) shows the cluster's model.
 
 /// Failed checks in a row that take a worker out, as Kubernetes' probes count them: one slow
 /// answer from a busy machine is not a dead worker, and with one worker it would fail every
