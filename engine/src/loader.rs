@@ -91,17 +91,25 @@ pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
     Ok(LoadedModel { id, dir, config, runner, tokenizer, eos_token_ids })
 }
 
-/// Asks LibTorch's CPU allocator to back every allocation of 2 MiB or more with transparent
-/// huge pages (`THP_MEM_ALLOC_ENABLE=1`: 2 MiB-aligned, `madvise(MADV_HUGEPAGE)`), unless the
-/// environment already sets it. A decode step streams every weight once; through 4 KiB pages
-/// that is half a million TLB misses a step for SantaCoder, and the products ran 20-25% slower
-/// inside a step than back to back (docs/benchmarks-history.md, issue 2). Takes effect only before LibTorch's
-/// first allocation, so binaries call it first thing in `main`, before any thread starts.
-pub fn prefer_huge_pages() {
-    const VAR: &str = "THP_MEM_ALLOC_ENABLE";
-    if std::env::var_os(VAR).is_none() {
-        // SAFETY: called at the start of `main`, while the process has one thread.
-        unsafe { std::env::set_var(VAR, "1") };
+/// Sets the environment LibTorch reads once, at its first allocation or product, to onehead's
+/// defaults, leaving any variable the environment already sets. Takes effect only before then,
+/// so binaries call it first thing in `main`, before any thread starts.
+///
+/// - `THP_MEM_ALLOC_ENABLE=1`: LibTorch's CPU allocator backs every allocation of 2 MiB or more
+///   with transparent huge pages (2 MiB-aligned, `madvise(MADV_HUGEPAGE)`). A decode step streams
+///   every weight once; through 4 KiB pages that is half a million TLB misses a step for
+///   SantaCoder, and the products ran 20-25% slower inside a step than back to back
+///   (docs/benchmarks-history.md, issue 2).
+/// - `ONEDNN_PRIMITIVE_CACHE_CAPACITY=128` (oneDNN's default: 1024): oneDNN keeps a compiled
+///   primitive per product shape, and under continuous batching every new count of tokens in a
+///   step is a new shape, about 150 KB each. With 1024 entries a serving worker's memory grew
+///   for half an hour (BENCHMARKS.md, Soak); 128 holds every decode shape of a full batch.
+pub fn set_libtorch_env_defaults() {
+    for (var, value) in [("THP_MEM_ALLOC_ENABLE", "1"), ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")] {
+        if std::env::var_os(var).is_none() {
+            // SAFETY: called at the start of `main`, while the process has one thread.
+            unsafe { std::env::set_var(var, value) };
+        }
     }
 }
 

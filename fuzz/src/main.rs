@@ -31,7 +31,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    onehead_engine::loader::prefer_huge_pages();
+    onehead_engine::loader::set_libtorch_env_defaults();
     match run(Args::parse()) {
         Ok(code) => code,
         Err(e) => {

@@ -183,7 +183,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    onehead_engine::loader::prefer_huge_pages();
+    onehead_engine::loader::set_libtorch_env_defaults();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     // The OTLP exporter's gRPC client needs the runtime when it is built.

@@ -65,7 +65,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    onehead_engine::loader::prefer_huge_pages();
+    onehead_engine::loader::set_libtorch_env_defaults();
     let args = Args::parse();
     if args.telemetry_overhead {
         return telemetry_overhead();

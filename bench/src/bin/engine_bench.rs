@@ -69,7 +69,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    onehead_engine::loader::prefer_huge_pages();
+    onehead_engine::loader::set_libtorch_env_defaults();
     let args = Args::parse();
     if args.shard_table {
         print_shard_table();

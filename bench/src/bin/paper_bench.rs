@@ -53,7 +53,7 @@ struct Point {
 }
 
 fn main() -> anyhow::Result<()> {
-    onehead_engine::loader::prefer_huge_pages();
+    onehead_engine::loader::set_libtorch_env_defaults();
     let args = Args::parse();
     println!("onehead-paper-bench: {} LibTorch threads", tch::get_num_threads());
     let mut points = Vec::new();
