@@ -90,14 +90,19 @@ pub fn decode_over_full_caches(
     let capacity = start + n_steps;
     model.allocate_kv(batch * capacity)?;
     let slots: Vec<onehead_engine::kv_cache::KvSlot> =
-        (0..batch).map(|i| onehead_engine::kv_cache::KvSlot { start: i * capacity, capacity }).collect();
+        (0..batch).map(|i| onehead_engine::kv_cache::KvSlot::contiguous(i * capacity, capacity)).collect();
     let mut times_ms = Vec::new();
     for step in 0..n_steps {
         let tokens: Vec<[u32; 1]> = (0..batch).map(|i| [(i * 31 + step) as u32 % 1000]).collect();
         let inputs: Vec<ChunkInput<'_>> = slots
             .iter()
             .zip(&tokens)
-            .map(|(&slot, t)| ChunkInput { token_ids: t, slot, n_cached: start + step, logits: Logits::Last })
+            .map(|(slot, t)| ChunkInput {
+                token_ids: t,
+                slot: slot.clone(),
+                n_cached: start + step,
+                logits: Logits::Last,
+            })
             .collect();
         let started = std::time::Instant::now();
         model.step(&inputs)?;

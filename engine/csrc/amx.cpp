@@ -373,7 +373,9 @@ struct Attention {
   const uint16_t *q;
   const uint16_t *k, *v;
   int64_t capacity, n_kv_heads, group, d;
-  const int64_t *starts, *lens;
+  // Sequence i's keys: lens[i] of them, in blocks of 32 starting at block_starts[first_block[i]],
+  // block_starts[first_block[i] + 1], ... (pool positions).
+  const int64_t *block_starts, *first_block, *lens;
   int64_t n;
   float scale;
   uint16_t *y;
@@ -405,18 +407,20 @@ AMX_TARGET inline void pair_rows(const uint16_t *v, int64_t t, int64_t len, int6
 // One sequence `i` and K/V head `h`: all its query heads, 16 at a time.
 AMX_TARGET void attend_one(const Attention &job, Scratch &scratch, int64_t i, int64_t h) {
   const int64_t d = job.d, len = job.lens[i], padded = (len + 31) / 32 * 32, blocks = padded / 32;
-  const uint16_t *k = job.k + (h * job.capacity + job.starts[i]) * d;
-  const uint16_t *v = job.v + (h * job.capacity + job.starts[i]) * d;
+  const int64_t *starts = job.block_starts + job.first_block[i];
+  const uint16_t *k = job.k + h * job.capacity * d;
+  const uint16_t *v = job.v + h * job.capacity * d;
   // The last block of 32 keys, zero past `len`, when the sequence ends inside it.
   uint16_t *k_tail = at_least(scratch.k_tail, 32 * d);
   if (padded != len) {
     const int64_t first = padded - 32;
     std::memset(k_tail, 0, 32 * d * 2);
-    std::memcpy(k_tail, k + first * d, (len - first) * d * 2);
+    std::memcpy(k_tail, k + starts[blocks - 1] * d, (len - first) * d * 2);
   }
   uint16_t *v_pairs = at_least(scratch.v_pairs, padded * d);
   for (int64_t block = 0; block < blocks; block++) {
-    for (int64_t pair = 0; pair < 16; pair++) pair_rows(v, block * 32 + 2 * pair, len, d, pair, v_pairs + block * 32 * d);
+    const uint16_t *vb = v + starts[block] * d;
+    for (int64_t pair = 0; pair < 16; pair++) pair_rows(vb, 2 * pair, len - block * 32, d, pair, v_pairs + block * 32 * d);
   }
   uint16_t *q_t = at_least(scratch.q_t, 16 * d);
   float *s = at_least(scratch.s, padded * 16);
@@ -439,7 +443,7 @@ AMX_TARGET void attend_one(const Attention &job, Scratch &scratch, int64_t i, in
     }
     // S^T, 32 keys at a time: tiles 0 and 1 keys, 2 Q^T, 3 and 4 the sums.
     for (int64_t block = 0; block < blocks; block++) {
-      const uint16_t *kb = block * 32 + 32 <= len ? k + block * 32 * d : k_tail;
+      const uint16_t *kb = block * 32 + 32 <= len ? k + starts[block] * d : k_tail;
       _tile_zero(3);
       _tile_zero(4);
       for (int64_t step = 0; step < d / 32; step++) {
@@ -556,13 +560,15 @@ void onehead_amx_linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t 
 }
 
 // Decode attention, as `Attention` above: `q` (n, n_kv_heads * group, d) one token per sequence;
-// `k`, `v` the pool's (n_kv_heads, capacity, d) for one layer, sequence i's keys at
-// starts[i] .. starts[i] + lens[i]; `y` (n, n_kv_heads * group, d). bf16 throughout, d a
-// multiple of 32, lens at least 1. The caller has checked `onehead_amx_available` and the sizes.
+// `k`, `v` the pool's (n_kv_heads, capacity, d) for one layer, sequence i's lens[i] keys in
+// blocks of 32 at pool positions block_starts[first_block[i]], block_starts[first_block[i] + 1],
+// ...; `y` (n, n_kv_heads * group, d). bf16 throughout, d a multiple of 32, lens at least 1. The
+// caller has checked `onehead_amx_available` and that every block lies inside the pool.
 void onehead_amx_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t capacity,
-                                  int64_t n_kv_heads, int64_t group, int64_t d, const int64_t *starts,
-                                  const int64_t *lens, int64_t n, float scale, uint16_t *y) {
-  Attention job{q, k, v, capacity, n_kv_heads, group, d, starts, lens, n, scale, y};
+                                  int64_t n_kv_heads, int64_t group, int64_t d, const int64_t *block_starts,
+                                  const int64_t *first_block, const int64_t *lens, int64_t n, float scale,
+                                  uint16_t *y) {
+  Attention job{q, k, v, capacity, n_kv_heads, group, d, block_starts, first_block, lens, n, scale, y};
   on_team(attend_share, &job, n * n_kv_heads > 1);
 }
 

@@ -30,7 +30,7 @@ pub fn generate(
     validate(model.shape(), prompt_ids, sampling, stopping)?;
     let capacity = (prompt_ids.len() + stopping.max_new_tokens) as i64;
     model.allocate_kv(capacity)?;
-    let slot = KvSlot { start: 0, capacity };
+    let slot = KvSlot::contiguous(0, capacity);
     let mut sampler = Sampler::new(sampling.clone());
     let mut history = prompt_ids.to_vec();
     let mut generation = Generation { new_ids: Vec::new(), logprobs: Vec::new(), finish_reason: FinishReason::Length };
@@ -38,7 +38,8 @@ pub fn generate(
     let mut chunk: &[u32] = prompt_ids;
     let mut n_cached = 0;
     while generation.new_ids.len() < stopping.max_new_tokens {
-        let logits = model.step(&[ChunkInput { token_ids: chunk, slot, n_cached, logits: Logits::Last }])?;
+        let logits =
+            model.step(&[ChunkInput { token_ids: chunk, slot: slot.clone(), n_cached, logits: Logits::Last }])?;
         n_cached += chunk.len() as i64;
         let choice = sampler.sample(&logits, &history);
         history.push(choice.token);
@@ -62,7 +63,7 @@ pub fn sequence_logprobs(model: &mut dyn Runner, ids: &[u32]) -> Result<Vec<f32>
     }
     let n = ids.len() as i64;
     model.allocate_kv(n)?;
-    let slot = KvSlot { start: 0, capacity: n };
+    let slot = KvSlot::contiguous(0, n);
     let flat = model.step(&[ChunkInput { token_ids: ids, slot, n_cached: 0, logits: Logits::All }])?;
     let vocab = model.shape().vocab_size as usize;
     Ok((0..ids.len() - 1).map(|i| log_softmax_at(&flat[i * vocab..(i + 1) * vocab], ids[i + 1] as usize)).collect())

@@ -242,7 +242,7 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
                                 .iter()
                                 .map(|c| ChunkInput {
                                     token_ids: &c.token_ids,
-                                    slot: c.slot,
+                                    slot: c.slot.clone(),
                                     n_cached: c.n_cached,
                                     logits: c.logits,
                                 })
@@ -339,7 +339,7 @@ impl Runner for TensorParallel {
                 .iter()
                 .map(|c| OwnedChunk {
                     token_ids: c.token_ids.to_vec(),
-                    slot: c.slot,
+                    slot: c.slot.clone(),
                     n_cached: c.n_cached,
                     logits: c.logits,
                 })

@@ -123,14 +123,17 @@ fn check_chunked_prefill(name: &str) {
     let (mut lm, reference) = load_tp(name, if test_device().is_cuda() { 1 } else { 2 });
     let model = lm.runner.as_mut();
     let seq: Vec<u32> = reference.prompt_ids.iter().chain(&reference.new_ids).copied().collect();
-    // Put the sequence in the middle of a larger pool, to check slot offsets too.
-    model.allocate_kv(100).unwrap();
-    let slot = KvSlot { start: 37, capacity: seq.len() as i64 };
+    // Put the sequence in blocks scattered over a larger pool, out of order and off the block
+    // boundaries, to check that every read and write goes through them.
+    model.allocate_kv(200).unwrap();
+    let slot = KvSlot::from_block_starts(vec![101, 7, 150, 40]);
+    assert!(seq.len() as i64 <= slot.capacity());
     let vocab = model.shape().vocab_size as usize;
     let mut logprobs = Vec::new();
     for (i, chunk) in seq[..seq.len() - 1].chunks(3).enumerate() {
         let n_cached = 3 * i as i64;
-        let logits = model.step(&[ChunkInput { token_ids: chunk, slot, n_cached, logits: Logits::All }]).unwrap();
+        let input = ChunkInput { token_ids: chunk, slot: slot.clone(), n_cached, logits: Logits::All };
+        let logits = model.step(&[input]).unwrap();
         for j in 0..chunk.len() {
             let next = seq[n_cached as usize + j + 1] as usize;
             logprobs.push(log_softmax_at(&logits[j * vocab..(j + 1) * vocab], next));
@@ -212,7 +215,7 @@ fn check_decodes_together(lm: &mut LoadedModel, reference: &Reference, what: &st
     let ids = &reference.prompt_ids;
     // Prompts of 3, 8 and 5 tokens (decoded: their last one), and one of 6 prefilled at once.
     let prompts: Vec<Vec<u32>> = [3, 8, 5, 6].iter().map(|&n| ids.iter().cycle().take(n).copied().collect()).collect();
-    let slot = |i: usize, round: i64| KvSlot { start: 64 * i as i64 + 32 * round, capacity: 32 };
+    let slot = |i: usize, round: i64| KvSlot::contiguous(64 * i as i64 + 32 * round, 32);
     let prefill = |model: &mut dyn onehead_engine::runner::Runner, i: usize, round: i64| {
         let p = &prompts[i][..prompts[i].len() - 1];
         model.step(&[ChunkInput { token_ids: p, slot: slot(i, round), n_cached: 0, logits: Logits::None }]).unwrap();
@@ -351,14 +354,18 @@ fn a_bf16_checkpoint_loads_as_bf16_by_default_and_agrees_with_f32() {
 fn decoded_logprobs(lm: &mut LoadedModel, seq: &[u32], prompt_len: usize) -> Vec<f32> {
     let model = lm.runner.as_mut();
     model.allocate_kv(seq.len() as i64).unwrap();
-    let slot = KvSlot { start: 0, capacity: seq.len() as i64 };
+    let slot = KvSlot::contiguous(0, seq.len() as i64);
     let vocab = model.shape().vocab_size as usize;
     let mut logprobs = Vec::new();
     let mut start = 0;
     while start < seq.len() - 1 {
         let len = if start == 0 { prompt_len } else { 1 };
-        let chunk =
-            ChunkInput { token_ids: &seq[start..start + len], slot, n_cached: start as i64, logits: Logits::All };
+        let chunk = ChunkInput {
+            token_ids: &seq[start..start + len],
+            slot: slot.clone(),
+            n_cached: start as i64,
+            logits: Logits::All,
+        };
         let logits = model.step(&[chunk]).unwrap();
         for j in 0..len {
             logprobs.push(log_softmax_at(&logits[j * vocab..(j + 1) * vocab], seq[start + j + 1] as usize));
@@ -418,7 +425,7 @@ fn bf16_prefills_on_amx_tiles_agree_with_onednn() {
                 .enumerate()
                 .map(|(i, ids)| ChunkInput {
                     token_ids: ids,
-                    slot: KvSlot { start: (i * LEN) as i64, capacity: LEN as i64 },
+                    slot: KvSlot::contiguous((i * LEN) as i64, LEN as i64),
                     n_cached: 0,
                     logits: Logits::All,
                 })
@@ -502,10 +509,10 @@ fn a_failing_sharded_step_errors_instead_of_hanging() {
     std::thread::spawn(move || {
         let (mut lm, _) = load_tp("mqa_f32", 2);
         lm.runner.allocate_kv(8).unwrap();
-        let bad = KvSlot { start: 6, capacity: 8 };
+        let bad = KvSlot::contiguous(6, 8);
         let first =
             lm.runner.step(&[ChunkInput { token_ids: &[1, 2, 3, 4], slot: bad, n_cached: 0, logits: Logits::Last }]);
-        let ok_slot = KvSlot { start: 0, capacity: 8 };
+        let ok_slot = KvSlot::contiguous(0, 8);
         let second =
             lm.runner.step(&[ChunkInput { token_ids: &[1], slot: ok_slot, n_cached: 0, logits: Logits::Last }]);
         let _ = tx.send((first.is_err(), second.map(|_| ()).map_err(|e| e.to_string())));

@@ -33,6 +33,9 @@ pub struct RandomSpec {
     pub output_len: u32,
     /// Each length is drawn uniformly from `[floor(len * (1 - r)), ceil(len * (1 + r))]`; in [0, 1).
     pub range_ratio: f64,
+    /// Tokens of one random prefix every prompt starts with, before its own `input_len` tokens
+    /// (`--shared-prefix-len`, vLLM's `--random-prefix-len`): what a prefix cache can share.
+    pub shared_prefix_len: u32,
 }
 
 /// The inclusive range vLLM's random dataset draws a length from; at least 1.
@@ -43,16 +46,18 @@ pub fn length_bounds(len: u32, range_ratio: f64) -> (u32, u32) {
 }
 
 /// `n` requests of token ids drawn uniformly from `0..vocab_size`, each with its lengths drawn
-/// from `spec`'s ranges.
+/// from `spec`'s ranges, after the one shared prefix (its `input_len` counts both).
 pub fn random_requests(spec: &RandomSpec, vocab_size: u32, n: usize, rng: &mut StdRng) -> Vec<SampleRequest> {
     let (in_low, in_high) = length_bounds(spec.input_len, spec.range_ratio);
     let (out_low, out_high) = length_bounds(spec.output_len, spec.range_ratio);
+    let prefix: Vec<u32> = (0..spec.shared_prefix_len).map(|_| rng.random_range(0..vocab_size)).collect();
     (0..n)
         .map(|_| {
-            let input_len = rng.random_range(in_low..=in_high);
+            let own_len = rng.random_range(in_low..=in_high);
             let output_len = rng.random_range(out_low..=out_high);
-            let ids = (0..input_len).map(|_| rng.random_range(0..vocab_size)).collect();
-            SampleRequest { prompt: Prompt::Ids(ids), input_len, output_len }
+            let mut ids = prefix.clone();
+            ids.extend((0..own_len).map(|_| rng.random_range(0..vocab_size)));
+            SampleRequest { input_len: ids.len() as u32, prompt: Prompt::Ids(ids), output_len }
         })
         .collect()
 }
@@ -191,7 +196,7 @@ mod tests {
 
     #[test]
     fn random_requests_are_seeded_and_within_bounds() {
-        let spec = RandomSpec { input_len: 20, output_len: 10, range_ratio: 0.5 };
+        let spec = RandomSpec { input_len: 20, output_len: 10, range_ratio: 0.5, shared_prefix_len: 0 };
         let make = |seed| random_requests(&spec, 257, 200, &mut StdRng::seed_from_u64(seed));
         let requests = make(7);
         assert_eq!(requests, make(7), "same seed, same requests");
@@ -208,5 +213,18 @@ mod tests {
         let exact = RandomSpec { range_ratio: 0.0, ..spec };
         let requests = random_requests(&exact, 257, 5, &mut StdRng::seed_from_u64(1));
         assert!(requests.iter().all(|r| r.input_len == 20 && r.output_len == 10));
+        // A shared prefix: the same first 16 ids everywhere, then each prompt's own.
+        let shared = RandomSpec { shared_prefix_len: 16, ..exact };
+        let requests = random_requests(&shared, 257, 5, &mut StdRng::seed_from_u64(1));
+        let ids: Vec<&Vec<u32>> = requests
+            .iter()
+            .map(|r| match &r.prompt {
+                Prompt::Ids(ids) => ids,
+                _ => panic!(),
+            })
+            .collect();
+        assert!(requests.iter().all(|r| r.input_len == 36));
+        assert!(ids.iter().all(|i| i.len() == 36 && i[..16] == ids[0][..16]));
+        assert!(ids[1..].iter().all(|i| i[16..] != ids[0][16..]));
     }
 }

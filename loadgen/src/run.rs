@@ -220,7 +220,7 @@ fn progress_bar(enabled: bool, n: usize) -> ProgressBar {
 
 /// The random lengths must fit the router's limits, or every request would fail.
 fn check_random(spec: &RandomSpec, model: &pb::ModelInfo) -> Result<(), Error> {
-    let (_, in_high) = length_bounds(spec.input_len, spec.range_ratio);
+    let in_high = length_bounds(spec.input_len, spec.range_ratio).1 + spec.shared_prefix_len;
     let (_, out_high) = length_bounds(spec.output_len, spec.range_ratio);
     if out_high > model.max_new_tokens_limit {
         let message = format!(
@@ -310,7 +310,8 @@ mod tests {
     fn random_lengths_must_fit_the_router() {
         let model = pb::ModelInfo { max_context: 100, max_new_tokens_limit: 50, ..Default::default() };
         let check = |input_len, output_len, range_ratio| {
-            check_random(&RandomSpec { input_len, output_len, range_ratio }, &model).map_err(|e| e.to_string())
+            let spec = RandomSpec { input_len, output_len, range_ratio, shared_prefix_len: 0 };
+            check_random(&spec, &model).map_err(|e| e.to_string())
         };
         assert_eq!(check(50, 50, 0.0), Ok(()));
         let e = check(40, 40, 0.5).unwrap_err();

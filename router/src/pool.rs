@@ -101,19 +101,54 @@ impl Drop for Assignment {
     }
 }
 
+/// Prompt tokens that name a request's prefix for routing: a worker's first KV block
+/// (`onehead_engine::kv_cache::BLOCK_TOKENS`), the first one its prefix cache can share.
+pub const PREFIX_TOKENS: usize = 32;
+
+/// A prompt's prefix key for routing: a hash of its first `PREFIX_TOKENS` tokens, when it has
+/// more than that (a worker caches only full blocks, and never a prompt's last token).
+pub fn prefix_key(prompt_ids: &[u32]) -> Option<u64> {
+    (prompt_ids.len() > PREFIX_TOKENS).then(|| hash((0u64, &prompt_ids[..PREFIX_TOKENS])))
+}
+
+fn hash(value: impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
+}
+
+impl WorkerEntry {
+    fn waiting(&self) -> u32 {
+        self.load.as_ref().map_or(0, |l| l.waiting)
+    }
+
+    /// Whether this worker is loaded about as lightly as `best`: no more requests waiting, and
+    /// headroom within an eighth of its pool of `best`'s.
+    fn close_to(&self, best: &WorkerEntry) -> bool {
+        let slack = self.load.as_ref().map_or(0, |l| l.kv_tokens_total as i64 / 8);
+        self.waiting() <= best.waiting() && self.headroom() + slack >= best.headroom()
+    }
+}
+
 impl Pool {
     /// The healthy worker with the most headroom, skipping `exclude`; fewer waiting requests
-    /// break ties, then fewer outstanding tokens.
-    fn pick(&self, exclude: &[String]) -> Option<usize> {
-        self.workers
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| w.health.is_in() && !exclude.contains(&w.url))
+    /// break ties, then fewer outstanding tokens. With a `prefix` key (`prefix_key`), the worker
+    /// that key ranks first (rendezvous hashing over the healthy workers, so a key keeps its
+    /// worker while others come and go) is taken instead whenever its load is close to the best
+    /// one's (`close_to`): requests that start alike meet the KV blocks their predecessors left
+    /// in its prefix cache, and load still wins when it differs.
+    fn pick(&self, exclude: &[String], prefix: Option<u64>) -> Option<usize> {
+        let candidates =
+            || self.workers.iter().enumerate().filter(|(_, w)| w.health.is_in() && !exclude.contains(&w.url));
+        let best = candidates()
             .max_by_key(|(_, w)| {
-                let waiting = w.load.as_ref().map_or(0, |l| l.waiting);
-                (w.headroom(), std::cmp::Reverse(waiting), std::cmp::Reverse(w.outstanding_tokens))
+                (w.headroom(), std::cmp::Reverse(w.waiting()), std::cmp::Reverse(w.outstanding_tokens))
             })
-            .map(|(i, _)| i)
+            .map(|(i, _)| i)?;
+        let preferred = prefix.and_then(|key| candidates().max_by_key(|(_, w)| hash((key, &w.url))).map(|(i, _)| i));
+        match preferred {
+            Some(p) if self.workers[p].close_to(&self.workers[best]) => Some(p),
+            _ => Some(best),
+        }
     }
 
     pub fn healthy_count(&self) -> usize {
@@ -182,10 +217,11 @@ impl Pool {
     }
 }
 
-/// Picks a worker for a request of `tokens` (prompt + max_new_tokens) and counts them there.
-pub fn assign(pool: &Arc<Mutex<Pool>>, exclude: &[String], tokens: u64) -> Option<Assignment> {
+/// Picks a worker for a request of `tokens` (prompt + max_new_tokens) whose prompt has the
+/// `prefix` key (`prefix_key`), and counts the tokens there.
+pub fn assign(pool: &Arc<Mutex<Pool>>, exclude: &[String], tokens: u64, prefix: Option<u64>) -> Option<Assignment> {
     let mut guard = pool.lock().unwrap();
-    let i = guard.pick(exclude)?;
+    let i = guard.pick(exclude, prefix)?;
     let w = &mut guard.workers[i];
     w.outstanding_tokens += tokens;
     Some(Assignment { pool: pool.clone(), url: w.url.clone(), client: w.client.clone(), tokens })
@@ -223,11 +259,11 @@ mod tests {
     async fn picks_the_most_headroom_and_counts_its_own_requests() {
         let p = pool(vec![worker("a", 600, 0), worker("b", 900, 0)]);
         // b has more room; each assignment there uses its headroom until a is better.
-        let first = assign(&p, &[], 200).unwrap();
+        let first = assign(&p, &[], 200, None).unwrap();
         assert_eq!(first.url, "b");
-        let second = assign(&p, &[], 200).unwrap();
+        let second = assign(&p, &[], 200, None).unwrap();
         assert_eq!(second.url, "b", "b: 1000 - max(100, 200) = 800 > 600");
-        let third = assign(&p, &[], 300).unwrap();
+        let third = assign(&p, &[], 300, None).unwrap();
         assert_eq!(third.url, "a", "b: 1000 - 400 = 600, a: 600; tie broken by fewer outstanding tokens");
         drop((first, second));
         assert_eq!(p.lock().unwrap().workers[1].outstanding_tokens, 0);
@@ -235,13 +271,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_prefix_goes_to_the_same_worker_while_loads_are_close() {
+        let p = pool(vec![worker("a", 900, 0), worker("b", 900, 0), worker("c", 900, 0)]);
+        let prefixes: Vec<u64> = (0..30u32).map(|i| prefix_key(&[i; 40]).unwrap()).collect();
+        let home = |key: u64| assign(&p, &[], 0, Some(key)).unwrap().url.clone();
+        let homes: Vec<String> = prefixes.iter().map(|&k| home(k)).collect();
+        // The same key, the same worker; different keys spread over all three.
+        assert!(prefixes.iter().zip(&homes).all(|(&k, h)| home(k) == *h));
+        for w in ["a", "b", "c"] {
+            assert!(homes.iter().any(|h| h == w), "no prefix went to {w}: {homes:?}");
+        }
+        // Within an eighth of the pool (125 tokens) of the best headroom (900), the prefix's
+        // worker still wins; beyond it, or with more requests waiting, load does.
+        let (key, h) = (prefixes[0], homes[0].clone());
+        let set = |outstanding: u64, waiting: u32| {
+            let mut pool = p.lock().unwrap();
+            let w = pool.workers.iter_mut().find(|w| w.url == h).unwrap();
+            (w.outstanding_tokens, w.load) = (outstanding, Some(load(900, waiting)));
+        };
+        set(200, 0);
+        assert_eq!(home(key), h, "headroom 800 against 900");
+        set(300, 0);
+        assert_ne!(home(key), h, "headroom 700 against 900");
+        set(0, 2);
+        assert_ne!(home(key), h, "more requests waiting there");
+        // Short prompts have no key: a worker caches full blocks only.
+        assert_eq!((prefix_key(&[1; 32]), prefix_key(&[1; 33]).is_some()), (None, true));
+    }
+
+    #[tokio::test]
     async fn skips_unhealthy_refused_and_excluded_workers() {
         let p = pool(vec![worker("a", 100, 0), worker("b", 900, 0), worker("c", 500, 3)]);
         assert_eq!(p.lock().unwrap().on_request_failed("b"), Change::Out { failed_checks: 0 });
-        assert_eq!(assign(&p, &[], 1).unwrap().url, "c");
-        assert_eq!(assign(&p, &["c".into()], 1).unwrap().url, "a");
+        assert_eq!(assign(&p, &[], 1, None).unwrap().url, "c");
+        assert_eq!(assign(&p, &["c".into()], 1, None).unwrap().url, "a");
         p.lock().unwrap().workers[0].health.on_check_ok(Some(Err("other model".into())));
-        assert!(assign(&p, &["c".into()], 1).is_none());
+        assert!(assign(&p, &["c".into()], 1, None).is_none());
         assert_eq!(p.lock().unwrap().healthy_count(), 1);
     }
 

@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::chat::ChatTemplate;
 use crate::health::Change;
 use crate::metrics::RouterMetrics;
-use crate::pool::{Pool, assign};
+use crate::pool::{Pool, assign, prefix_key};
 use crate::text::{Detokenizer, StopMatcher, Tokenizer};
 use crate::validate::{self, Bounds, Generation, Invalid};
 
@@ -72,12 +72,15 @@ struct Job {
     stops: Vec<String>,
     /// prompt + max_new_tokens: what the request may hold of a worker's KV pool.
     tokens: u64,
+    /// See `pool::prefix_key`.
+    prefix: Option<u64>,
 }
 
 impl Job {
     fn new(request_id: String, g: Generation) -> Self {
         let worker_request = worker_request(request_id, &g);
-        Job { tokens: g.kv_tokens(), prompt_ids: g.prompt_ids, worker_request, stops: g.stop }
+        let prefix = prefix_key(&g.prompt_ids);
+        Job { tokens: g.kv_tokens(), prefix, prompt_ids: g.prompt_ids, worker_request, stops: g.stop }
     }
 }
 
@@ -256,7 +259,7 @@ impl Run {
         let mut failures = Vec::new();
         let mut tried = Vec::new();
         while tried.len() < self.max_attempts {
-            let Some(assignment) = assign(&self.pool, &tried, self.job.tokens) else { break };
+            let Some(assignment) = assign(&self.pool, &tried, self.job.tokens, self.job.prefix) else { break };
             tried.push(assignment.url.clone());
             match self.attempt(&assignment.url, assignment.client.clone()).await {
                 Attempt::Done => return,

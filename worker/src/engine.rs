@@ -331,7 +331,7 @@ impl Engine {
         if self.scheduler.load().kv_tokens_total < 1 {
             return Err(Error::invalid("kv_cache_tokens", "the KV pool holds no token"));
         }
-        let slot = KvSlot { start: 0, capacity: 1 };
+        let slot = KvSlot::contiguous(0, 1);
         self.runner.step(&[ChunkInput { token_ids: &[0], slot, n_cached: 0, logits: Logits::Last }]).map(drop)
     }
 }
@@ -347,7 +347,7 @@ mod tests {
     fn a_stall_is_silence_while_work_waits() {
         let t0 = Instant::now();
         let load = |waiting, running| Load {
-            scheduler: LoadSnapshot { waiting, running, kv_tokens_free: 0, kv_tokens_total: 0 },
+            scheduler: LoadSnapshot { waiting, running, kv_tokens_free: 0, kv_tokens_total: 0, ..Default::default() },
             steps_per_sec: 0.0,
             published: t0,
         };
@@ -373,7 +373,13 @@ mod tests {
             lm.runner.dtype().size_bytes() as i64,
         );
         let metrics = WorkerMetrics::new(&onehead_telemetry::Registry::default(), shards, None);
-        let config = SchedulerConfig { max_batch_size: 4, max_step_tokens: 64, prefill_chunk: 16 };
+        let config = SchedulerConfig {
+            max_batch_size: 4,
+            max_step_tokens: 64,
+            prefill_chunk: 16,
+            prefix_caching: true,
+            cache_salt: 0,
+        };
         let (handle, ready, engine_loop) = new(lm.runner, lm.eos_token_ids, config, 256, metrics);
         assert!(matches!(handle.load(), Err(Error::EngineWarmingUp)));
         let (stop, engine) = (handle.clone(), std::thread::spawn(move || engine_loop.run()));

@@ -58,6 +58,10 @@ struct ServeArgs {
     /// Most tokens (decode and prefill together) in one step.
     #[arg(long, env = "ONEHEAD_MAX_STEP_TOKENS", default_value_t = 512)]
     max_step_tokens: usize,
+    /// Do not share the KV blocks of a common prompt prefix between requests: every prompt is
+    /// prefilled whole (the results are the same either way).
+    #[arg(long, env = "ONEHEAD_NO_PREFIX_CACHING")]
+    no_prefix_caching: bool,
     /// Address for Prometheus to scrape `GET /metrics` (off when unset).
     #[arg(long, env = "ONEHEAD_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -316,6 +320,8 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
         max_batch_size: args.max_batch_size,
         max_step_tokens: args.max_step_tokens,
         prefill_chunk: args.prefill_chunk,
+        prefix_caching: !args.no_prefix_caching,
+        cache_salt: onehead_engine::kv_cache::blocks::salt(&lm.id, lm.runner.dtype().name()),
     };
     let registry = onehead_telemetry::Registry::default();
     let dtype_bytes = lm.runner.dtype().size_bytes() as i64;

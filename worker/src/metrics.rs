@@ -5,6 +5,7 @@
 use onehead_engine::batching::request::Finished;
 use onehead_engine::batching::scheduler::{LoadSnapshot, StepPlan};
 use onehead_engine::bytes::{ShardBytes, StepBytes};
+use onehead_engine::kv_cache::BLOCK_TOKENS;
 use onehead_telemetry::{Counter, Gauge, Histogram, Registry, SECONDS_BUCKETS};
 
 struct ShardMetrics {
@@ -33,6 +34,10 @@ pub struct WorkerMetrics {
     running: Gauge,
     kv_used: Gauge,
     kv_total: Gauge,
+    kv_blocks: Vec<(&'static str, Gauge)>,
+    prefix_queried: Counter,
+    prefix_hit: Counter,
+    preemptions: Counter,
 }
 
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
@@ -103,8 +108,34 @@ impl WorkerMetrics {
             finished,
             waiting: registry.gauge("onehead_worker_waiting_requests", "Requests waiting for admission.", &[]),
             running: registry.gauge("onehead_worker_running_sequences", "Sequences in the running batch.", &[]),
-            kv_used: registry.gauge("onehead_kv_cache_used_tokens", "KV pool tokens reserved by sequences.", &[]),
+            kv_used: registry.gauge(
+                "onehead_kv_cache_used_tokens",
+                "KV pool tokens in blocks that no new sequence can take (held by sequences).",
+                &[],
+            ),
             kv_total: registry.gauge("onehead_kv_cache_capacity_tokens", "KV pool capacity in tokens.", &[]),
+            kv_blocks: ["used", "cached", "free"]
+                .into_iter()
+                .map(|state| {
+                    let help = "KV pool blocks by state: used (held by sequences), cached (held by none, keeping a prefix), free.";
+                    (state, registry.gauge("onehead_kv_cache_blocks", help, &[("state", state)]))
+                })
+                .collect(),
+            prefix_queried: registry.counter(
+                "onehead_prefix_cache_queried_tokens_total",
+                "Prompt tokens looked up in the prefix cache at admission.",
+                &[],
+            ),
+            prefix_hit: registry.counter(
+                "onehead_prefix_cache_hit_tokens_total",
+                "Prompt tokens found in the prefix cache at admission (not prefilled).",
+                &[],
+            ),
+            preemptions: registry.counter(
+                "onehead_preemptions_total",
+                "Sequences preempted for lack of KV blocks (re-queued, prefilled again).",
+                &[],
+            ),
         }
     }
 
@@ -155,5 +186,18 @@ impl WorkerMetrics {
         self.running.set(load.running as f64);
         self.kv_used.set((load.kv_tokens_total - load.kv_tokens_free) as f64);
         self.kv_total.set(load.kv_tokens_total as f64);
+        let total_blocks = (load.kv_tokens_total / BLOCK_TOKENS) as usize;
+        let free = total_blocks - load.kv_blocks_used - load.kv_blocks_cached;
+        for ((_, gauge), n) in self.kv_blocks.iter().zip([load.kv_blocks_used, load.kv_blocks_cached, free]) {
+            gauge.set(n as f64);
+        }
+        // The scheduler counts since start; the counters follow.
+        for (counter, total) in [
+            (&self.prefix_queried, load.prefix_queried_tokens),
+            (&self.prefix_hit, load.prefix_hit_tokens),
+            (&self.preemptions, load.preemptions),
+        ] {
+            counter.add((total as f64 - counter.get()).max(0.0));
+        }
     }
 }

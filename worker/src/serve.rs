@@ -1,6 +1,8 @@
 //! Serve wiring that is plain arithmetic, kept apart from the I/O so that it is unit-tested:
 //! how many tokens the KV pool holds, and how much memory it may take.
 
+use onehead_engine::kv_cache::BLOCK_TOKENS;
+
 /// What the flags ask of the KV pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvPoolRequest {
@@ -62,7 +64,8 @@ pub struct KvPoolLimits {
     pub budget_bytes: Option<i64>,
 }
 
-/// The pool's size in tokens, or an error naming the flag when it would hold none.
+/// The pool's size in tokens, whole blocks of `BLOCK_TOKENS` (rounded down), or an error naming
+/// the flag when it would hold no block.
 pub fn kv_pool_tokens(request: KvPoolRequest, limits: KvPoolLimits) -> Result<i64, String> {
     let KvPoolLimits { bytes_per_token, max_batch_size, max_context, budget_bytes } = limits;
     let tokens = match request {
@@ -74,9 +77,11 @@ pub fn kv_pool_tokens(request: KvPoolRequest, limits: KvPoolLimits) -> Result<i6
             needed.min(available)
         }
     };
+    let tokens = tokens / BLOCK_TOKENS * BLOCK_TOKENS;
     if tokens < 1 {
         return Err(format!(
-            "--kv-cache-tokens / --kv-cache-bytes: the KV pool must hold at least one token ({bytes_per_token} bytes)"
+            "--kv-cache-tokens / --kv-cache-bytes: the KV pool must hold at least one block of {BLOCK_TOKENS} tokens ({} bytes)",
+            BLOCK_TOKENS * bytes_per_token
         ));
     }
     Ok(tokens)
@@ -102,16 +107,17 @@ mod tests {
     #[test]
     fn the_pool_is_sized_from_the_flags_or_the_free_memory() {
         use KvPoolRequest::{Auto, Bytes, Tokens};
-        check(Tokens(1000), Some(1), Ok(1000));
-        check(Bytes(12288 * 10 + 5), None, Ok(10));
+        // Whole blocks of 32 tokens.
+        check(Tokens(1000), Some(1), Ok(992));
+        check(Bytes(12288 * 40 + 5), None, Ok(32));
         // Full contexts for the whole batch when the budget holds them...
         check(Auto, Some(1 << 40), Ok(32 * 2048));
         check(Auto, None, Ok(32 * 2048));
         // ...else what the budget holds.
-        check(Auto, Some(12288 * 500), Ok(500));
-        check(Tokens(0), None, Err("at least one token (12288 bytes)"));
-        check(Bytes(12287), None, Err("--kv-cache-bytes"));
-        check(Auto, Some(12287), Err("at least one token"));
+        check(Auto, Some(12288 * 500), Ok(480));
+        check(Tokens(31), None, Err("at least one block of 32 tokens (393216 bytes)"));
+        check(Bytes(12288 * 31), None, Err("--kv-cache-bytes"));
+        check(Auto, Some(12287), Err("at least one block"));
     }
 
     const GIB: i64 = 1 << 30;
@@ -136,7 +142,7 @@ mod tests {
         let full = DeviceMemory { free_bytes: GIB / 2, total_bytes: 8 * GIB, shards: 1 };
         let budget = pool_budget_bytes(&PoolMemory::Devices(vec![full]));
         assert_eq!(budget, 0);
-        check(KvPoolRequest::Auto, Some(budget), Err("at least one token"));
+        check(KvPoolRequest::Auto, Some(budget), Err("at least one block"));
         // Sized from the device, not from host memory: SantaCoder on the H200 above.
         let tokens = kv_pool_tokens(
             KvPoolRequest::Auto,

@@ -88,21 +88,38 @@ fn prompt(len: usize, seed: u32, vocab: u32) -> Vec<u32> {
 /// 12 concurrent requests of different prompt lengths, started at staggered times, greedy and
 /// seeded-sampled side by side: each gets exactly what it gets alone.
 async fn check_batched_equals_alone(model: &str, tp: &str) {
+    let requests = (0..12u32).map(|i| (prompt(1 + i as usize, i, 97), 16 + i)).collect();
+    let server = serve_and_compare(model, tp, &[], requests, false).await;
+    assert!(server.shared_steps >= 3, "the requests never shared a step");
+}
+
+/// A worker serving `model` (f32, batches of 8, prefill chunks of 4, steps of 16 tokens, and
+/// `flags`) gets `requests` (prompt, max_new_tokens) at staggered times (the rest only after the
+/// first has finished, with `first_alone`), every third sampled with its own seed; asserts that
+/// each one's stream is what the model generates for it alone (ids exact, logprobs within 1e-4).
+/// Returns the server, idle again, and the most sequences seen running at once.
+async fn serve_and_compare(
+    model: &str,
+    tp: &str,
+    flags: &[&str],
+    requests: Vec<(Vec<u32>, u32)>,
+    first_alone: bool,
+) -> Compared {
     // The device of `onehead_engine::testing` (scripts/gpu-check.sh sets it to the GPU).
     let device = onehead_engine::testing::device_flag();
-    let mut flags = vec!["--dtype", "f32", "--max-batch-size", "8", "--prefill-chunk", "4", "--max-step-tokens", "16"];
-    flags.extend(["--tp", tp, "--device", &device]);
+    let mut all = vec!["--dtype", "f32", "--max-batch-size", "8", "--prefill-chunk", "4", "--max-step-tokens", "16"];
+    all.extend(["--tp", tp, "--device", &device]);
     if onehead_engine::testing::shards_on_one_device() {
-        flags.push("--shards-on-one-device");
+        all.push("--shards-on-one-device");
     }
-    let server = Server::start(&fixture(model), &flags).await;
+    all.extend(flags);
+    let server = Server::start(&fixture(model), &all).await;
     let options = LoadOptions {
         dtype: Some(onehead_engine::hf::config::Dtype::F32),
         device: onehead_engine::testing::device(),
         ..Default::default()
     };
     let mut alone = load_model(&fixture(model), &options).unwrap();
-    let vocab = alone.runner.shape().vocab_size as u32;
     // Watch the batch while the requests run: they must really have shared steps.
     let watcher = {
         let mut client = server.client.clone();
@@ -120,10 +137,9 @@ async fn check_batched_equals_alone(model: &str, tp: &str) {
         })
     };
     let mut tasks = Vec::new();
-    for i in 0..12u32 {
+    for (i, (ids, max_new)) in requests.into_iter().enumerate() {
         let mut client = server.client.clone();
-        let ids = prompt(1 + i as usize, i, vocab);
-        let max_new = 16 + i;
+        let i = i as u32;
         // Every third request samples, with its own seed.
         let sampling = if i % 3 == 2 {
             pb::SamplingParams {
@@ -141,6 +157,9 @@ async fn check_batched_equals_alone(model: &str, tp: &str) {
             tokio::time::sleep(Duration::from_millis(3 * i as u64)).await;
             (ids, max_new, sampling, collect(&mut client, req).await)
         }));
+        while first_alone && !tasks[0].is_finished() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
     for task in tasks {
         let (ids, max_new, sampling, (got_ids, got_logprobs, finished)) = task.await.unwrap();
@@ -161,9 +180,52 @@ async fn check_batched_equals_alone(model: &str, tp: &str) {
         let usage = finished.usage.unwrap();
         assert_eq!((usage.prompt_tokens as usize, usage.generated_tokens), (ids.len(), max_new));
     }
-    assert!(watcher.await.unwrap() >= 3, "the requests never shared a step");
+    let shared_steps = watcher.await.unwrap();
     let load = server.load().await;
     assert_eq!((load.running, load.waiting, load.kv_tokens_free), (0, 0, load.kv_tokens_total));
+    Compared { server, shared_steps }
+}
+
+struct Compared {
+    server: Server,
+    shared_steps: u32,
+}
+
+/// A pool of two blocks (64 tokens) for three sequences of 20 + 20 tokens, each needing two
+/// blocks by its end: the newest is preempted whenever an older one needs a block, re-queued and
+/// prefilled again. Every stream still equals the sequence alone, and the preemptions are
+/// counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preempted_sequences_resume_with_exact_outputs() {
+    let requests = (0..3u32).map(|i| (prompt(20, i, 97), 20)).collect();
+    let flags = ["--kv-cache-tokens", "64", "--no-prefix-caching", "--metrics-listen", "127.0.0.1:0"];
+    let compared = serve_and_compare("mqa_f32", "1", &flags, requests, false).await;
+    let metrics = compared.server.process.scrape().await;
+    assert!(metrics["onehead_preemptions_total"] >= 1.0, "no preemption happened: {metrics:?}");
+}
+
+/// Requests sharing a 40-token prefix (its first block, then 8 more tokens) with different
+/// tails: once the first has finished, each of the others takes the cached block instead of
+/// prefilling it, and gets exactly what it gets alone. A grouped-K/V Llama and the multi-query
+/// Gemma 3 (TP 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_prefixes_are_reused_with_exact_outputs() {
+    for (model, tp) in [("llama3_gqa", "1"), ("gemma3_mqa", "2")] {
+        let shared = prompt(40, 99, 97);
+        let requests = (0..8u32)
+            .map(|i| {
+                let mut ids = shared.clone();
+                ids.extend(prompt(1 + i as usize % 4, i, 97));
+                (ids, 8 + i)
+            })
+            .collect();
+        let compared = serve_and_compare(model, tp, &["--metrics-listen", "127.0.0.1:0"], requests, true).await;
+        let metrics = compared.server.process.scrape().await;
+        let (queried, hit) =
+            (metrics["onehead_prefix_cache_queried_tokens_total"], metrics["onehead_prefix_cache_hit_tokens_total"]);
+        // Each of the 7 after the first found the shared block.
+        assert!(hit >= 32.0 * 7.0 && queried >= 8.0 * 41.0, "{model}: {hit} of {queried} prompt tokens cached");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,7 +270,9 @@ async fn cancellation_frees_the_kv_of_running_and_queued_requests() {
         a.message().await.unwrap().unwrap();
     }
     let load = server.load().await;
-    assert_eq!((load.running, load.waiting, load.kv_tokens_free, load.kv_tokens_total), (1, 1, 3000 - 2005, 3000));
+    // 3000 tokens are 93 whole blocks; a holds the one block its 7 tokens need so far, not its
+    // 2005 at most.
+    assert_eq!((load.running, load.waiting, load.kv_tokens_free, load.kv_tokens_total), (1, 1, 2976 - 32, 2976));
     // A duplicate of a live id is refused, naming the field; a is not disturbed.
     let dup = client.generate(request("a", vec![1], 1, greedy())).await.unwrap_err();
     assert_eq!(dup.code(), tonic::Code::InvalidArgument);
@@ -218,7 +282,7 @@ async fn cancellation_frees_the_kv_of_running_and_queued_requests() {
     assert!(a.message().await.unwrap().is_some(), "a still streams");
     drop(a);
     let load = server.wait_for_load("a to leave", |l| l.running == 0).await;
-    assert_eq!(load.kv_tokens_free, 3000);
+    assert_eq!(load.kv_tokens_free, 2976);
 }
 
 /// The load gauges on /metrics (the autoscaler's input) follow every change of load, also a
@@ -307,12 +371,13 @@ async fn collect_owned(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_by_name_and_disturbs_nothing() {
+    // 50 tokens asked: one whole block of 32.
     let server = Server::start(&fixture("mqa_f32"), &["--kv-cache-tokens", "50"]).await;
     let mut client = server.client.clone();
     // A good request runs throughout.
     let mut good_client = client.clone();
     let good =
-        tokio::spawn(async move { collect(&mut good_client, request("good", vec![5, 6, 7], 30, greedy())).await });
+        tokio::spawn(async move { collect(&mut good_client, request("good", vec![5, 6, 7], 29, greedy())).await });
     let bad: Vec<(pb::GenerateRequest, &str)> = vec![
         (request("e", vec![], 4, greedy()), "`prompt_ids`: is empty"),
         (request("v", vec![1, 97], 4, greedy()), "`prompt_ids`: token id 97 is outside the vocabulary"),
@@ -332,8 +397,8 @@ async fn bad_input_is_refused_by_name_and_disturbs_nothing() {
             },
             "`stop_token_ids`: token id 97 is outside the vocabulary",
         ),
-        // Fits the context (64) but never the pool (50): refused at once, not queued forever.
-        (request("big", vec![1; 10], 45, greedy()), "can never fit the KV pool of 50 tokens"),
+        // Fits the context (64) but never the pool (32): refused at once, not queued forever.
+        (request("big", vec![1; 10], 45, greedy()), "can never fit the KV pool of 32 tokens"),
     ];
     for (req, expected) in bad {
         let status = client.generate(req).await.expect_err("must be refused");
@@ -341,14 +406,15 @@ async fn bad_input_is_refused_by_name_and_disturbs_nothing() {
         assert!(status.message().contains(expected), "{:?} does not contain {expected:?}", status.message());
     }
     let (ids, _, finished) = good.await.unwrap();
-    let reference = collect(&mut client, request("again", vec![5, 6, 7], 30, greedy())).await;
-    assert_eq!((ids.len(), &ids), (30, &reference.0));
+    let reference = collect(&mut client, request("again", vec![5, 6, 7], 29, greedy())).await;
+    assert_eq!((ids.len(), &ids), (29, &reference.0));
     assert_eq!(finished.reason, pb::FinishReason::Length as i32);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_100_against_a_small_pool_never_overcommits_and_all_complete() {
-    // Each request reserves 5 + 20 = 25 tokens, so at most 4 of the 100-token pool run at once.
+    // Each request's 5 + 20 tokens take one block of 32, so at most 3 run at once in the 100
+    // tokens asked (3 whole blocks).
     let server = Server::start(&fixture("mqa_f32"), &["--kv-cache-tokens", "100", "--max-batch-size", "8"]).await;
     let tasks: Vec<_> = (0..100u32)
         .map(|i| {
@@ -361,8 +427,8 @@ async fn a_burst_of_100_against_a_small_pool_never_overcommits_and_all_complete(
     let mut max_running = 0;
     while !tasks.iter().all(|t| t.is_finished()) {
         let load = server.load().await;
-        assert!(load.running <= 4, "{load:?}");
-        assert_eq!(load.kv_tokens_free, 100 - 25 * load.running as u64, "exact accounting: {load:?}");
+        assert!(load.running <= 3, "{load:?}");
+        assert_eq!(load.kv_tokens_free, 96 - 32 * load.running as u64, "exact accounting: {load:?}");
         max_running = max_running.max(load.running);
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

@@ -18,6 +18,7 @@ use onehead_engine::batching::sampling::SamplingParams;
 use onehead_engine::batching::scheduler::{Scheduler, SchedulerConfig};
 use onehead_engine::hf::config::Dtype;
 use onehead_engine::kernels::WeightForm;
+use onehead_engine::kv_cache::BLOCK_TOKENS;
 use onehead_engine::loader::{LoadOptions, LoadedModel, load_model};
 use tch::Kind;
 
@@ -148,8 +149,10 @@ fn throughput_run(lm: &mut LoadedModel, c: usize, args: &Args) -> anyhow::Result
         max_batch_size: c,
         max_step_tokens: args.max_step_tokens.max(c),
         prefill_chunk: args.prefill_chunk,
+        prefix_caching: true,
+        cache_salt: 0,
     };
-    let kv_tokens = (c * per_request) as i64;
+    let kv_tokens = (c * per_request.div_ceil(BLOCK_TOKENS as usize)) as i64 * BLOCK_TOKENS;
     model.allocate_kv(kv_tokens)?;
     let mut scheduler = Scheduler::new(config, kv_tokens, vec![]);
     let vocab = model.shape().vocab_size as u32;
@@ -217,8 +220,14 @@ fn telemetry_overhead() -> anyhow::Result<()> {
         max_context: 2048,
     };
     let metrics = WorkerMetrics::new(&registry, ShardBytes::all(&[2_241_000_000], &[kv], &shape, 2), Some(25e9));
-    let config = SchedulerConfig { max_batch_size: 32, max_step_tokens: 4096, prefill_chunk: 512 };
-    let mut scheduler = Scheduler::new(config, 32 * 300, vec![]);
+    let config = SchedulerConfig {
+        max_batch_size: 32,
+        max_step_tokens: 4096,
+        prefill_chunk: 512,
+        prefix_caching: false,
+        cache_salt: 0,
+    };
+    let mut scheduler = Scheduler::new(config, 32 * 320, vec![]);
     for i in 0..32 {
         scheduler.submit(Request {
             id: i.to_string(),

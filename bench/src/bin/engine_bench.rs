@@ -158,9 +158,10 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
     let model = lm.runner.as_mut();
     let capacity = args.context + args.steps as i64 + 4;
     model.allocate_kv(capacity)?;
-    let slot = KvSlot { start: 0, capacity };
+    let slot = KvSlot::contiguous(0, capacity);
     let prompt: Vec<u32> = (0..args.context).map(|i| (i * 7 % 1000) as u32).collect();
-    let mut logits = model.step(&[ChunkInput { token_ids: &prompt, slot, n_cached: 0, logits: Logits::Last }])?;
+    let mut logits =
+        model.step(&[ChunkInput { token_ids: &prompt, slot: slot.clone(), n_cached: 0, logits: Logits::Last }])?;
     // Engine steps and kernel-only passes alternate, so that drift in the machine's speed
     // (other tenants, frequency) hits both alike. The kernels' weights are packed as the engine's.
     let kernels = KernelPass::load(dir, device, args.kernel_layers, model.weight_form())?;
@@ -170,7 +171,7 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
         // Greedy, as a server would: the logits come back to the host every step.
         let token = [onehead_engine::batching::sampling::argmax(&logits) as u32];
         let started = Instant::now();
-        logits = model.step(&[ChunkInput { token_ids: &token, slot, n_cached, logits: Logits::Last }])?;
+        logits = model.step(&[ChunkInput { token_ids: &token, slot: slot.clone(), n_cached, logits: Logits::Last }])?;
         let step_ms = started.elapsed().as_secs_f64() * 1e3;
         let kernel_ms = kernels.run_ms()?;
         if step >= 3 {

@@ -9,9 +9,12 @@
 use tch::{Device, Kind, TchError, Tensor};
 
 use crate::hf::config::Activation;
+use crate::kv_cache::{BLOCK_TOKENS, KvSlot};
 
-/// Output and input columns come in blocks of this many.
+/// Output and input columns come in blocks of this many; decode attention reads keys in blocks
+/// of this many too, each a block of the KV pool.
 const BLOCK: i64 = 32;
+const _: () = assert!(BLOCK_TOKENS == BLOCK, "a KV block is what decode attention reads at once");
 
 unsafe extern "C" {
     fn onehead_amx_available() -> i32;
@@ -33,7 +36,8 @@ unsafe extern "C" {
         n_kv_heads: i64,
         group: i64,
         d: i64,
-        starts: *const i64,
+        block_starts: *const i64,
+        first_block: *const i64,
         lens: *const i64,
         n: i64,
         scale: f32,
@@ -59,16 +63,16 @@ pub fn attention_applies(kind: Kind, device: Device, head_dim: i64) -> bool {
 
 /// Attention of one new token per sequence over its cached keys and values, read in place
 /// from one layer's pool (`kv_cache::KvPool`): `q` `(n, n_heads, head_dim)`; `k`, `v`
-/// `(n_kv_heads, capacity, head_dim)`, sequence `i`'s keys at `starts[i] .. starts[i] +
-/// lens[i]` (the new token's included); query heads `g * group .. (g + 1) * group` read K/V head
-/// `g`. Returns `(n, n_heads, head_dim)`. bf16, as LibTorch's fused attention computes it:
+/// `(n_kv_heads, capacity, head_dim)`, sequence `i`'s first `lens[i]` keys (the new token's
+/// included) in the blocks of `slots[i]`, each `BLOCK` keys from its start; query heads
+/// `g * group .. (g + 1) * group` read K/V head `g`. Returns `(n, n_heads, head_dim)`. bf16, as LibTorch's fused attention computes it:
 /// products with f32 sums, softmax in f32, the exponentials rounded to bf16 for the second
 /// product (see `csrc/amx.cpp`). Unlike a padded, masked block, nothing is copied out of the
 /// pool, so its cost follows each sequence's own length.
 pub fn decode_attention(
     q: &Tensor,
     (k, v): (&Tensor, &Tensor),
-    starts: &[i64],
+    slots: &[KvSlot],
     lens: &[i64],
     scale: f64,
 ) -> Result<Tensor, TchError> {
@@ -93,15 +97,23 @@ pub fn decode_attention(
     if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
         return fail(format!("{n_heads} query heads do not split evenly over {n_kv_heads} K/V heads"));
     }
-    if starts.len() as i64 != n || lens.len() as i64 != n {
-        return fail(format!("{n} queries but {} starts and {} lengths", starts.len(), lens.len()));
+    if slots.len() as i64 != n || lens.len() as i64 != n {
+        return fail(format!("{n} queries but {} slots and {} lengths", slots.len(), lens.len()));
     }
-    if let Some(i) = (0..starts.len()).find(|&i| starts[i] < 0 || lens[i] < 1 || starts[i] + lens[i] > capacity) {
-        return fail(format!(
-            "sequence {i}: keys {}..{} outside the pool's {capacity}",
-            starts[i],
-            starts[i] + lens[i]
-        ));
+    // Each sequence's blocks that hold its keys, one after another, and where each one's begin.
+    let (mut block_starts, mut first_block) = (Vec::new(), Vec::with_capacity(slots.len()));
+    for (i, (slot, &len)) in slots.iter().zip(lens).enumerate() {
+        if len < 1 || len > slot.capacity() {
+            return fail(format!("sequence {i}: {len} keys in a slot of {}", slot.capacity()));
+        }
+        first_block.push(block_starts.len() as i64);
+        for (b, &start) in slot.block_starts()[..(len as usize).div_ceil(BLOCK as usize)].iter().enumerate() {
+            let keys = (len - b as i64 * BLOCK).min(BLOCK);
+            if start < 0 || start + keys > capacity {
+                return fail(format!("sequence {i}: keys {start}..{} outside the pool's {capacity}", start + keys));
+            }
+            block_starts.push(start);
+        }
     }
     let y = Tensor::empty([n, n_heads, head_dim], (Kind::BFloat16, Device::Cpu));
     if n == 0 {
@@ -109,8 +121,9 @@ pub fn decode_attention(
     }
     let q = q.contiguous();
     // SAFETY: q is a contiguous bf16 (n, n_heads, head_dim); k and v contiguous bf16
-    // (n_kv_heads, capacity, head_dim) with every sequence's range inside capacity; starts and
-    // lens have n entries; head_dim a multiple of 32 and AMX available (checked above); y fresh.
+    // (n_kv_heads, capacity, head_dim); first_block and lens have n entries, and sequence i's
+    // ceil(lens[i] / 32) blocks at block_starts[first_block[i]..] each hold its keys inside
+    // capacity; head_dim a multiple of 32 and AMX available (checked above); y fresh.
     unsafe {
         onehead_amx_decode_attention(
             q.data_ptr() as *const u16,
@@ -120,7 +133,8 @@ pub fn decode_attention(
             n_kv_heads,
             n_heads / n_kv_heads,
             head_dim,
-            starts.as_ptr(),
+            block_starts.as_ptr(),
+            first_block.as_ptr(),
             lens.as_ptr(),
             n,
             scale as f32,
@@ -323,26 +337,37 @@ mod tests {
     /// on its own; returns max |error| over max |reference|.
     fn attention_error(n_kv_heads: i64, group: i64, head_dim: i64, lens: &[i64]) -> f64 {
         tch::manual_seed(head_dim * 100 + group);
-        let capacity = lens.iter().map(|l| l + 3).sum::<i64>();
         let bf16 = |t: Tensor| t.to_kind(Kind::BFloat16);
-        let k = bf16(Tensor::randn([n_kv_heads, capacity, head_dim], opts()));
-        let v = bf16(Tensor::randn([n_kv_heads, capacity, head_dim], opts()));
         let n = lens.len() as i64;
         let q = bf16(Tensor::randn([n, n_kv_heads * group, head_dim], opts()) * 2.0);
-        // Sequences in reverse order in the pool, with gaps.
-        let mut starts = vec![0; lens.len()];
+        // Each sequence's blocks scattered over the pool in an order of their own (block j of
+        // all of them, in reverse, then block j + 1), one position past a block boundary.
+        let n_blocks: Vec<usize> = lens.iter().map(|&l| (l as usize).div_ceil(BLOCK as usize)).collect();
+        let mut blocks: Vec<Vec<u32>> = n_blocks.iter().map(|_| Vec::new()).collect();
         let mut next = 0;
-        for i in (0..lens.len()).rev() {
-            starts[i] = next + 1;
-            next += lens[i] + 3;
+        for j in 0..*n_blocks.iter().max().unwrap() {
+            for i in (0..lens.len()).rev().filter(|&i| j < n_blocks[i]) {
+                blocks[i].push(next);
+                next += 1;
+            }
         }
+        let capacity = next as i64 * BLOCK + 1;
+        let k = bf16(Tensor::randn([n_kv_heads, capacity, head_dim], opts()));
+        let v = bf16(Tensor::randn([n_kv_heads, capacity, head_dim], opts()));
+        // One past each block's boundary: a block may start anywhere.
+        let slots: Vec<KvSlot> = blocks
+            .iter()
+            .map(|b| KvSlot::from_block_starts(b.iter().map(|&b| b as i64 * BLOCK + 1).collect()))
+            .collect();
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let y = decode_attention(&q, (&k, &v), &starts, lens, scale).unwrap();
+        let y = decode_attention(&q, (&k, &v), &slots, lens, scale).unwrap();
         assert_eq!(y.size(), [n, n_kv_heads * group, head_dim]);
         let f = |t: &Tensor| t.to_kind(Kind::Float);
         let reference: Vec<Tensor> = (0..lens.len())
             .map(|i| {
-                let keys = |t: &Tensor| f(&t.narrow(1, starts[i], lens[i])).unsqueeze(1); // (kv, 1, len, d)
+                let positions: Vec<i64> = (0..lens[i]).map(|j| slots[i].position(j)).collect();
+                let positions = Tensor::from_slice(&positions);
+                let keys = |t: &Tensor| f(&t.index_select(1, &positions)).unsqueeze(1); // (kv, 1, len, d)
                 let q = f(&q.get(i as i64)).view([n_kv_heads, group, 1, head_dim]).transpose(1, 2);
                 let scores = q.matmul(&keys(&k).transpose(2, 3)) * scale; // (kv, 1, group, len)
                 scores.softmax(-1, Kind::Float).matmul(&keys(&v)).view([n_kv_heads * group, head_dim])
@@ -384,18 +409,26 @@ mod tests {
         let (k, v) = (z(&[1, 10, 64]), z(&[1, 10, 64]));
         let q = z(&[2, 4, 64]);
         let err = |r: Result<Tensor, TchError>| r.unwrap_err().to_string();
-        assert!(err(decode_attention(&q, (&k, &v), &[0, 8], &[3, 3], 1.0)).contains("sequence 1: keys 8..11 outside"));
-        assert!(err(decode_attention(&q, (&k, &v), &[0, 1], &[3, 0], 1.0)).contains("sequence 1"));
-        assert!(err(decode_attention(&q, (&k, &v), &[0], &[3], 1.0)).contains("2 queries but 1 starts"));
+        let at = |start: i64| KvSlot::contiguous(start, 3);
+        let two = [at(0), at(0)];
         assert!(
-            err(decode_attention(&z(&[2, 4, 40]), (&z(&[1, 10, 40]), &z(&[1, 10, 40])), &[0, 0], &[1, 1], 1.0))
+            err(decode_attention(&q, (&k, &v), &[at(0), at(8)], &[3, 3], 1.0))
+                .contains("sequence 1: keys 8..11 outside")
+        );
+        assert!(err(decode_attention(&q, (&k, &v), &[at(0), at(1)], &[3, 0], 1.0)).contains("sequence 1"));
+        assert!(
+            err(decode_attention(&q, (&k, &v), &two, &[3, 33], 1.0)).contains("sequence 1: 33 keys in a slot of 32")
+        );
+        assert!(err(decode_attention(&q, (&k, &v), &[at(0)], &[3], 1.0)).contains("2 queries but 1 slots"));
+        assert!(
+            err(decode_attention(&z(&[2, 4, 40]), (&z(&[1, 10, 40]), &z(&[1, 10, 40])), &two, &[1, 1], 1.0))
                 .contains("multiple of 32")
         );
         assert!(
-            err(decode_attention(&z(&[2, 3, 64]), (&z(&[2, 10, 64]), &z(&[2, 10, 64])), &[0, 0], &[1, 1], 1.0))
+            err(decode_attention(&z(&[2, 3, 64]), (&z(&[2, 10, 64]), &z(&[2, 10, 64])), &two, &[1, 1], 1.0))
                 .contains("split evenly")
         );
-        assert!(decode_attention(&q.to_kind(Kind::Float), (&k, &v), &[0, 0], &[1, 1], 1.0).is_err());
+        assert!(decode_attention(&q.to_kind(Kind::Float), (&k, &v), &two, &[1, 1], 1.0).is_err());
     }
 
     #[test]

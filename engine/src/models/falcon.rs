@@ -273,7 +273,7 @@ mod tests {
                     )
                     .unwrap();
                     let kv = KvPool::new(model.kv_shape(), 8, tch::Kind::Float, Device::Cpu).unwrap();
-                    let slot = KvSlot { start: 0, capacity: 8 };
+                    let slot = KvSlot::contiguous(0, 8);
                     let input = ChunkInput { token_ids: &[3, 4, 5], slot, n_cached: 0, logits: Logits::Last };
                     let _logits = model.forward(&Batch::new(&[input], Device::Cpu), &kv).unwrap();
                     comm.all_reduces.load(Ordering::Relaxed)

@@ -25,9 +25,9 @@ use crate::parallel::comm::Communicator;
 use crate::parallel::heads::ShardHeads;
 
 /// One sequence's part of a batch.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SeqChunk {
-    /// The sequence's KV range.
+    /// The sequence's blocks of the pool.
     pub slot: KvSlot,
     /// Tokens already in the cache (the position of the chunk's first token).
     pub n_cached: i64,
@@ -49,7 +49,7 @@ pub struct Batch {
 }
 
 /// A batch's one-token (decode) chunks, for attention over all their caches in one call per
-/// layer: each sequence's cache range read in place (AMX), or its cached keys gathered into a
+/// layer: each sequence's blocks read in place (AMX), or its cached keys gathered into a
 /// padded `(n, longest)` block, with a mask. The indices are the same for every layer, so they
 /// are built once per batch (the gather's on its first use).
 struct DecodeRows {
@@ -60,8 +60,8 @@ struct DecodeRows {
     /// Pool positions where their keys and values go, and the same as an `(n,)` tensor.
     positions: Vec<i64>,
     positions_tensor: Tensor,
-    /// Each sequence's first pool position and its keys, the new one included.
-    starts: Vec<i64>,
+    /// Each sequence's blocks and its keys, the new one included.
+    slots: Vec<KvSlot>,
     lens: Vec<i64>,
     longest: i64,
     /// For the gather (`gathered`): `(n * longest,)` pool positions of each sequence's keys,
@@ -84,17 +84,17 @@ impl DecodeRows {
         if rows.len() < 2 {
             return None;
         }
-        let starts: Vec<i64> = decoding.iter().map(|c| c.slot.start).collect();
+        let slots: Vec<KvSlot> = decoding.iter().map(|c| c.slot.clone()).collect();
         let lens: Vec<i64> = decoding.iter().map(|c| c.n_cached + 1).collect();
         let tensor = |v: &[i64]| Tensor::from_slice(v).to_device(device);
-        let positions: Vec<i64> = starts.iter().zip(&lens).map(|(start, len)| start + len - 1).collect();
+        let positions: Vec<i64> = slots.iter().zip(&lens).map(|(slot, len)| slot.position(len - 1)).collect();
         Some(DecodeRows {
             all: rows.len() as i64 == row,
             rows: tensor(&rows),
             positions_tensor: tensor(&positions),
             positions,
             longest: *lens.iter().max().expect("two or more"),
-            starts,
+            slots,
             lens,
             gathered: OnceCell::new(),
         })
@@ -104,8 +104,8 @@ impl DecodeRows {
     fn gathered(&self) -> &(Tensor, Tensor) {
         self.gathered.get_or_init(|| {
             let (mut keys, mut mask) = (Vec::new(), Vec::new());
-            for (&start, &len) in self.starts.iter().zip(&self.lens) {
-                keys.extend((0..self.longest).map(|j| start + j.min(len - 1)));
+            for (slot, &len) in self.slots.iter().zip(&self.lens) {
+                keys.extend((0..self.longest).map(|j| slot.position(j.min(len - 1))));
                 mask.extend((0..self.longest).map(|j| j < len));
             }
             let (n, device) = (self.lens.len() as i64, self.rows.device());
@@ -151,7 +151,7 @@ impl Batch {
                 Logits::Last => rows.push(first_row + n_new - 1),
                 Logits::All => rows.extend(first_row..first_row + n_new),
             }
-            chunks.push(SeqChunk { slot: input.slot, n_cached: input.n_cached, n_new });
+            chunks.push(SeqChunk { slot: input.slot.clone(), n_cached: input.n_cached, n_new });
         }
         Batch {
             token_ids: Tensor::from_slice(&ids).to_device(device),
@@ -326,8 +326,8 @@ pub(crate) fn cached_attention_in_window(
         if decode.is_none() || chunk.n_new > 1 {
             let rows = |t: &Tensor| t.narrow(0, row, chunk.n_new);
             // The cache is (n_kv_heads, n_tokens, head_dim).
-            kv.write(layer, chunk.slot, chunk.n_cached, &rows(k).transpose(0, 1), &rows(v).transpose(0, 1));
-            let (k_all, v_all) = kv.view(layer, chunk.slot, chunk.n_cached + chunk.n_new);
+            kv.write(layer, &chunk.slot, chunk.n_cached, &rows(k).transpose(0, 1), &rows(v).transpose(0, 1));
+            let (k_all, v_all) = kv.view(layer, &chunk.slot, chunk.n_cached + chunk.n_new);
             let attended = attend(&rows(q), &k_all, &v_all, chunk.n_cached, scores, queries_per_kv_head);
             outputs.push((row, attended));
         }
@@ -364,7 +364,7 @@ fn decode_in_one_call(device: Device, in_place: bool, longest_key_bytes: i64) ->
 }
 
 /// `cached_attention` of `d`'s tokens, one each from several sequences, in one call: `in_place`
-/// on AMX over each sequence's range of the pool, otherwise over each sequence's keys gathered
+/// on AMX over each sequence's blocks of the pool, otherwise over each sequence's keys gathered
 /// from the pool into a padded block that the mask trims.
 fn attend_decode(
     layer: usize,
@@ -379,8 +379,8 @@ fn attend_decode(
     kv.write_tokens(layer, (&d.positions, &d.positions_tensor), &k.transpose(0, 1), &v.transpose(0, 1));
     let [n, n_heads, head_dim] = q.size()[..] else { unreachable!("q must be 3-d") };
     if in_place {
-        // The ranges come from the scheduler's slots, so a failure here is a bug: panic like tch.
-        let y = amx::decode_attention(&q, kv.layer(layer), &d.starts, &d.lens, scale)
+        // The blocks come from the scheduler, so a failure here is a bug: panic like tch.
+        let y = amx::decode_attention(&q, kv.layer(layer), &d.slots, &d.lens, scale)
             .unwrap_or_else(|e| panic!("decode attention of layer {layer}: {e}"));
         return y.view([n, n_heads * head_dim]);
     }

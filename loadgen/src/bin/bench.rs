@@ -53,6 +53,10 @@ struct Args {
     /// Random prompts: draw each length uniformly from [len * (1 - r), len * (1 + r)], r in [0, 1).
     #[arg(long, value_name = "R", default_value_t = 0.0, conflicts_with = "dataset", value_parser = parse_range_ratio)]
     range_ratio: f64,
+    /// Random prompts: one random prefix of this many tokens that every prompt starts with,
+    /// before its own --input-len tokens (vLLM's --random-prefix-len): what a prefix cache shares.
+    #[arg(long, alias = "random-prefix-len", value_name = "TOKENS", default_value_t = 0, conflicts_with = "dataset")]
+    shared_prefix_len: u32,
     /// Prompts from a JSONL file, one `{"prompt": "text", "output_len": N}` a line (or
     /// `"prompt_ids": [ids]` instead of `"prompt"`).
     #[arg(long, value_name = "FILE")]
@@ -116,6 +120,7 @@ fn config(args: Args) -> anyhow::Result<BenchConfig> {
             input_len: args.input_len,
             output_len: args.output_len,
             range_ratio: args.range_ratio,
+            shared_prefix_len: args.shared_prefix_len,
         }),
     };
     let slo = Slo::parse(&args.goodput).map_err(|e| anyhow::anyhow!("--goodput: {e}"))?;
