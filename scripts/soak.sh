@@ -16,6 +16,8 @@
 #                      `cargo build --workspace --bins`, what scripts/test.sh builds)
 #   SOAK_DIR           where the CSV, the logs and the bench's results go (default: a new folder
 #                      under /tmp, kept)
+#   SOAK_WORKER_B_ENV  NAME=VALUE words for worker b only, to compare a setting against worker a
+#                      under the same load (for example MALLOC_ARENA_MAX=1)
 #
 # Warm-up is the first 20% of the run: the baseline is the first sample at or after
 # DURATION / 5 s of load. Exits 1 when a request failed (other than those the client cancelled
@@ -83,7 +85,8 @@ start() {
 names=(router worker_a worker_b)
 start worker_a $bin/onehead-worker serve --model builtin:tiny --threads 1
 worker_a=$addr
-start worker_b $bin/onehead-worker serve --model builtin:tiny --threads 1
+# shellcheck disable=SC2086 # SOAK_WORKER_B_ENV is a list of NAME=VALUE words.
+start worker_b env ${SOAK_WORKER_B_ENV:-} $bin/onehead-worker serve --model builtin:tiny --threads 1
 worker_b=$addr
 start router $bin/onehead-router --worker "http://$worker_a,http://$worker_b"
 router=http://$addr
