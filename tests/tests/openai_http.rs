@@ -1,7 +1,9 @@
 //! The router's OpenAI-compatible HTTP API (`--http-listen`), on real processes: the same
 //! answers as the gRPC API, OpenAI's error bodies and statuses, SSE framing, API keys, chat
-//! templates, and a client that disconnects cancelling its sequence on the worker.
+//! templates, every request counted once in the router's metrics, and a client that disconnects
+//! (from a stream or a whole answer) cancelling its sequence on the worker.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use onehead_proto::v1 as pb;
@@ -226,6 +228,47 @@ async fn a_client_that_disconnects_cancels_its_sequence() {
     }
 }
 
+/// The worker's finished requests by reason (`onehead_worker_requests_total`).
+async fn finished(w: &Proc, reason: &str) -> f64 {
+    w.scrape().await[&format!("onehead_worker_requests_total{{reason=\"{reason}\"}}")]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_from_a_whole_answer_cancels_its_sequence() {
+    // One sequence at a time: a sequence left running would hold up the next request.
+    let w = worker(&["--max-batch-size", "1", "--metrics-listen", "127.0.0.1:0"]).await;
+    let (_r, addr) = http_router(&[&w], &[]).await;
+    for path in ["/v1/completions", "/v1/chat/completions"] {
+        let request = |content: &str, max_tokens: u32| match path {
+            "/v1/completions" => completion(content, max_tokens),
+            _ => {
+                json!({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "ignore_eos": true})
+            }
+        };
+        let (cancelled, length) = (finished(&w, "cancelled").await, finished(&w, "length").await);
+        // Not streaming: the router answers only when all 2000 tokens are generated.
+        let socket = http_send(&addr, "POST", path, &[], Some(&request("a", 2000))).await;
+        let sent = Instant::now();
+        while worker_load(&w).await.running == 0 {
+            assert!(sent.elapsed() < Duration::from_secs(5), "{path}: the sequence never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(socket);
+        let dropped = Instant::now();
+        while worker_load(&w).await.running > 0 {
+            assert!(dropped.elapsed() < Duration::from_secs(2), "{path}: the worker still runs the sequence");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Cancelled, not run to its length.
+        assert_eq!(finished(&w, "cancelled").await, cancelled + 1.0, "{path}");
+        assert_eq!(finished(&w, "length").await, length, "{path}");
+        // The one batch slot is free again: the next request is served at once.
+        let next = post(&addr, path, request("b", 4)).await;
+        assert_eq!(next.status, 200, "{path}: {}", next.body);
+        assert_eq!(next.json()["usage"]["completion_tokens"], 4, "{path}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_guard_the_http_api() {
     let w = worker(&[]).await;
@@ -248,6 +291,102 @@ async fn api_keys_guard_the_http_api() {
         }
     }
     std::fs::remove_file(keys).unwrap();
+}
+
+/// Sends `body` as it is (malformed JSON, say) and returns the status of the answer.
+async fn status_of(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    head.push_str(&format!("content-type: application/json\r\ncontent-length: {}\r\n", body.len()));
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(format!("{head}\r\n{body}").as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), socket.read_to_string(&mut answer)).await;
+    assert!(matches!(read, Ok(Ok(_))), "{method} {path}: {read:?} after {answer:?}");
+    answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status: {answer:?}"))
+}
+
+/// Each `onehead_router_requests_total` series, as "code route", and its value.
+async fn request_counts(r: &Proc) -> BTreeMap<String, f64> {
+    let label = |series: &str| {
+        let labels = series.strip_prefix(r#"onehead_router_requests_total{code=""#)?;
+        let (code, route) = labels.strip_suffix(r#""}"#)?.split_once(r#"",onehead_route=""#)?;
+        Some(format!("{code} {route}"))
+    };
+    r.scrape().await.into_iter().filter_map(|(series, value)| Some((label(&series)?, value))).collect()
+}
+
+/// How much each series that changed since `before` rose.
+async fn counted_since(r: &Proc, before: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    let mut rose = request_counts(r).await;
+    for (series, value) in &mut rose {
+        *value -= before.get(series).copied().unwrap_or(0.0);
+    }
+    rose.retain(|_, rose| *rose != 0.0);
+    rose
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_http_request_is_counted_once_with_its_route_and_code() {
+    let w = worker(&[]).await;
+    let keys = std::env::temp_dir().join(format!("onehead-http-count-keys-{}", std::process::id()));
+    std::fs::write(&keys, "secret-1\n").unwrap();
+    let limits = ["--max-new-tokens", "100", "--max-prompt-bytes", "1000", "--metrics-listen", "127.0.0.1:0"];
+    let (r, addr) = http_router(&[&w], &[&limits[..], &["--api-key-file", keys.to_str().unwrap()]].concat()).await;
+    std::fs::remove_file(keys).unwrap();
+    let (good, bad) = (Some("Bearer secret-1"), Some("Bearer wrong"));
+    let body = |f: fn(&mut Value)| {
+        let mut request = completion("x", 2);
+        f(&mut request);
+        request.to_string()
+    };
+    let (ok, gpt4, over) =
+        (body(|_| {}), body(|r| r["model"] = json!("gpt-4")), body(|r| r["max_tokens"] = json!(101)));
+    let chat = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}).to_string();
+    let malformed = r#"{"prompt": "x", "max_tokens"#.to_owned();
+    // One byte over the body limit (6 x --max-prompt-bytes + 64 KiB), so the router reads it all.
+    let too_long = "x".repeat(6 * 1000 + (64 << 10) + 1);
+    // (request line, authorization, body, status, "code route" it is counted under).
+    let cases: Vec<(&str, Option<&str>, &str, u16, &str)> = vec![
+        // Refused by the HTTP layer, before the shared path.
+        ("POST /v1/completions", bad, &ok, 401, "unauthenticated /v1/completions"),
+        ("POST /v1/chat/completions", None, &chat, 401, "unauthenticated /v1/chat/completions"),
+        ("GET /v1/models", bad, "", 401, "unauthenticated /v1/models"),
+        ("POST /v1/completions", good, &gpt4, 404, "not_found /v1/completions"),
+        ("POST /v1/completions", good, &malformed, 400, "invalid_argument /v1/completions"),
+        ("POST /v1/chat/completions", good, "[1, 2]", 400, "invalid_argument /v1/chat/completions"),
+        ("POST /v1/nothing", good, &ok, 404, "not_found unmatched"),
+        ("POST /onehead.v1.TextGeneration/Generate", good, &ok, 404, "not_found unmatched"),
+        ("GET /v1/completions", good, "", 405, "unimplemented /v1/completions"),
+        ("POST /v1/completions", good, &too_long, 413, "resource_exhausted /v1/completions"),
+        // Counted on the shared path, and only there.
+        ("POST /v1/completions", good, &over, 400, "invalid_argument /v1/completions"),
+        ("POST /v1/completions", good, &ok, 200, "ok /v1/completions"),
+        ("POST /v1/chat/completions", good, &chat, 200, "ok /v1/chat/completions"),
+        ("GET /v1/models", good, "", 200, "ok /v1/models"),
+    ];
+    let before = request_counts(&r).await;
+    let mut expected = BTreeMap::new();
+    for (line, key, body, status, counted) in &cases {
+        let (method, path) = line.split_once(' ').unwrap();
+        let headers: Vec<(&str, &str)> = key.iter().map(|key| ("authorization", *key)).collect();
+        let got = status_of(&addr, method, path, &headers, body).await;
+        assert_eq!(got, *status, "{line} {key:?} {}", &body[..body.len().min(100)]);
+        assert!(before.contains_key(*counted), "no series {counted}");
+        *expected.entry(counted.to_string()).or_insert(0.0) += 1.0;
+    }
+    // Exactly these, each once: no request missed, none counted twice.
+    assert_eq!(counted_since(&r, &before).await, expected);
+    // A stream is counted when it ends, as a whole answer is.
+    let mut streamed: Value = serde_json::from_str(&ok).unwrap();
+    streamed["stream"] = json!(true);
+    let answer = http(&addr, "POST", "/v1/completions", &[("authorization", "Bearer secret-1")], Some(&streamed)).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    *expected.get_mut("ok /v1/completions").unwrap() += 1.0;
+    assert_eq!(counted_since(&r, &before).await, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

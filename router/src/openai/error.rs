@@ -1,6 +1,7 @@
 //! Errors as OpenAI clients expect them: `{"error": {"message", "type", "param", "code"}}` with
 //! the HTTP status their SDKs map to exception classes. The one place where a `tonic::Status`
-//! of the shared generation path becomes an HTTP answer.
+//! of the shared generation path becomes an HTTP answer, and where an HTTP status gets the code
+//! that `onehead_router_requests_total` counts it under.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -15,6 +16,30 @@ pub struct ApiError {
     /// The request field at fault, by its OpenAI name.
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// The shared path counted the request already (it ended there with this error).
+    pub counted: bool,
+}
+
+/// A response extension: the request is counted already, by the shared path. The HTTP API
+/// counts every response without it (`openai::count`).
+#[derive(Clone, Copy, Debug)]
+pub struct Counted;
+
+/// The code an HTTP status is counted under: the inverse of `ApiError::from_status`. A body
+/// over the limit (413) is RESOURCE_EXHAUSTED, as gRPC answers an oversized message; a method a
+/// path does not take (405) is UNIMPLEMENTED, as gRPC answers a method a service lacks.
+pub fn code_of(status: StatusCode) -> Code {
+    match status {
+        s if s.is_success() => Code::Ok,
+        StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+        StatusCode::NOT_FOUND => Code::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => Code::Unimplemented,
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::TOO_MANY_REQUESTS => Code::ResourceExhausted,
+        StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
+        StatusCode::GATEWAY_TIMEOUT => Code::DeadlineExceeded,
+        s if s.is_client_error() => Code::InvalidArgument,
+        _ => Code::Internal,
+    }
 }
 
 impl ApiError {
@@ -26,6 +51,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: Some(param.to_owned()),
             code: None,
+            counted: false,
         }
     }
 
@@ -37,6 +63,7 @@ impl ApiError {
             kind: "authentication_error",
             param: None,
             code: Some("invalid_api_key"),
+            counted: false,
         }
     }
 
@@ -48,11 +75,23 @@ impl ApiError {
             kind: "invalid_request_error",
             param: Some("model".into()),
             code: Some("model_not_found"),
+            counted: false,
         }
     }
 
-    /// The error of the shared generation path; `param` turns a field of `onehead.v1`
-    /// (`max_new_tokens`) into the request's own (`max_tokens`), in the message too.
+    /// The status a generation ended with on the shared path (from `Router::start` or in its
+    /// events), which counted it.
+    pub fn from_shared(status: &Status, param: impl Fn(&str) -> &str) -> Self {
+        ApiError { counted: true, ..Self::from_status(status, param) }
+    }
+
+    /// Events that ended without a result: the generation's task ended without counting it.
+    pub fn no_result() -> Self {
+        Self::from_status(&Status::internal("generation ended without a result"), |f| f)
+    }
+
+    /// The answer for `status`, not counted yet (see `from_shared`); `param` turns a field of
+    /// `onehead.v1` (`max_new_tokens`) into the request's own (`max_tokens`), in the message too.
     pub fn from_status(status: &Status, param: impl Fn(&str) -> &str) -> Self {
         let (code, kind, error_code) = match status.code() {
             Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
@@ -73,7 +112,7 @@ impl ApiError {
             message = format!("invalid argument `{name}`: {why}");
             field = Some(name);
         }
-        ApiError { status: code, message, kind, param: field, code: error_code }
+        ApiError { status: code, message, kind, param: field, code: error_code, counted: false }
     }
 
     pub fn body(&self) -> serde_json::Value {
@@ -88,7 +127,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if self.counted {
+            response.extensions_mut().insert(Counted);
+        }
+        response
     }
 }
 
@@ -116,5 +159,34 @@ mod tests {
         check(Status::unavailable("no healthy worker"), (503, "no healthy worker", None));
         check(Status::deadline_exceeded("late"), (504, "late", None));
         check(Status::internal("boom"), (500, "boom", None));
+    }
+
+    #[test]
+    fn each_status_is_counted_under_the_code_it_came_from() {
+        for code in [
+            Code::InvalidArgument,
+            Code::Unauthenticated,
+            Code::NotFound,
+            Code::ResourceExhausted,
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Internal,
+        ] {
+            assert_eq!(code_of(ApiError::from_status(&Status::new(code, "x"), |f| f).status), code);
+        }
+        assert_eq!(code_of(ApiError::unknown_model("a", "b").status), Code::NotFound);
+        assert_eq!(code_of(StatusCode::OK), Code::Ok);
+        assert_eq!(code_of(StatusCode::PAYLOAD_TOO_LARGE), Code::ResourceExhausted);
+        assert_eq!(code_of(StatusCode::METHOD_NOT_ALLOWED), Code::Unimplemented);
+        assert_eq!(code_of(StatusCode::UNSUPPORTED_MEDIA_TYPE), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn only_errors_of_the_shared_path_are_marked_counted() {
+        let counted = |e: ApiError| e.into_response().extensions().get::<Counted>().is_some();
+        assert!(counted(ApiError::from_shared(&Status::unavailable("x"), |f| f)));
+        assert!(!counted(ApiError::from_status(&Status::unavailable("x"), |f| f)));
+        assert!(!counted(ApiError::no_result()));
+        assert!(!counted(ApiError::unauthenticated("x")));
     }
 }

@@ -7,7 +7,12 @@
 //! retries, deadlines, metrics, traces); then it turns the events back into OpenAI JSON
 //! (`response.rs`) and any `Status` into an OpenAI error (`error.rs`). A client that goes away
 //! drops the response stream, which drops the events' receiver, which cancels the sequence on
-//! its worker at its next step, as a dropped gRPC stream does.
+//! its worker at its next step, as a dropped gRPC stream does; one that goes away from a whole
+//! (non-streaming) answer drops the handler, and with it the receiver, the same way.
+//!
+//! The shared path counts the requests that reach it (`onehead_router_requests_total`); `count`
+//! counts every other, refused here (a key, a body, a model, a path or method the API lacks) or
+//! no generation (`/v1/models`), so that each is counted once.
 
 mod error;
 pub mod listen;
@@ -20,8 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::HeaderMap;
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -30,10 +36,17 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 pub use error::ApiError;
+use error::Counted;
 use request::{ChatRequest, CompletionRequest, chat_param, completion_param, parse};
 use response::{Answer, Kind};
 
+use crate::metrics::{MODELS_PATH, ROUTES, RouterMetrics, UNMATCHED};
 use crate::service::{Events, Route, Router};
+
+const COMPLETIONS: Route = ROUTES[2];
+const CHAT: Route = ROUTES[3];
+/// The paths the API serves; a request is counted under its own, or as `UNMATCHED`.
+const PATHS: [&str; 3] = [MODELS_PATH, COMPLETIONS.path, CHAT.path];
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -45,12 +58,34 @@ struct Api {
 
 /// The HTTP routes on `router`; request bodies up to `body_limit_bytes`.
 pub fn app(router: Arc<Router>, keys: Arc<HashSet<String>>, body_limit_bytes: usize) -> axum::Router {
+    let metrics = router.metrics.clone();
     axum::Router::new()
-        .route("/v1/models", get(models))
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat))
+        .route(MODELS_PATH, get(models))
+        .route(COMPLETIONS.path, post(completions))
+        .route(CHAT.path, post(chat))
         .layer(DefaultBodyLimit::max(body_limit_bytes))
+        // Outermost, and on the fallback too: it sees axum's own refusals (404, 405, 413).
+        .layer(middleware::from_fn_with_state(metrics, count))
         .with_state(Api { router, keys })
+}
+
+/// Counts each response that the shared path has not (`Counted`), under its path and the code
+/// of its status. A client that leaves before the answer is not counted here, nor on the
+/// shared path.
+async fn count(State(metrics): State<Arc<RouterMetrics>>, request: Request, next: Next) -> Response {
+    let path = PATHS.into_iter().find(|p| *p == request.uri().path()).unwrap_or(UNMATCHED);
+    let response = next.run(request).await;
+    if response.extensions().get::<Counted>().is_none() {
+        metrics.http_request(path, error::code_of(response.status()));
+    }
+    response
+}
+
+/// A response whose request the shared path counts: a whole answer, counted when it completed,
+/// or a stream, counted when it ends.
+fn counted(mut response: Response) -> Response {
+    response.extensions_mut().insert(Counted);
+    response
 }
 
 /// Serves `app` on `listener` (`listen::PlainListener` or `listen::TlsListener`) until `shutdown`
@@ -111,11 +146,11 @@ impl Api {
             let millis = timeout.as_millis().clamp(1, 99_999_999);
             grpc.metadata_mut().insert("grpc-timeout", format!("{millis}m").parse().unwrap());
         }
-        let mut events = self.router.start(grpc, route).await.map_err(|s| ApiError::from_status(&s, param))?;
+        let mut events = self.router.start(grpc, route).await.map_err(|s| ApiError::from_shared(&s, param))?;
         match events.recv().await {
             Some(Ok(first)) => Ok((first, events)),
-            Some(Err(status)) => Err(ApiError::from_status(&status, param)),
-            None => Err(ApiError::from_status(&tonic::Status::internal("generation ended without a result"), param)),
+            Some(Err(status)) => Err(ApiError::from_shared(&status, param)),
+            None => Err(ApiError::no_result()),
         }
     }
 }
@@ -141,8 +176,7 @@ async fn completions(State(api): State<Api>, headers: HeaderMap, body: Bytes) ->
     let request: CompletionRequest = parse(&body)?;
     let model = api.model_id(request.common.model.as_deref())?;
     let translated = request.translate()?;
-    let route = crate::metrics::ROUTES[2];
-    let (first, events) = api.start(&headers, translated.request, route, completion_param).await?;
+    let (first, events) = api.start(&headers, translated.request, COMPLETIONS, completion_param).await?;
     let echo = translated.echo.map(|e| match e {
         request::EchoPrompt::Text(t) => t,
         request::EchoPrompt::Ids(ids) => model.tokenizer.decode(&ids),
@@ -161,8 +195,7 @@ async fn chat(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Result
     let prompt = template
         .render(&request.messages()?, request.add_generation_prompt.unwrap_or(true))
         .map_err(|why| ApiError::invalid("messages", why))?;
-    let route = crate::metrics::ROUTES[3];
-    let (first, events) = api.start(&headers, request.translate(prompt)?, route, chat_param).await?;
+    let (first, events) = api.start(&headers, request.translate(prompt)?, CHAT, chat_param).await?;
     let answer = Answer::new(Kind::Chat, model, request.logprobs.unwrap_or(false), request.common.include_usage());
     respond(answer, request.common.streaming(), None, first, events).await
 }
@@ -180,12 +213,15 @@ async fn respond(
             Kind::Completion => completion_param,
             Kind::Chat => chat_param,
         };
-        let collected = response::collect(first, events).await.map_err(|s| ApiError::from_status(&s, param))?;
-        return Ok(axum::Json(answer.whole(collected, echo)).into_response());
+        let collected = response::collect(first, events).await.map_err(|failed| match failed {
+            Some(status) => ApiError::from_shared(&status, param),
+            None => ApiError::no_result(),
+        })?;
+        return Ok(counted(axum::Json(answer.whole(collected, echo)).into_response()));
     }
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(16);
     tokio::spawn(stream_events(answer, echo, first, events, tx));
-    Ok(Sse::new(ReceiverStream::new(rx)).into_response())
+    Ok(counted(Sse::new(ReceiverStream::new(rx)).into_response()))
 }
 
 /// Turns events into SSE chunks until the generation ends or the client goes away; then the

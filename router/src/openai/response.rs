@@ -25,16 +25,17 @@ pub struct Collected {
     pub done: pb::GenerateDone,
 }
 
-/// Reads the events to the end.
-pub async fn collect(first: pb::GenerateStreamResponse, mut events: Events) -> Result<Collected, Status> {
+/// Reads the events to the end: the generation, or the status it failed with (`None`: the
+/// events ended without a result).
+pub async fn collect(first: pb::GenerateStreamResponse, mut events: Events) -> Result<Collected, Option<Status>> {
     let mut out = Collected { text: String::new(), tokens: Vec::new(), done: pb::GenerateDone::default() };
     let mut next = Some(first);
     loop {
         let message = match next.take() {
             Some(m) => m,
             None => match events.recv().await {
-                Some(m) => m?,
-                None => return Err(Status::internal("generation ended without a result")),
+                Some(m) => m.map_err(Some)?,
+                None => return Err(None),
             },
         };
         match message.event {
