@@ -121,7 +121,6 @@ pub fn new(
         recent_steps: VecDeque::new(),
         load,
         unrecoverable: false,
-        trimmed: Instant::now(),
     };
     (EngineHandle { commands, load: load_rx }, ready_rx, EngineLoop { engine, kv_tokens, inbox, ready })
 }
@@ -164,12 +163,9 @@ struct Engine {
     load: watch::Sender<Option<Load>>,
     /// A tensor-parallel shard failed: no step can run any more.
     unrecoverable: bool,
-    /// When free heap memory was last handed back to the system (`return_free_memory`).
-    trimmed: Instant,
 }
 
 const RATE_WINDOW: Duration = Duration::from_secs(5);
-const TRIM_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Engine {
     /// Serves commands and steps until `Stop` or every handle is gone; an error once a
@@ -185,10 +181,7 @@ impl Engine {
                             return Ok(());
                         }
                     }
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.publish_load();
-                        self.return_free_memory();
-                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => self.publish_load(),
                     Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
                 }
             }
@@ -208,30 +201,6 @@ impl Engine {
             if self.unrecoverable {
                 return Err(Error::ShardFailed);
             }
-            self.return_free_memory();
-        }
-    }
-
-    /// Every `TRIM_INTERVAL`, hands the heap's free pages back to the system (glibc's
-    /// `malloc_trim`). Each step allocates and frees activations of its own sizes; glibc serves
-    /// large ones from the heap once a freed one has raised its mmap threshold, and keeps the
-    /// freed pages, so without this the worker's memory crept up for as long as new step sizes
-    /// came (the soak: 20 MiB in 9 minutes after warm-up; 9 MiB with the threshold fixed). A
-    /// trim takes about a millisecond.
-    fn return_free_memory(&mut self) {
-        if self.trimmed.elapsed() < TRIM_INTERVAL {
-            return;
-        }
-        self.trimmed = Instant::now();
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        {
-            unsafe extern "C" {
-                fn malloc_trim(pad: usize) -> std::ffi::c_int;
-            }
-            let started = Instant::now();
-            // SAFETY: glibc's malloc_trim takes the allocator's own locks; any thread may call it.
-            unsafe { malloc_trim(0) };
-            tracing::debug!(secs = started.elapsed().as_secs_f64(), "free heap memory returned");
         }
     }
 
