@@ -215,8 +215,9 @@ pub fn tokenize_request(u: &mut Unstructured, aim: Aim) -> Result<pb::TokenizeRe
 pub fn worker_response(u: &mut Unstructured) -> Result<wpb::GenerateResponse> {
     use wpb::generate_response::Event;
     let logprob = |u: &mut Unstructured| pick(u, &[-0.5, 0.0, f32::NEG_INFINITY], &[f32::NAN, 1.0]);
-    let event = match u.int_in_range(0..=2)? {
+    let event = match u.int_in_range(0..=3)? {
         0 => None,
+        3 => Some(Event::Progress(wpb::Progress { engine_steps: u.arbitrary()? })),
         1 => {
             let n = u.int_in_range(0..=21)?;
             let top = (0..n)

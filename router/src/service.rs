@@ -332,8 +332,10 @@ impl Run {
         let mut n_tokens = 0u32;
         let mut first_token_secs = 0.0;
         let mut last_token: Option<Instant> = None;
+        // The engine's step count in the worker's last `Progress`: a stream waiting behind others
+        // is alive while it grows.
+        let mut engine_steps = None;
         loop {
-            silence.as_mut().reset((Instant::now() + self.silence).into());
             let message = tokio::select! {
                 m = stream.message() => m,
                 _ = &mut deadline => return self.deadline_exceeded().await,
@@ -360,7 +362,17 @@ impl Run {
                     return Attempt::Done;
                 }
             };
+            let alive = match &event {
+                wpb::generate_response::Event::Progress(p) => {
+                    engine_steps.replace(p.engine_steps) < Some(p.engine_steps)
+                }
+                _ => true,
+            };
+            if alive {
+                silence.as_mut().reset((Instant::now() + self.silence).into());
+            }
             match event {
+                wpb::generate_response::Event::Progress(_) => {}
                 wpb::generate_response::Event::Token(t) => {
                     let now = Instant::now();
                     match last_token {

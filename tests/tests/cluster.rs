@@ -461,6 +461,7 @@ async fn sigterm_drains_in_flight_streams_then_exits_cleanly() {
         match s.message().await.unwrap().unwrap().event.unwrap() {
             wpb::generate_response::Event::Token(_) => tokens += 1,
             wpb::generate_response::Event::Finished(f) => break f,
+            wpb::generate_response::Event::Progress(_) => {}
         }
     };
     assert_eq!((tokens, finished.reason), (300, wpb::FinishReason::Length as i32));

@@ -280,3 +280,25 @@ async fn a_frozen_workers_streams_are_ended_and_retried_by_silence() {
     assert!(status.message().contains("sent nothing for 1.5s after"), "{}", status.message());
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
 }
+
+/// A request that waits behind others hears nothing for as long as it waits: here behind a
+/// 1,800-token stream in a batch of one, several seconds, against a silence limit of one second.
+/// It used to be ended as if its worker were frozen ("sent nothing for 60s": 30 of 32 requests
+/// sharing a 1,024-token prefix on a 2-core CPU). The worker now sends a `Progress` message with
+/// its engine's step count whenever a stream has had nothing to send for
+/// `--progress-interval-secs`, and the router keeps a stream whose count grows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_queued_longer_than_the_silence_limit_is_served() {
+    let w = worker(&["--max-batch-size", "1", "--progress-interval-secs", "0.2"]).await;
+    let r = router(&[&w], &["--stream-silence-timeout-secs", "1"]).await;
+    let c = client(&r).await;
+    let mut long = c.clone().generate_stream(text_request("long", 1800)).await.unwrap().into_inner();
+    long.message().await.unwrap().unwrap();
+    let started = Instant::now();
+    let queued = stream(&mut c.clone(), text_request("queued", 5)).await;
+    if let Err(status) = &queued.done {
+        panic!("{:?}: {}", status.code(), status.message());
+    }
+    assert!(started.elapsed() > Duration::from_secs(2), "it did not wait: {:?}", started.elapsed());
+    while long.message().await.unwrap().is_some() {}
+}

@@ -31,6 +31,8 @@ pub type EventSender = tokio_mpsc::UnboundedSender<Event>;
 pub struct Load {
     pub scheduler: LoadSnapshot,
     pub steps_per_sec: f64,
+    /// Steps completed since start.
+    pub steps: u64,
     /// When the engine published this: after a step or a command, or each second while idle.
     pub published: Instant,
 }
@@ -121,6 +123,7 @@ pub fn new(
         recent_steps: VecDeque::new(),
         load,
         unrecoverable: false,
+        steps: 0,
     };
     (EngineHandle { commands, load: load_rx }, ready_rx, EngineLoop { engine, kv_tokens, inbox, ready })
 }
@@ -163,6 +166,8 @@ struct Engine {
     load: watch::Sender<Option<Load>>,
     /// A tensor-parallel shard failed: no step can run any more.
     unrecoverable: bool,
+    /// Steps completed since start.
+    steps: u64,
 }
 
 const RATE_WINDOW: Duration = Duration::from_secs(5);
@@ -232,7 +237,7 @@ impl Engine {
         let steps_per_sec = self.recent_steps.len() as f64 / RATE_WINDOW.as_secs_f64();
         let scheduler = self.scheduler.load();
         self.metrics.load(scheduler);
-        self.load.send_replace(Some(Load { scheduler, steps_per_sec, published: now }));
+        self.load.send_replace(Some(Load { scheduler, steps_per_sec, steps: self.steps, published: now }));
     }
 
     /// Cancels every request whose client has gone, and publishes the load they freed.
@@ -296,6 +301,7 @@ impl Engine {
             }
         };
         self.recent_steps.push_back(now);
+        self.steps += 1;
         // Before the events: a client that has its token sees the load that produced it (and
         // steps older than `RATE_WINDOW` leave `recent_steps`).
         self.publish_load();
@@ -349,6 +355,7 @@ mod tests {
         let load = |waiting, running| Load {
             scheduler: LoadSnapshot { waiting, running, kv_tokens_free: 0, kv_tokens_total: 0, ..Default::default() },
             steps_per_sec: 0.0,
+            steps: 0,
             published: t0,
         };
         let limit = Duration::from_secs(10);

@@ -80,6 +80,12 @@ struct ServeArgs {
     /// when steps resume. Keep it well above the slowest step (a full prefill chunk).
     #[arg(long, env = "ONEHEAD_STALL_TIMEOUT_SECS", default_value_t = 60.0)]
     stall_timeout_secs: f64,
+    /// Seconds after which a stream with nothing to send (its request waits in the queue, or
+    /// prefills a long prompt) gets a Progress message with the engine's step count, so that
+    /// routers do not take it for a frozen worker. Keep it well below the routers'
+    /// --stream-silence-timeout-secs.
+    #[arg(long, env = "ONEHEAD_PROGRESS_INTERVAL_SECS", default_value_t = 5.0)]
+    progress_interval_secs: f64,
     #[command(flatten)]
     connections: ConnectionArgs,
     /// After SIGTERM, seconds that in-flight requests get to finish (new ones are refused).
@@ -270,6 +276,7 @@ fn run_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Resu
     }
     let serve_limits = server::ServeLimits {
         stall: positive_secs("--stall-timeout-secs", args.stall_timeout_secs).map_err(anyhow::Error::msg)?,
+        progress: positive_secs("--progress-interval-secs", args.progress_interval_secs).map_err(anyhow::Error::msg)?,
         connections: args.connections.limits()?,
     };
     if args.max_step_tokens < args.max_batch_size {

@@ -42,6 +42,7 @@ pub struct WorkerService {
     engine: EngineHandle,
     info: WorkerInfo,
     stall_limit: Duration,
+    progress_interval: Duration,
     /// Random, fixed for the life of the process: see `Load.instance_id`.
     instance_id: String,
 }
@@ -91,6 +92,46 @@ pub fn engine_request(
     Ok(request)
 }
 
+/// The messages of one request's stream: its engine events, and a `Progress` with the engine's
+/// step count whenever `interval` passed without one. The router ends a worker stream that
+/// stays silent (`--stream-silence-timeout-secs`, 60 s by default), and a request may wait in
+/// the queue, or prefill a long prompt, for longer than that while the engine works on others;
+/// a growing step count tells the router it is waiting, not frozen. Ends after the last event,
+/// or when the client is gone (then the engine's sender sees the request abandoned and cancels
+/// it).
+fn with_progress(
+    mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    engine: EngineHandle,
+    interval: Duration,
+) -> tokio::sync::mpsc::UnboundedReceiver<pb::GenerateResponse> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        loop {
+            let message = tokio::select! {
+                event = events.recv() => match event {
+                    Some(e) => {
+                        tick.reset();
+                        to_proto(e)
+                    }
+                    None => return,
+                },
+                _ = tick.tick() => match engine.load() {
+                    Ok(load) => pb::GenerateResponse {
+                        event: Some(pb::generate_response::Event::Progress(pb::Progress { engine_steps: load.steps })),
+                    },
+                    Err(_) => continue,
+                },
+                _ = tx.closed() => return,
+            };
+            if tx.send(message).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 fn to_proto(event: Event) -> pb::GenerateResponse {
     use pb::generate_response::Event as E;
     let token = |c: Choice| pb::TopToken { id: c.token, logprob: c.logprob };
@@ -136,10 +177,11 @@ impl Worker for WorkerService {
         onehead_telemetry::set_parent_from(&span, request.metadata());
         let request = engine_request(request.into_inner(), &self.info.shape, clock_seed).map_err(status)?;
         let events = self.engine.submit(request).instrument(span.clone()).await.map_err(status)?;
-        let stream = UnboundedReceiverStream::new(events).map(move |e| {
-            let _in_span = &span;
-            Ok(to_proto(e))
-        });
+        let stream = UnboundedReceiverStream::new(with_progress(events, self.engine.clone(), self.progress_interval))
+            .map(move |m| {
+                let _in_span = &span;
+                Ok(m)
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -191,6 +233,9 @@ impl Worker for WorkerService {
 pub struct ServeLimits {
     /// No completed step for this long while work waits: NOT_SERVING (`--stall-timeout-secs`).
     pub stall: Duration,
+    /// A stream with nothing to send for this long gets a `Progress` message
+    /// (`--progress-interval-secs`; see `with_progress`).
+    pub progress: Duration,
     /// When silent connections are closed.
     pub connections: ConnectionLimits,
 }
@@ -244,7 +289,13 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(WorkerServer::new(WorkerService { engine, info, stall_limit, instance_id }))
+        .add_service(WorkerServer::new(WorkerService {
+            engine,
+            info,
+            stall_limit,
+            progress_interval: limits.progress,
+            instance_id,
+        }))
         .serve_with_incoming_shutdown(serving::incoming(listener, limits.connections), shutdown)
         .await?;
     Ok(())

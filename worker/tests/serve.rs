@@ -75,6 +75,7 @@ async fn collect(client: &mut WorkerClient<Channel>, req: pb::GenerateRequest) -
                 assert!(stream.message().await.unwrap().is_none(), "Finished is the last message");
                 return (ids, logprobs, f);
             }
+            pb::generate_response::Event::Progress(_) => {}
         }
     }
     panic!("stream ended without Finished");
