@@ -29,6 +29,9 @@ struct Args {
     /// Tokens each throughput stream generates.
     #[arg(long, default_value_t = 128)]
     new_tokens: u32,
+    /// Rounds of the throughput comparison, each running every path once in turn.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
 }
 
 const PROMPT: [u32; 16] = [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115];
@@ -129,6 +132,20 @@ async fn via_http(addr: &str, n: u32) -> anyhow::Result<(f64, u32)> {
     Ok((first.unwrap_or_default(), tokens))
 }
 
+/// Tokens per second of `c` concurrent streams, stream `i` made by `stream(i)`.
+async fn streamed<F>(c: usize, stream: impl Fn(usize) -> F) -> anyhow::Result<f64>
+where
+    F: std::future::Future<Output = anyhow::Result<(f64, u32)>> + Send + 'static,
+{
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..c).map(|i| tokio::spawn(stream(i))).collect();
+    let mut tokens = 0;
+    for t in tasks {
+        tokens += t.await??.1;
+    }
+    Ok(f64::from(tokens) / started.elapsed().as_secs_f64())
+}
+
 fn percentile(xs: &mut [f64], p: f64) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[((xs.len() - 1) as f64 * p).round() as usize]
@@ -169,52 +186,54 @@ async fn main() -> anyhow::Result<()> {
         println!("  HTTP over gRPC:   p50 {:.2}  p99 {:.2}", h50 - r50, h99 - r99);
     }
 
-    // Streamed tokens/s at a fixed concurrency, each path on its own.
-    let c = args.concurrency;
-    let n = args.new_tokens;
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..c)
-        .map(|_| {
-            let mut r = router.clone();
-            tokio::spawn(async move { via_router(&mut r, n).await })
-        })
-        .collect();
-    let mut tokens = 0;
-    for t in tasks {
-        tokens += t.await??.1;
-    }
-    let router_tps = tokens as f64 / started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..c)
-        .map(|i| {
-            let mut w = worker.clone();
-            tokio::spawn(async move { via_worker(&mut w, format!("bench-tp-{i}"), n).await })
-        })
-        .collect();
-    let mut tokens = 0;
-    for t in tasks {
-        tokens += t.await??.1;
-    }
-    let worker_tps = tokens as f64 / started.elapsed().as_secs_f64();
-    println!("streamed tokens/s at concurrency {c}, {n} tokens each:");
-    println!("  direct to worker: {worker_tps:.0}");
-    println!("  through router:   {router_tps:.0} ({:.1}% of direct)", 100.0 * router_tps / worker_tps);
-    if let Some(addr) = &args.http {
-        let started = Instant::now();
-        let tasks: Vec<_> = (0..c)
-            .map(|_| {
-                let addr = addr.clone();
-                tokio::spawn(async move { via_http(&addr, n).await })
+    // Streamed tokens/s at a fixed concurrency, each path on its own, in rounds that alternate
+    // the paths: the machine's speed drifts between rounds, so each round's ratios compare.
+    let (c, n) = (args.concurrency, args.new_tokens);
+    let (mut worker_tps, mut router_tps, mut http_tps) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        worker_tps.push(
+            streamed(c, |i| {
+                let mut w = worker.clone();
+                async move { via_worker(&mut w, format!("bench-tp-{round}-{i}"), n).await }
             })
-            .collect();
-        let mut tokens = 0;
-        for t in tasks {
-            tokens += t.await??.1;
+            .await?,
+        );
+        router_tps.push(
+            streamed(c, |_| {
+                let mut r = router.clone();
+                async move { via_router(&mut r, n).await }
+            })
+            .await?,
+        );
+        if let Some(addr) = &args.http {
+            http_tps.push(
+                streamed(c, |_| {
+                    let addr = addr.clone();
+                    async move { via_http(&addr, n).await }
+                })
+                .await?,
+            );
         }
-        let http_tps = tokens as f64 / started.elapsed().as_secs_f64();
+    }
+    let ratios = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(a, b)| 100.0 * a / b).collect() };
+    let median = |mut xs: Vec<f64>| percentile(&mut xs, 0.5);
+    let list = |xs: &[f64], digits: usize| xs.iter().map(|x| format!("{x:.digits$}")).collect::<Vec<_>>().join(", ");
+    println!("streamed tokens/s at concurrency {c}, {n} tokens each, {} alternated rounds:", args.rounds);
+    println!("  direct to worker: {}", list(&worker_tps, 0));
+    let router_share = ratios(&router_tps, &worker_tps);
+    println!(
+        "  through router:   {} ({}% of direct; median {:.1}%)",
+        list(&router_tps, 0),
+        list(&router_share, 1),
+        median(router_share.clone())
+    );
+    if args.http.is_some() {
+        let http_share = ratios(&http_tps, &router_tps);
         println!(
-            "  through HTTP API: {http_tps:.0} ({:.1}% of gRPC through the router)",
-            100.0 * http_tps / router_tps
+            "  through HTTP API: {} ({}% of gRPC through the router; median {:.1}%)",
+            list(&http_tps, 0),
+            list(&http_share, 1),
+            median(http_share.clone())
         );
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
