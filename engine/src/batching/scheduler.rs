@@ -67,7 +67,6 @@ struct Sequence {
     /// (each the parent of the next).
     blocks: Vec<u32>,
     block_hashes: Vec<u64>,
-    slot: KvSlot,
     /// Prompt, then generated tokens.
     tokens: Vec<u32>,
     /// Tokens whose K/V are in the cache; `tokens[n_cached..]` are still to be fed.
@@ -87,7 +86,6 @@ impl Sequence {
             request,
             blocks: Vec::new(),
             block_hashes: Vec::new(),
-            slot: KvSlot::from_blocks(&[]),
             n_cached: 0,
             admitted: None,
             first_token: None,
@@ -337,10 +335,6 @@ impl Scheduler {
                 }
             }
         }
-        if short > 0 {
-            let seq = &mut self.running[i];
-            seq.slot = KvSlot::from_blocks(&seq.blocks);
-        }
         true
     }
 
@@ -351,7 +345,6 @@ impl Scheduler {
         self.kv.release(&seq.blocks);
         seq.blocks.clear();
         seq.block_hashes.clear();
-        seq.slot = KvSlot::from_blocks(&[]);
         seq.n_cached = 0;
         self.preemptions += 1;
         self.waiting.push_front(seq);
@@ -439,7 +432,7 @@ fn chunk_of(seq_idx: usize, seq: &Sequence, n: usize) -> PlannedChunk {
     PlannedChunk {
         seq_idx,
         tokens: seq.tokens[seq.n_cached..end].to_vec(),
-        slot: seq.slot.clone(),
+        slot: KvSlot::from_blocks(&seq.blocks),
         n_cached: seq.n_cached,
         logits: if end == seq.tokens.len() { Logits::Last } else { Logits::None },
     }
