@@ -215,26 +215,19 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    let ratios = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(a, b)| 100.0 * a / b).collect() };
-    let median = |mut xs: Vec<f64>| percentile(&mut xs, 0.5);
     let list = |xs: &[f64], digits: usize| xs.iter().map(|x| format!("{x:.digits$}")).collect::<Vec<_>>().join(", ");
+    // A path's tokens/s, each round's share of `base`'s in the same round, and their median.
+    let share = |label: &str, tps: &[f64], base: &[f64], of: &str| {
+        let mut shares: Vec<f64> = tps.iter().zip(base).map(|(a, b)| 100.0 * a / b).collect();
+        let listed = list(&shares, 1);
+        let median = percentile(&mut shares, 0.5);
+        println!("  {label} {} ({listed}% of {of}; median {median:.1}%)", list(tps, 0));
+    };
     println!("streamed tokens/s at concurrency {c}, {n} tokens each, {} alternated rounds:", args.rounds);
     println!("  direct to worker: {}", list(&worker_tps, 0));
-    let router_share = ratios(&router_tps, &worker_tps);
-    println!(
-        "  through router:   {} ({}% of direct; median {:.1}%)",
-        list(&router_tps, 0),
-        list(&router_share, 1),
-        median(router_share.clone())
-    );
+    share("through router:  ", &router_tps, &worker_tps, "direct");
     if args.http.is_some() {
-        let http_share = ratios(&http_tps, &router_tps);
-        println!(
-            "  through HTTP API: {} ({}% of gRPC through the router; median {:.1}%)",
-            list(&http_tps, 0),
-            list(&http_share, 1),
-            median(http_share.clone())
-        );
+        share("through HTTP API:", &http_tps, &router_tps, "gRPC through the router");
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())
