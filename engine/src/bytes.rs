@@ -1,11 +1,12 @@
 //! The byte model: what each step reads and writes on each shard, computed exactly from what it
 //! ran. Each shard reads all of its weights once, and for each sequence every cached K/V byte of
-//! its context once per layer; it writes the K/V of the step's new tokens. The worker's metrics
+//! its context once per layer (a sliding layer: from its window's first key on, as
+//! `models::cached_attention_in_window` reads); it writes the K/V of the step's new tokens. The worker's metrics
 //! and the benchmarks report these figures, and bandwidth is bytes moved over a step's time.
 
 use crate::batching::scheduler::StepPlan;
 use crate::kv_cache::KvShape;
-use crate::models::ModelShape;
+use crate::models::{ModelShape, SlidingWindow};
 use crate::parallel::heads::ShardHeads;
 
 /// What one step read and wrote on one shard.
@@ -34,6 +35,9 @@ pub struct ShardBytes {
     pub kv_bytes_per_token: i64,
     /// The same with one K/V head per query head of this shard.
     pub mha_kv_bytes_per_token: i64,
+    pub n_layers: i64,
+    /// The layers that read only a window of keys.
+    pub sliding_window: Option<SlidingWindow>,
 }
 
 impl ShardBytes {
@@ -52,6 +56,8 @@ impl ShardBytes {
                     weight_bytes,
                     kv_bytes_per_token: per_head * kv.n_kv_heads,
                     mha_kv_bytes_per_token: per_head * q_heads,
+                    n_layers: kv.n_layers,
+                    sliding_window: shape.sliding_window,
                 }
             })
             .collect()
@@ -63,16 +69,25 @@ impl ShardBytes {
 
     /// The bytes of a step over chunks of `(n_cached, n_new)` tokens.
     pub fn step_for(&self, chunks: impl Iterator<Item = (i64, i64)>) -> StepBytes {
-        let (mut context, mut new) = (0, 0);
+        // Tokens of K/V read, summed over layers, and tokens written.
+        let (mut read, mut new) = (0, 0);
         for (n_cached, n_new) in chunks {
-            context += n_cached + n_new;
+            let context = n_cached + n_new;
+            read += match self.sliding_window {
+                None => self.n_layers * context,
+                Some(w) => {
+                    let in_window = context - (n_cached + 1 - w.tokens).max(0);
+                    (self.n_layers - w.layers) * context + w.layers * in_window
+                }
+            };
             new += n_new;
         }
+        let per_layer = |bytes_per_token: i64| bytes_per_token / self.n_layers;
         StepBytes {
             weight_read: self.weight_bytes,
-            kv_read: context * self.kv_bytes_per_token,
+            kv_read: read * per_layer(self.kv_bytes_per_token),
             kv_written: new * self.kv_bytes_per_token,
-            mha_kv_read: context * self.mha_kv_bytes_per_token,
+            mha_kv_read: read * per_layer(self.mha_kv_bytes_per_token),
         }
     }
 }
@@ -82,7 +97,15 @@ mod tests {
     use super::*;
 
     fn shape(n_kv_heads: i64) -> ModelShape {
-        ModelShape { n_layers: 24, n_heads: 16, n_kv_heads, head_dim: 128, vocab_size: 49280, max_context: 2048 }
+        ModelShape {
+            n_layers: 24,
+            n_heads: 16,
+            n_kv_heads,
+            head_dim: 128,
+            vocab_size: 49280,
+            max_context: 2048,
+            sliding_window: None,
+        }
     }
 
     /// The byte accounting against the independent formula: 2 x layers x cached tokens x
@@ -105,5 +128,21 @@ mod tests {
                 assert_eq!(b.mha_kv_read, 2 * 24 * context * (16 / tp as i64) * 128 * 2);
             }
         }
+    }
+
+    /// A sliding layer reads at most its window's keys a token: Gemma 3's five sliding layers in
+    /// six, a 512-token window, against a context of 100 (all read) and 2,000 (the window).
+    #[test]
+    fn sliding_layers_read_only_their_window() {
+        let mut shape = shape(1);
+        shape.sliding_window = Some(SlidingWindow { tokens: 512, layers: 20 });
+        let kv = KvShape { n_layers: 24, n_kv_heads: 1, head_dim: 128 };
+        let s = &ShardBytes::all(&[0], &[kv], &shape, 2)[0];
+        let per_token_layer = 2 * 128 * 2;
+        assert_eq!(s.step_for([(99, 1)].into_iter()).kv_read, 24 * 100 * per_token_layer);
+        assert_eq!(s.step_for([(1999, 1)].into_iter()).kv_read, (4 * 2000 + 20 * 512) * per_token_layer);
+        // A chunk of 10 after 1,990 cached: its first query's window starts at key 1,479.
+        assert_eq!(s.step_for([(1990, 10)].into_iter()).kv_read, (4 * 2000 + 20 * 521) * per_token_layer);
+        assert_eq!(s.step_for([(1999, 1)].into_iter()).kv_written, 24 * per_token_layer);
     }
 }

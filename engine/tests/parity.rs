@@ -182,6 +182,7 @@ fn decodes_attended_together_equal_each_sequence_alone() {
         ("llama3_gqa", 1),
         ("qwen3_gqa", 4),
         ("mistral_window", 1),
+        ("gemma3_mqa", 3),
     ] {
         let (mut lm, reference) = load_tp(name, tp);
         check_decodes_together(&mut lm, &reference, &format!("{name} TP {tp}"), |a, e| (a - e).abs() <= TOLERANCE);

@@ -127,6 +127,7 @@ fn accepted(g: Generation, bounds: Bounds) {
         head_dim: 1,
         vocab_size: bounds.vocab_size.into(),
         max_context: bounds.max_context.into(),
+        sliding_window: None,
     };
     if let Err(e) = crate::worker::engine_request(request, &shape) {
         panic!("the router accepted a request that the worker refuses: {e}");

@@ -36,7 +36,7 @@ const FIELDS: &[&str] = &[
 
 fn shape(config: u8) -> ModelShape {
     let (vocab_size, max_context) = SHAPES[usize::from(config) % SHAPES.len()];
-    ModelShape { n_layers: 1, n_heads: 1, n_kv_heads: 1, head_dim: 1, vocab_size, max_context }
+    ModelShape { n_layers: 1, n_heads: 1, n_kv_heads: 1, head_dim: 1, vocab_size, max_context, sliding_window: None }
 }
 
 fn aim(shape: &ModelShape) -> Aim {

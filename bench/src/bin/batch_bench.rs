@@ -218,6 +218,7 @@ fn telemetry_overhead() -> anyhow::Result<()> {
         head_dim: 128,
         vocab_size: 49280,
         max_context: 2048,
+        sliding_window: None,
     };
     let metrics = WorkerMetrics::new(&registry, ShardBytes::all(&[2_241_000_000], &[kv], &shape, 2), Some(25e9));
     let config = SchedulerConfig {

@@ -133,8 +133,15 @@ fn in_vocabulary(field: &'static str, ids: &[u32], shape: &ModelShape) -> Result
 mod tests {
     use super::*;
 
-    const SHAPE: ModelShape =
-        ModelShape { n_layers: 1, n_heads: 4, n_kv_heads: 1, head_dim: 8, vocab_size: 97, max_context: 64 };
+    const SHAPE: ModelShape = ModelShape {
+        n_layers: 1,
+        n_heads: 4,
+        n_kv_heads: 1,
+        head_dim: 8,
+        vocab_size: 97,
+        max_context: 64,
+        sliding_window: None,
+    };
 
     /// `expected`: None when the request is valid, else a part of the error message.
     fn check(edit: impl FnOnce(&mut Request), expected: Option<&str>) {

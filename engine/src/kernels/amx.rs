@@ -385,9 +385,11 @@ mod tests {
         }
         // Multi-query (16 and 71 query heads: one and five blocks of 16), grouped (4 per K/V
         // head) and multi-head; lengths inside one block, at its end, and across several with a
-        // partial last one; heads of 64, 128 and 96 (a partial group of output columns).
-        let cases: [(i64, i64, i64, &[i64]); 5] = [
+        // partial last one; heads of 64, 128, 96 (a partial group of output columns) and Gemma's
+        // 256 (4 query heads over one K/V head).
+        let cases: [(i64, i64, i64, &[i64]); 6] = [
             (1, 16, 128, &[1, 2, 31, 32, 33, 300]),
+            (1, 4, 256, &[3, 40, 513]),
             (1, 71, 64, &[5, 64, 100]),
             (4, 4, 128, &[17, 250]),
             (16, 1, 128, &[9, 40]),

@@ -143,14 +143,14 @@ impl KvPool {
         (&self.k[layer], &self.v[layer])
     }
 
-    /// The first `len` cached K and V of `slot` in `layer`, each `(n_kv_heads, len, head_dim)`:
-    /// views into the pool while those tokens are in consecutive positions, otherwise copies
-    /// gathered from their blocks.
-    pub(crate) fn view(&self, layer: usize, slot: &KvSlot, len: i64) -> (Tensor, Tensor) {
-        match slot.runs(0, len)[..] {
+    /// The cached K and V of `slot`'s tokens `from .. from + len` in `layer`, each `(n_kv_heads,
+    /// len, head_dim)`: views into the pool while those tokens are in consecutive positions,
+    /// otherwise copies gathered from their blocks.
+    pub(crate) fn view(&self, layer: usize, slot: &KvSlot, from: i64, len: i64) -> (Tensor, Tensor) {
+        match slot.runs(from, len)[..] {
             [(_, start, _)] => (self.k[layer].narrow(1, start, len), self.v[layer].narrow(1, start, len)),
             _ => {
-                let positions: Vec<i64> = (0..len).map(|i| slot.position(i)).collect();
+                let positions: Vec<i64> = (from..from + len).map(|i| slot.position(i)).collect();
                 self.gather(layer, &Tensor::from_slice(&positions).to_device(self.k[layer].device()))
             }
         }
@@ -212,10 +212,15 @@ mod tests {
         // Written in two pieces, the second across the block boundary.
         pool.write(0, &slot, 0, &k.narrow(1, 0, 30), &(k.narrow(1, 0, 30) * -1));
         pool.write(0, &slot, 30, &k.narrow(1, 30, len - 30), &(k.narrow(1, 30, len - 30) * -1));
-        let (keys, values) = pool.view(0, &slot, len);
+        let (keys, values) = pool.view(0, &slot, 0, len);
         assert!(keys.equal(&k) && values.equal(&(&k * -1)));
-        let (first, _) = pool.view(0, &slot, 10);
+        let (first, _) = pool.view(0, &slot, 0, 10);
         assert!(first.equal(&k.narrow(1, 0, 10)));
+        // A window's tail: inside the second block, and across the boundary.
+        for from in [BLOCK_TOKENS + 1, 20] {
+            let (tail, _) = pool.view(0, &slot, from, len - from);
+            assert!(tail.equal(&k.narrow(1, from, len - from)), "from {from}");
+        }
         assert!(pool.layer(0).0.narrow(1, 2 * BLOCK_TOKENS, 5).equal(&k.narrow(1, 0, 5)));
     }
 }

@@ -76,6 +76,7 @@ impl Falcon {
             head_dim: c.head_dim,
             vocab_size: c.vocab_size,
             max_context: c.max_position_embeddings,
+            sliding_window: None,
         };
         let shard = Shard::new(shape, placement, comm);
         let ffn = split(c.ffn_hidden_size, shard.comm.rank(), shard.comm.world_size());

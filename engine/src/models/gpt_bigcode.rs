@@ -74,6 +74,7 @@ impl GptBigCode {
             head_dim: c.head_dim,
             vocab_size: c.vocab_size,
             max_context: c.n_positions,
+            sliding_window: None,
         };
         let shard = Shard::new(shape, placement, comm);
         let inner = split(c.n_inner, shard.comm.rank(), shard.comm.world_size());

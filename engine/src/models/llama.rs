@@ -21,7 +21,7 @@ use tch::Tensor;
 
 use super::parallel::{ShardLoader, row_parallel, split_qkv};
 use super::{
-    Batch, CausalLm, GatedMlp, Linear, ModelShape, Norm, Placement, RmsNorm, Rotary, Scores, Shard,
+    Batch, CausalLm, GatedMlp, Linear, ModelShape, Norm, Placement, RmsNorm, Rotary, Scores, Shard, SlidingWindow,
     cached_attention_in_window, soft_cap,
 };
 use crate::error::Result;
@@ -136,6 +136,9 @@ impl Llama {
             head_dim: c.head_dim,
             vocab_size: c.vocab_size,
             max_context: c.max_position_embeddings,
+            sliding_window: c
+                .sliding_window
+                .map(|tokens| SlidingWindow { tokens, layers: c.sliding_layers.iter().filter(|&&s| s).count() as i64 }),
         };
         let shard = Shard::new(shape, placement, comm);
         let intermediate = split(c.intermediate_size, shard.comm.rank(), shard.comm.world_size());

@@ -64,9 +64,10 @@ struct DecodeRows {
     slots: Vec<KvSlot>,
     lens: Vec<i64>,
     longest: i64,
-    /// For the gather (`gathered`): `(n * longest,)` pool positions of each sequence's keys,
-    /// padded with its last one, and `(n, 1, 1, longest)`, true where a key is the sequence's own.
-    gathered: OnceCell<(Tensor, Tensor)>,
+    /// For the gather (`gathered`), of all the keys and of a window's (a model has one window):
+    /// `(n * read,)` pool positions of each sequence's keys, padded with its last one, and
+    /// `(n, 1, 1, read)`, true where a key is the sequence's own.
+    gathered: [OnceCell<(Tensor, Tensor)>; 2],
 }
 
 impl DecodeRows {
@@ -96,20 +97,31 @@ impl DecodeRows {
             longest: *lens.iter().max().expect("two or more"),
             slots,
             lens,
-            gathered: OnceCell::new(),
+            gathered: Default::default(),
         })
     }
 
-    /// The gather's key positions and mask (see the field), built on first use.
-    fn gathered(&self) -> &(Tensor, Tensor) {
-        self.gathered.get_or_init(|| {
+    /// The most keys a sequence's token reads: all of the longest sequence's, or a window's.
+    fn read(&self, window: Option<i64>) -> i64 {
+        window.map_or(self.longest, |w| self.longest.min(w))
+    }
+
+    /// The gather's key positions and mask (see the field) for the keys each token reads within
+    /// `window`, built on first use.
+    fn gathered(&self, window: Option<i64>) -> &(Tensor, Tensor) {
+        let window = window.filter(|&w| w < self.longest);
+        let read = self.read(window);
+        self.gathered[window.is_some() as usize].get_or_init(|| {
             let (mut keys, mut mask) = (Vec::new(), Vec::new());
             for (slot, &len) in self.slots.iter().zip(&self.lens) {
-                keys.extend((0..self.longest).map(|j| slot.position(j.min(len - 1))));
-                mask.extend((0..self.longest).map(|j| j < len));
+                // The sequence's last `own` keys, from `first`.
+                let own = len.min(read);
+                let first = len - own;
+                keys.extend((0..read).map(|j| slot.position(first + j.min(own - 1))));
+                mask.extend((0..read).map(|j| j < own));
             }
             let (n, device) = (self.lens.len() as i64, self.rows.device());
-            let mask = Tensor::from_slice(&mask).view([n, 1, 1, self.longest]).to_device(device);
+            let mask = Tensor::from_slice(&mask).view([n, 1, 1, read]).to_device(device);
             (Tensor::from_slice(&keys).to_device(device), mask)
         })
     }
@@ -172,6 +184,15 @@ pub struct ModelShape {
     pub head_dim: i64,
     pub vocab_size: i64,
     pub max_context: i64,
+    /// The layers whose tokens attend only a window of keys, if any.
+    pub sliding_window: Option<SlidingWindow>,
+}
+
+/// A sliding window: `layers` of a model's layers attend only each token's last `tokens` keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlidingWindow {
+    pub tokens: i64,
+    pub layers: i64,
 }
 
 impl ModelShape {
@@ -294,10 +315,12 @@ pub(crate) struct Scores {
     pub softcap: Option<f64>,
 }
 
-/// `cached_attention` with a window and soft-capped scores where `scores` says. The decode
-/// tokens are attended together only while every one of their sequences fits in the window
-/// (the joint call reads whole caches) and the scores are not capped (the fused kernels cannot);
-/// otherwise each chunk is attended on its own, with the window in its mask.
+/// `cached_attention` with a window and soft-capped scores where `scores` says. A window is
+/// read, not only masked: each token reads the cache from its window's first key on (decode:
+/// the last `window` keys), so a sliding layer reads at most `window` keys a token whatever the
+/// context; the pool keeps the older keys (a window's are not freed early). Decode tokens are
+/// attended together unless the scores are capped (the fused kernels cannot); AMX reads whole
+/// caches in place, so once a sequence outgrows the window its layer gathers the window instead.
 pub(crate) fn cached_attention_in_window(
     layer: usize,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
@@ -309,15 +332,15 @@ pub(crate) fn cached_attention_in_window(
     let (scale, window) = (scores.scale, scores.window);
     let uniform = queries_per_kv_head.windows(2).all(|w| w[0] == w[1]);
     let key_bytes_per_token = k.size()[1] * k.size()[2] * k.kind().elt_size_in_bytes() as i64;
-    let in_place = amx::attention_applies(k.kind(), k.device(), k.size()[2]);
+    let amx = amx::attention_applies(k.kind(), k.device(), k.size()[2]);
+    let in_place = batch.decode.as_ref().is_some_and(|d| amx && window.is_none_or(|w| d.longest <= w));
     let decode = batch.decode.as_ref().filter(|d| {
         uniform
-            && decode_in_one_call(k.device(), in_place, d.longest * key_bytes_per_token)
-            && window.is_none_or(|w| d.longest <= w)
+            && decode_in_one_call(k.device(), in_place, d.read(window) * key_bytes_per_token)
             && scores.softcap.is_none()
     });
     if let Some(d) = decode.filter(|d| d.all) {
-        return attend_decode(layer, (q, k, v), d, kv, scale, in_place);
+        return attend_decode(layer, (q, k, v), d, kv, (scale, window), in_place);
     }
     // (first row, output) of each chunk attended on its own.
     let mut outputs = Vec::with_capacity(batch.chunks.len());
@@ -327,8 +350,11 @@ pub(crate) fn cached_attention_in_window(
             let rows = |t: &Tensor| t.narrow(0, row, chunk.n_new);
             // The cache is (n_kv_heads, n_tokens, head_dim).
             kv.write(layer, &chunk.slot, chunk.n_cached, &rows(k).transpose(0, 1), &rows(v).transpose(0, 1));
-            let (k_all, v_all) = kv.view(layer, &chunk.slot, chunk.n_cached + chunk.n_new);
-            let attended = attend(&rows(q), &k_all, &v_all, chunk.n_cached, scores, queries_per_kv_head);
+            // The first key the chunk's first query may read.
+            let first_key = window.map_or(0, |w| (chunk.n_cached + 1 - w).max(0));
+            let (k_read, v_read) = kv.view(layer, &chunk.slot, first_key, chunk.n_cached + chunk.n_new - first_key);
+            let positions = Positions { n_cached: chunk.n_cached, first_key };
+            let attended = attend(&rows(q), &k_read, &v_read, positions, scores, queries_per_kv_head);
             outputs.push((row, attended));
         }
         row += chunk.n_new;
@@ -338,7 +364,7 @@ pub(crate) fn cached_attention_in_window(
         return if outputs.len() == 1 { outputs.pop().unwrap() } else { Tensor::cat(&outputs, 0) };
     };
     // Decodes beside prefill chunks: each output to its rows.
-    let decoded = attend_decode(layer, (q, k, v), d, kv, scale, in_place);
+    let decoded = attend_decode(layer, (q, k, v), d, kv, (scale, window), in_place);
     let out = decoded.new_zeros([row, decoded.size()[1]], (decoded.kind(), decoded.device()));
     let _ = out.shallow_clone().index_copy_(0, &d.rows, &decoded);
     for (first, y) in outputs {
@@ -364,14 +390,14 @@ fn decode_in_one_call(device: Device, in_place: bool, longest_key_bytes: i64) ->
 }
 
 /// `cached_attention` of `d`'s tokens, one each from several sequences, in one call: `in_place`
-/// on AMX over each sequence's blocks of the pool, otherwise over each sequence's keys gathered
-/// from the pool into a padded block that the mask trims.
+/// on AMX over each sequence's blocks of the pool, otherwise over each sequence's keys (its
+/// last `window` ones) gathered from the pool into a padded block that the mask trims.
 fn attend_decode(
     layer: usize,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     d: &DecodeRows,
     kv: &KvPool,
-    scale: f64,
+    (scale, window): (f64, Option<i64>),
     in_place: bool,
 ) -> Tensor {
     let pick = |t: &Tensor| if d.all { t.shallow_clone() } else { t.index_select(0, &d.rows) };
@@ -385,10 +411,10 @@ fn attend_decode(
         return y.view([n, n_heads * head_dim]);
     }
     let n_kv_heads = k.size()[1];
-    let (key_positions, mask) = d.gathered();
-    // (n_kv_heads, n * longest, head_dim) -> (n, n_kv_heads, longest, head_dim)
+    let (key_positions, mask) = d.gathered(window);
+    // (n_kv_heads, n * read, head_dim) -> (n, n_kv_heads, read, head_dim)
     let (keys, values) = kv.gather(layer, key_positions);
-    let block = |t: Tensor| t.view([n_kv_heads, n, d.longest, head_dim]).transpose(0, 1);
+    let block = |t: Tensor| t.view([n_kv_heads, n, d.read(window), head_dim]).transpose(0, 1);
     // Query heads kv * group .. (kv + 1) * group read K/V head kv: (n, n_kv_heads, group, head_dim).
     let q = q.view([n, n_kv_heads, n_heads / n_kv_heads, head_dim]);
     let y =
@@ -396,17 +422,25 @@ fn attend_decode(
     y.reshape([n, n_heads * head_dim])
 }
 
+/// Where a chunk's queries and keys sit in its sequence: the queries at `n_cached ..`, the keys
+/// read at `first_key .. n_cached + n_new` (0 unless a window hides the earlier ones).
+#[derive(Clone, Copy, Debug)]
+struct Positions {
+    n_cached: i64,
+    first_key: i64,
+}
+
 /// Causal attention of one sequence's new queries over its cached keys and values.
 ///
-/// `q` is `(n_new, n_heads, head_dim)`; `k` and `v` are `(n_kv_heads, n_cached + n_new, head_dim)`
-/// views of the cache. The query heads that share a K/V head are stacked as the query rows of
+/// `q` is `(n_new, n_heads, head_dim)`; `k` and `v` are `(n_kv_heads, n_cached + n_new -
+/// first_key, head_dim)` views of the cache (`Positions`). The query heads that share a K/V head are stacked as the query rows of
 /// that head, so a shared head is read once for all of them and never repeated: for multi-query
 /// attention all `n_heads` queries meet the single K/V head in one call. When a shard holds
 /// different numbers of queries per K/V head (a group split between shards), each K/V head is
 /// attended on its own. Returns `(n_new, n_heads * head_dim)`, heads in order.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scores: Scores, queries_per_kv_head: &[i64]) -> Tensor {
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, at: Positions, scores: Scores, queries_per_kv_head: &[i64]) -> Tensor {
     if queries_per_kv_head.windows(2).all(|w| w[0] == w[1]) {
-        return attend_groups(q, k, v, n_cached, scores);
+        return attend_groups(q, k, v, at, scores);
     }
     let mut first = 0;
     let outputs: Vec<Tensor> = queries_per_kv_head
@@ -415,7 +449,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scores: Scores, que
         .map(|(kv_idx, &n)| {
             let (kv_idx, q) = (kv_idx as i64, q.narrow(1, first, n));
             first += n;
-            attend_groups(&q, &k.narrow(0, kv_idx, 1), &v.narrow(0, kv_idx, 1), n_cached, scores)
+            attend_groups(&q, &k.narrow(0, kv_idx, 1), &v.narrow(0, kv_idx, 1), at, scores)
         })
         .collect();
     Tensor::cat(&outputs, 1)
@@ -426,13 +460,12 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scores: Scores, que
 /// LibTorch's fused CPU attention is used rather than `bmm`: a bf16 `bmm` goes through oneDNN,
 /// which compiles a kernel for every new shape, and the key length changes every decode step
 /// (1.3 ms against 0.06 ms per call on the development machine).
-fn attend_groups(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scores: Scores) -> Tensor {
+fn attend_groups(q: &Tensor, k: &Tensor, v: &Tensor, at: Positions, scores: Scores) -> Tensor {
     let [n_new, n_heads, head_dim] = q.size()[..] else { unreachable!("q must be 3-d") };
-    let n_kv_heads = k.size()[0];
-    let group = n_heads / n_kv_heads;
-    let scale = scores.scale;
-    // Whether the window drops a key any of these queries would otherwise see.
-    let windowed = scores.window.filter(|&w| n_cached + n_new > w);
+    let (n_kv_heads, n_read) = (k.size()[0], k.size()[1]);
+    let (group, scale, n_cached) = (n_heads / n_kv_heads, scores.scale, at.n_cached);
+    // Whether the window drops a key read here that a later query would otherwise see.
+    let windowed = scores.window.filter(|&w| n_read > w);
     if n_new > 1 && n_cached == 0 && windowed.is_none() && scores.softcap.is_none() {
         return attend_causal(q, k, v, group, scale);
     }
@@ -449,9 +482,9 @@ fn attend_groups(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scores: Scor
         let device = q.device();
         let query_pos =
             Tensor::arange(n_new, (Kind::Int64, device)).repeat_interleave_self_int(group, 0, None) + n_cached;
-        let (key_pos, query_pos) =
-            (Tensor::arange(n_cached + n_new, (Kind::Int64, device)).unsqueeze(0), query_pos.unsqueeze(1));
-        // (n_new * group, n_cached + n_new): true where the key may be attended to.
+        let key_pos = Tensor::arange_start(at.first_key, n_cached + n_new, (Kind::Int64, device));
+        let (key_pos, query_pos) = (key_pos.unsqueeze(0), query_pos.unsqueeze(1));
+        // (n_new * group, n_read): true where the key may be attended to.
         let causal = key_pos.le_tensor(&query_pos);
         match windowed {
             Some(w) => causal.logical_and(&key_pos.gt_tensor(&(query_pos - w))),
@@ -470,7 +503,7 @@ fn attend_groups(q: &Tensor, k: &Tensor, v: &Tensor, n_cached: i64, scores: Scor
             false,
         ),
         Some(cap) => {
-            // (1, n_kv_heads, n_new * group, n_cached + n_new), softmax in f32 as the reference.
+            // (1, n_kv_heads, n_new * group, n_read), softmax in f32 as the reference.
             let s = soft_cap(&(q.matmul(&k.unsqueeze(0).transpose(-1, -2)) * scale), cap);
             let s = match &mask {
                 Some(mask) => s.masked_fill(&mask.logical_not(), f64::NEG_INFINITY),
