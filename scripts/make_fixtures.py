@@ -22,7 +22,9 @@ from transformers import (
     FalconForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3Config,
     Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
@@ -46,8 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 NEW_TOKENS = 20
 
 
-def widen(model: torch.nn.Module, seed: int) -> None:
-    """Re-draws every parameter: std 0.3 for matrices, norms near 1, small biases."""
+def widen(model: torch.nn.Module, seed: int, std: float = 0.3) -> None:
+    """Re-draws every parameter: std `std` for matrices, norms near 1, small biases."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -57,7 +59,7 @@ def widen(model: torch.nn.Module, seed: int) -> None:
             elif name.endswith("bias"):
                 p.copy_(0.1 * noise)
             else:
-                p.copy_(0.3 * noise)
+                p.copy_(std * noise)
 
 
 @torch.no_grad()
@@ -108,6 +110,17 @@ LLAMA_FAMILY = {
 }
 
 
+def gemma3_multimodal(text_config):
+    """Gemma 3 4B's layout: a language model beside a small vision tower (never run here: the
+    prompts are text), saved as transformers saves `Gemma3ForConditionalGeneration`."""
+    text_config = dict(max_position_embeddings=64, bos_token_id=0, eos_token_id=1, **text_config)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = Gemma3Config(text_config=text_config, vision_config=vision, mm_tokens_per_image=4, image_token_index=96,
+                       boi_token_index=94, eoi_token_index=95)
+    return Gemma3ForConditionalGeneration(cfg)
+
+
 def llama_family(model_type, **config):
     """A Llama-architecture model of 2 layers (unless told), 64 positions, in `model_type`'s dialect."""
     config_class, model_class = LLAMA_FAMILY[model_type]
@@ -130,10 +143,19 @@ def refined_web(out: Path, model_type: str, drop: tuple) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def case(name, model, *, seed, prompt_len, dtype=torch.float32, max_shard_size=None, dialect=None):
+@torch.no_grad()
+def bf16_logprobs(model_class, out: Path, seq):
+    """The logprob of every next token of `seq` from the saved checkpoint loaded in bf16."""
+    model = model_class.from_pretrained(out, dtype=torch.bfloat16).eval()
+    full = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), dim=-1)
+    return [float(full[i, seq[i + 1]]) for i in range(len(seq) - 1)]
+
+
+def case(name, model, *, seed, prompt_len, dtype=torch.float32, max_shard_size=None, dialect=None, std=0.3,
+         bf16=False):
     torch.manual_seed(seed)
     model = model().eval()
-    widen(model, seed)
+    widen(model, seed, std)
     model = model.to(dtype)
     out = ROOT / name
     shutil.rmtree(out, ignore_errors=True)
@@ -145,7 +167,8 @@ def case(name, model, *, seed, prompt_len, dtype=torch.float32, max_shard_size=N
     ref_model = model.float().eval()
     g = torch.Generator().manual_seed(seed + 1)
     # Avoid the EOS id in the prompt; the continuation is greedy and ignores EOS.
-    prompt_ids = [int(t) for t in torch.randint(2, model.config.vocab_size, (prompt_len,), generator=g)]
+    vocab_size = model.config.get_text_config().vocab_size
+    prompt_ids = [int(t) for t in torch.randint(2, vocab_size, (prompt_len,), generator=g)]
     new_ids, logprobs, seq_logprobs = reference(ref_model, prompt_ids)
     ref = {
         "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
@@ -154,6 +177,8 @@ def case(name, model, *, seed, prompt_len, dtype=torch.float32, max_shard_size=N
         "logprobs": logprobs,
         "sequence_logprobs": seq_logprobs,
     }
+    if bf16:
+        ref["bf16_sequence_logprobs"] = bf16_logprobs(type(model), out, prompt_ids + new_ids)
     (out / "reference.json").write_text(json.dumps(ref, indent=1) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{name}: {size / 1024:.0f} KiB, new_ids {new_ids}")
@@ -249,6 +274,27 @@ def llama_cases():
         "gemma3_text", hidden_size=48, num_attention_heads=6, num_key_value_heads=1, head_dim=16,
         intermediate_size=64, vocab_size=97, num_hidden_layers=5, sliding_window=4, sliding_window_pattern=3,
         rope_parameters=gemma3_rope, query_pre_attn_scalar=24, final_logit_softcapping=5.0, pad_token_id=0)
+    # Gemma 3 4B's rope: the full layers' frequencies divided by 4 (linear scaling), the sliding
+    # layers' base of their own; 4 query heads over 2 K/V heads, window 3, every other layer full.
+    gemma3_linear = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0},
+                     "sliding_attention": {"rope_type": "default", "rope_theta": 30.0}}
+    yield "gemma3_linear_rope", dict(seed=32, prompt_len=9), lambda: llama_family(
+        "gemma3_text", hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=48, vocab_size=97, num_hidden_layers=4, sliding_window=3, sliding_window_pattern=2,
+        rope_parameters=gemma3_linear, query_pre_attn_scalar=16, pad_token_id=0)
+    # A multimodal Gemma 3 checkpoint (`gemma3`): its language model, multi-query (6 heads over
+    # 1), 3 layers with the last full, served from `language_model.*`. Its logits are not capped
+    # (`Gemma3ForConditionalGeneration` does not), so matrices of std 0.15: at 0.3 the greedy
+    # continuation repeats one token.
+    yield "gemma3_multimodal", dict(seed=33, prompt_len=8, std=0.15), lambda: gemma3_multimodal(dict(
+        hidden_size=48, num_attention_heads=6, num_key_value_heads=1, head_dim=16, intermediate_size=64,
+        vocab_size=97, num_hidden_layers=3, sliding_window=4, sliding_window_pattern=3,
+        rope_parameters=gemma3_rope, query_pre_attn_scalar=24, pad_token_id=0))
+    # Qwen2's sliding window on the layers from `max_window_layers` (1) on: the first of 3
+    # layers full, the others over 5 keys; 6 heads over 2 K/V heads.
+    yield "qwen2_window", dict(seed=34, prompt_len=9), lambda: llama_family(
+        "qwen2", hidden_size=48, num_attention_heads=6, num_key_value_heads=2, intermediate_size=64, vocab_size=97,
+        num_hidden_layers=3, use_sliding_window=True, sliding_window=5, max_window_layers=1)
     # Gemma 1: 6 heads over 3 K/V heads, heads of 12 over a width of 48, tied embeddings.
     yield "gemma_gqa", dict(seed=28, prompt_len=8), lambda: llama_family(
         "gemma", hidden_size=48, num_attention_heads=6, num_key_value_heads=3, head_dim=12, intermediate_size=64,
@@ -273,7 +319,9 @@ def llama_cases():
 
 def main():
     wanted = set(sys.argv[1:])
-    for name, options, model in [*cases(), *llama_cases()]:
+    # The Llama-architecture cases also record the reference's own bf16 logprobs.
+    llama = [(name, dict(options, bf16=True), model) for name, options, model in llama_cases()]
+    for name, options, model in [*cases(), *llama]:
         if not wanted or name in wanted:
             case(name, model, **options)
 

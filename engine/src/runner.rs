@@ -198,7 +198,7 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
         if let Some(n) = options.threads_per_shard {
             tch::set_num_threads(n);
         }
-        let ckpt = Checkpoint::open(dir)?;
+        let ckpt = Checkpoint::open_for(dir, config)?;
         let model = models::load(config, &ckpt, placement(0), Arc::new(Solo))?;
         return Ok(Box::new(Local::new(model)));
     }
@@ -223,7 +223,8 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
             .name(format!("onehead-shard-{rank}"))
             .spawn(move || {
                 tch::set_num_threads(threads);
-                let model = Checkpoint::open(&dir).and_then(|ckpt| models::load(&config, &ckpt, placement, comm));
+                let model =
+                    Checkpoint::open_for(&dir, &config).and_then(|ckpt| models::load(&config, &ckpt, placement, comm));
                 let mut shard = match model {
                     Ok(model) => {
                         let _ = loaded_tx.send(Ok((model.weight_bytes(), model.kv_shape())));
@@ -266,7 +267,7 @@ pub fn load(config: &ModelConfig, dir: &std::path::Path, options: &ShardOptions)
         loaded.push(loaded_rx);
     }
     tch::set_num_threads(threads);
-    let ckpt = Checkpoint::open(dir)?;
+    let ckpt = Checkpoint::open_for(dir, config)?;
     let leader = Local::new(models::load(config, &ckpt, placement(0), leader_comm.clone())?);
     let (mut weight_bytes, mut kv_shapes) = (vec![leader.model.weight_bytes()], vec![leader.model.kv_shape()]);
     for rx in loaded {

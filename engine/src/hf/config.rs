@@ -173,7 +173,7 @@ pub enum ModelConfig {
 }
 
 /// The `model_type`s read, and the architecture each means.
-const MODEL_TYPES: &str = "\"gpt_bigcode\", \"falcon\", \"RefinedWebModel\", \"RefinedWeb\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \"gemma\", \"gemma2\", \"gemma3_text\", \"starcoder2\", \"granite\"";
+const MODEL_TYPES: &str = "\"gpt_bigcode\", \"falcon\", \"RefinedWebModel\", \"RefinedWeb\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \"gemma\", \"gemma2\", \"gemma3_text\", \"gemma3\", \"starcoder2\", \"granite\"";
 
 impl ModelConfig {
     /// Reads `config.json` in `dir`, dispatching on `model_type`.
@@ -214,6 +214,26 @@ impl ModelConfig {
                     .map_err(|source| Error::Json { path: path.clone(), source })?;
                 Ok(ModelConfig::Llama(LlamaConfig::validate(raw, variant, &path)?))
             }
+            // Gemma 3 4B and up: a multimodal checkpoint, whose language model is served.
+            "gemma3" => {
+                let text = gemma3_text_config(&value).ok_or_else(|| Error::Config {
+                    path: path.clone(),
+                    field: "text_config".into(),
+                    message: "missing or not an object".into(),
+                })?;
+                let raw: RawLlamaConfig =
+                    serde_json::from_value(text).map_err(|source| Error::Json { path: path.clone(), source })?;
+                let mut c = LlamaConfig::validate(raw, LlamaVariant::Gemma3Text, &path).map_err(|e| match e {
+                    Error::Config { path, field, message } => {
+                        Error::Config { path, field: format!("text_config.{field}"), message }
+                    }
+                    e => e,
+                })?;
+                // As `Gemma3ForConditionalGeneration`, which does not cap its logits (Gemma 3's
+                // own configs leave `final_logit_softcapping` null).
+                (c.multimodal, c.final_logit_softcapping) = (true, None);
+                Ok(ModelConfig::Llama(c))
+            }
             other => Err(Error::Config {
                 path,
                 field: "model_type".into(),
@@ -227,6 +247,7 @@ impl ModelConfig {
         match self {
             ModelConfig::GptBigCode(_) => "gpt_bigcode",
             ModelConfig::Falcon(_) => "falcon",
+            ModelConfig::Llama(c) if c.multimodal => "gemma3",
             ModelConfig::Llama(c) => c.variant.model_type(),
         }
     }
@@ -248,6 +269,18 @@ impl ModelConfig {
             ModelConfig::Llama(c) => &c.eos_token_ids,
         }
     }
+}
+
+/// A multimodal Gemma 3 config's `text_config`, with the keys its text model reads from the
+/// outer config when the inner one lacks them (`eos_token_id`, `tie_word_embeddings`).
+fn gemma3_text_config(value: &Value) -> Option<Value> {
+    let mut text = value.get("text_config")?.as_object()?.clone();
+    for key in ["eos_token_id", "tie_word_embeddings"] {
+        if let (false, Some(v)) = (text.contains_key(key), value.get(key)) {
+            text.insert(key.into(), v.clone());
+        }
+    }
+    Some(Value::Object(text))
 }
 
 impl GptBigCodeConfig {
@@ -517,6 +550,8 @@ struct RawLlamaConfig {
     tie_word_embeddings: Option<bool>,
     #[serde(default)]
     use_sliding_window: bool,
+    /// Qwen: the layers from this one on slide (default 28), unless `layer_types` names each.
+    max_window_layers: Option<i64>,
     /// Missing (outer None): 4096 (Mistral's, Qwen's and Gemma's default; Starcoder2's none);
     /// null: none.
     #[serde(default, deserialize_with = "present")]
@@ -599,6 +634,15 @@ impl LlamaVariant {
     }
 }
 
+/// How rotary frequencies are scaled for a longer context (`rope_type`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// `"linear"`: every frequency divided by `factor` (Gemma 3 4B and up, on the full layers).
+    Linear { factor: f64 },
+    /// `"llama3"`.
+    Llama3(Llama3Rope),
+}
+
 /// Llama 3's rotary scaling (`rope_type: "llama3"`), as `_compute_llama3_parameters`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Llama3Rope {
@@ -626,7 +670,7 @@ pub struct LlamaConfig {
     /// Starcoder2: LayerNorm with a bias instead of RMSNorm, and a plain MLP, `c_proj(gelu(c_fc(x)))`.
     pub starcoder2_blocks: bool,
     pub rope_theta: f64,
-    pub rope_llama3: Option<Llama3Rope>,
+    pub rope_scaling: Option<RopeScaling>,
     /// Biases on `q_proj`, `k_proj`, `v_proj` (Qwen2; `attention_bias` elsewhere).
     pub qkv_bias: bool,
     /// A bias on `o_proj` (`attention_bias`, not Qwen2).
@@ -666,6 +710,9 @@ pub struct LlamaConfig {
     pub logits_scaling: f64,
     pub tie_word_embeddings: bool,
     pub eos_token_ids: Vec<u32>,
+    /// The language model of a multimodal checkpoint (Gemma 3's `gemma3`, from its
+    /// `text_config`); the vision tower is not loaded, and prompts are text only.
+    pub multimodal: bool,
 }
 
 impl LlamaConfig {
@@ -780,21 +827,16 @@ impl LlamaConfig {
             (_, w) => w.unwrap_or(Some(4096)),
         };
         let sliding_window = window.filter(|&w| w < max_position_embeddings);
-        match (sliding_window, variant) {
-            (Some(w), _) if w <= 0 => return Err(f.bad("sliding_window", format!("must be positive, found {w}"))),
-            // Qwen slides only the layers from `max_window_layers` on; not supported.
-            (Some(w), Qwen2 | Qwen3) => {
-                return Err(f.bad(
-                    "sliding_window",
-                    format!("sliding-window attention ({w} of {max_position_embeddings} positions) is not supported for Qwen"),
-                ));
-            }
-            _ => {}
+        if let Some(w) = sliding_window.filter(|&w| w <= 0) {
+            return Err(f.bad("sliding_window", format!("must be positive, found {w}")));
+        }
+        if let Some(n) = raw.max_window_layers.filter(|_| !matches!(variant, Qwen2 | Qwen3)) {
+            return Err(f.bad("max_window_layers", format!("{n}: not read for {}", variant.model_type())));
         }
         // Gemma 3's layers: `sliding_window_pattern` (default 6) makes every n-th layer full,
         // as `Gemma3TextConfig.__post_init__`, unless `layer_types` names each.
         let sliding_layers = match (variant, &raw.layer_types) {
-            (Gemma2 | Gemma3Text, Some(types)) => {
+            (Gemma2 | Gemma3Text | Qwen2 | Qwen3, Some(types)) => {
                 if types.len() as i64 != num_hidden_layers {
                     return Err(f.bad("layer_types", format!("{} entries for {num_hidden_layers} layers", types.len())));
                 }
@@ -813,6 +855,14 @@ impl LlamaConfig {
             }
             // Gemma 2's default: every other layer slides, from the first.
             (Gemma2, None) => (0..num_hidden_layers).map(|i| i % 2 == 0).collect(),
+            // Qwen's, as `Qwen2Config.__post_init__`: the layers from `max_window_layers` on.
+            (Qwen2 | Qwen3, None) => {
+                let first = raw.max_window_layers.unwrap_or(28);
+                if first < 0 {
+                    return Err(f.bad("max_window_layers", format!("must not be negative, found {first}")));
+                }
+                (0..num_hidden_layers).map(|i| i >= first).collect()
+            }
             _ => vec![true; num_hidden_layers as usize],
         };
         let (mut rope_parameters, mut rope_local_theta) = (raw.rope_parameters, None);
@@ -830,13 +880,14 @@ impl LlamaConfig {
         let default_theta = if variant == Gemma3Text { 1_000_000.0 } else { 10_000.0 };
         let rope_theta = rope.as_ref().and_then(|p| p.rope_theta).or(raw.rope_theta).unwrap_or(default_theta);
         f.positive_f64("rope_theta", rope_theta)?;
-        let rope_llama3 = match rope.as_ref().map(|p| (p, p.rope_type.as_deref().unwrap_or("default"))) {
+        let get = |name: &str, v: Option<f64>| -> Result<f64> {
+            let field = format!("{rope_field}.{name}");
+            f.positive_f64(&field, v.ok_or_else(|| f.bad(&field, "missing".into()))?)
+        };
+        let rope_scaling = match rope.as_ref().map(|p| (p, p.rope_type.as_deref().unwrap_or("default"))) {
             None | Some((_, "default")) => None,
+            Some((p, "linear")) => Some(RopeScaling::Linear { factor: get("factor", p.factor)? }),
             Some((p, "llama3")) => {
-                let get = |name: &str, v: Option<f64>| -> Result<f64> {
-                    let field = format!("{rope_field}.{name}");
-                    f.positive_f64(&field, v.ok_or_else(|| f.bad(&field, "missing".into()))?)
-                };
                 let r = Llama3Rope {
                     factor: get("factor", p.factor)?,
                     low_freq_factor: get("low_freq_factor", p.low_freq_factor)?,
@@ -852,12 +903,12 @@ impl LlamaConfig {
                         format!("must exceed low_freq_factor {}", r.low_freq_factor),
                     ));
                 }
-                Some(r)
+                Some(RopeScaling::Llama3(r))
             }
             Some((_, other)) => {
                 return Err(f.bad(
                     &format!("{rope_field}.rope_type"),
-                    format!("{other:?} is not supported (only \"default\" and \"llama3\")"),
+                    format!("{other:?} is not supported (only \"default\", \"linear\" and \"llama3\")"),
                 ));
             }
         };
@@ -911,7 +962,7 @@ impl LlamaConfig {
             rms_norm_eps: eps,
             starcoder2_blocks: variant == Starcoder2,
             rope_theta,
-            rope_llama3,
+            rope_scaling,
             qkv_bias: variant == Qwen2 || (attention_bias && variant != Mistral),
             o_bias: attention_bias && !matches!(variant, Qwen2 | Mistral),
             mlp_bias: raw.mlp_bias || (variant == Starcoder2 && attention_bias),
@@ -930,6 +981,7 @@ impl LlamaConfig {
             logits_scaling: raw.logits_scaling.unwrap_or(1.0),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma || variant == Starcoder2),
             eos_token_ids: raw.eos_token_id.to_vec(),
+            multimodal: false,
         })
     }
 }
@@ -1126,7 +1178,7 @@ mod tests {
         let c = llama(&format!(r#"{{"model_type": "llama", {LLAMA}}}"#));
         assert_eq!((c.num_key_value_heads, c.head_dim, c.max_position_embeddings), (8, 8, 2048));
         assert_eq!((c.qkv_bias, c.o_bias, c.qk_norm, c.tie_word_embeddings), (false, false, false, false));
-        assert_eq!((c.rope_theta, c.rope_llama3, c.rms_norm_eps), (10_000.0, None, 1e-6));
+        assert_eq!((c.rope_theta, c.rope_scaling, c.rms_norm_eps), (10_000.0, None, 1e-6));
         let c = llama(&format!(
             r#"{{"model_type": "qwen2", {LLAMA}, "num_key_value_heads": 2, "sliding_window": 16, "eos_token_id": [5, 6]}}"#
         ));
@@ -1155,11 +1207,40 @@ mod tests {
             high_freq_factor: 4.0,
             original_max_position_embeddings: 8192.0,
         };
-        assert_eq!((c.rope_theta, c.rope_llama3), (500_000.0, Some(expected)));
+        assert_eq!((c.rope_theta, c.rope_scaling), (500_000.0, Some(RopeScaling::Llama3(expected))));
         let c = llama(&format!(
             r#"{{"model_type": "llama", {LLAMA}, "rope_parameters": {{"rope_type": "default", "rope_theta": 42.0}}}}"#
         ));
-        assert_eq!((c.rope_theta, c.rope_llama3), (42.0, None));
+        assert_eq!((c.rope_theta, c.rope_scaling), (42.0, None));
+        // Linear scaling (Llama 2 long-context fine-tunes; Gemma 3 4B's full layers, below).
+        let c = llama(&format!(
+            r#"{{"model_type": "llama", {LLAMA}, "rope_scaling": {{"type": "linear", "factor": 2.0}}}}"#
+        ));
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+        // Gemma 3 4B's text config (transformers 4.50): the full layers' linear scaling, the
+        // sliding layers' own base.
+        let c = llama(&format!(
+            r#"{{"model_type": "gemma3_text", {LLAMA}, "num_key_value_heads": 4, "rope_theta": 1000000.0,
+                 "rope_local_base_freq": 10000.0, "rope_scaling": {{"factor": 8.0, "rope_type": "linear"}}}}"#
+        ));
+        assert_eq!((c.rope_theta, c.rope_local_theta), (1_000_000.0, 10_000.0));
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
+        // Qwen slides the layers from `max_window_layers` on, with `use_sliding_window` only.
+        let qwen = |extra: &str| {
+            let four_layers = LLAMA.replace(r#""num_hidden_layers": 2"#, r#""num_hidden_layers": 4"#);
+            llama(&format!(r#"{{"model_type": "qwen2", {four_layers}, "num_key_value_heads": 2, {extra}}}"#))
+        };
+        let c = qwen(r#""use_sliding_window": true, "sliding_window": 16, "max_window_layers": 1"#);
+        assert_eq!((c.sliding_window, c.sliding_layers.as_slice()), (Some(16), &[false, true, true, true][..]));
+        let c = qwen(r#""use_sliding_window": true, "sliding_window": 16"#);
+        assert_eq!(c.sliding_layers, vec![false; 4], "the default max_window_layers is 28");
+        let c = qwen(r#""use_sliding_window": true, "sliding_window": 16, "max_window_layers": 0"#);
+        assert_eq!(c.sliding_layers, vec![true; 4]);
+        let c = qwen(
+            r#""use_sliding_window": true, "sliding_window": 16,
+               "layer_types": ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]"#,
+        );
+        assert_eq!(c.sliding_layers, vec![true, false, false, true], "layer_types names each layer");
     }
 
     #[test]
@@ -1169,9 +1250,10 @@ mod tests {
         };
         bad(
             "llama",
-            r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
-            "field `rope_scaling.rope_type`: \"linear\"",
+            r#""rope_scaling": {"type": "dynamic", "factor": 2.0}"#,
+            "field `rope_scaling.rope_type`: \"dynamic\"",
         );
+        bad("llama", r#""rope_scaling": {"type": "linear"}"#, "field `rope_scaling.factor`: missing");
         bad("llama", r#""rope_parameters": {"rope_type": "yarn", "factor": 4.0}"#, "field `rope_parameters.rope_type`");
         bad(
             "llama",
@@ -1181,9 +1263,10 @@ mod tests {
         bad("mistral", r#""sliding_window": 0"#, "field `sliding_window`: must be positive");
         bad(
             "qwen2",
-            r#""num_key_value_heads": 2, "use_sliding_window": true, "sliding_window": 16"#,
-            "field `sliding_window`",
+            r#""num_key_value_heads": 2, "use_sliding_window": true, "max_window_layers": -1"#,
+            "field `max_window_layers`: must not be negative",
         );
+        bad("llama", r#""max_window_layers": 1"#, "field `max_window_layers`: 1: not read for llama");
         bad("llama", r#""num_key_value_heads": 3"#, "field `num_key_value_heads`: 3 does not divide");
         bad("llama", r#""head_dim": 7"#, "field `head_dim`: rotary embeddings need an even head_dim");
         bad("llama", r#""hidden_act": "gelu""#, "field `hidden_act`");
@@ -1288,11 +1371,6 @@ mod tests {
             "gemma",
             r#""num_key_value_heads": 1, "use_bidirectional_attention": true"#,
             "field `use_bidirectional_attention`",
-        );
-        bad(
-            "gemma3_text",
-            r#""rope_scaling": {"rope_type": "linear", "factor": 8.0}"#,
-            "field `rope_scaling.rope_type`",
         );
         bad(
             "gemma3_text",

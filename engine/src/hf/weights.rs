@@ -2,6 +2,7 @@
 //! `model.safetensors.index.json`. Tensors are fetched by name with their expected shape, and
 //! every failure names the tensor and the file.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use safetensors::tensor::{Metadata, SafeTensors, TensorInfo};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::hf::config::{Dtype, read_json};
+use crate::hf::config::{Dtype, ModelConfig, read_json};
 
 /// One memory-mapped safetensors file and its parsed header.
 struct MappedFile {
@@ -27,6 +28,19 @@ pub struct Checkpoint {
     files: Vec<MappedFile>,
     /// Tensor name to index in `files`.
     index: HashMap<String, usize>,
+    /// Where a multimodal checkpoint keeps its language model (`language_model`).
+    text_model: Option<TextModel>,
+}
+
+/// How a multimodal checkpoint (Gemma 3's `Gemma3ForConditionalGeneration`) names its language
+/// model's tensors, which the models here ask for by the text-only names (`model.layers.0...`,
+/// `lm_head.weight`).
+#[derive(Clone, Copy, Debug)]
+enum TextModel {
+    /// `language_model.model.*` and `language_model.lm_head.weight` (as transformers saves).
+    Legacy,
+    /// `model.language_model.*` and `lm_head.weight` (the modules' own names in transformers 5).
+    Nested,
 }
 
 #[derive(Deserialize)]
@@ -67,11 +81,32 @@ impl Checkpoint {
             }
             files.push(file);
         }
-        Ok(Checkpoint { files, index })
+        Ok(Checkpoint { files, index, text_model: None })
+    }
+
+    /// `open`, for the model `config` describes: a multimodal checkpoint's language model is
+    /// read by its text-only names.
+    pub fn open_for(dir: &Path, config: &ModelConfig) -> Result<Self> {
+        let mut ckpt = Self::open(dir)?;
+        if matches!(config, ModelConfig::Llama(c) if c.multimodal) {
+            let nested = ckpt.index.keys().any(|k| k.starts_with("model.language_model."));
+            ckpt.text_model = Some(if nested { TextModel::Nested } else { TextModel::Legacy });
+        }
+        Ok(ckpt)
+    }
+
+    /// The name tensor `name` is stored under.
+    fn stored_name<'a>(&self, name: &'a str) -> Cow<'a, str> {
+        match (self.text_model, name.strip_prefix("model.")) {
+            (Some(TextModel::Legacy), Some(rest)) => format!("language_model.model.{rest}").into(),
+            (Some(TextModel::Legacy), None) => format!("language_model.{name}").into(),
+            (Some(TextModel::Nested), Some(rest)) => format!("model.language_model.{rest}").into(),
+            _ => name.into(),
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.index.contains_key(self.stored_name(name).as_ref())
     }
 
     /// The stored shape of tensor `name`.
@@ -155,9 +190,10 @@ impl Checkpoint {
     }
 
     fn info(&self, name: &str) -> Result<(&MappedFile, &TensorInfo)> {
-        let missing = || Error::Tensor { name: name.into(), message: "missing from the checkpoint".into() };
-        let file = &self.files[*self.index.get(name).ok_or_else(missing)?];
-        Ok((file, file.metadata.info(name).ok_or_else(missing)?))
+        let name = self.stored_name(name);
+        let missing = || Error::Tensor { name: name.to_string(), message: "missing from the checkpoint".into() };
+        let file = &self.files[*self.index.get(name.as_ref()).ok_or_else(missing)?];
+        Ok((file, file.metadata.info(&name).ok_or_else(missing)?))
     }
 }
 

@@ -189,7 +189,7 @@ impl Llama {
         let rotary = Rotary::scaled(
             c.head_dim,
             c.rope_theta,
-            c.rope_llama3.as_ref(),
+            c.rope_scaling.as_ref(),
             c.max_position_embeddings,
             placement.device,
         );

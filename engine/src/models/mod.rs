@@ -17,7 +17,7 @@ use std::cell::OnceCell;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::hf::config::{Activation, Dtype, Llama3Rope, ModelConfig};
+use crate::hf::config::{Activation, Dtype, Llama3Rope, ModelConfig, RopeScaling};
 use crate::hf::weights::Checkpoint;
 use crate::kernels::{WeightForm, amx};
 use crate::kv_cache::{KvPool, KvShape, KvSlot};
@@ -721,14 +721,23 @@ impl Rotary {
         Self::scaled(head_dim, theta, None, max_positions, device)
     }
 
-    /// `new`, with Llama 3's scaling of the frequencies when `llama3` is given.
-    pub fn scaled(head_dim: i64, theta: f64, llama3: Option<&Llama3Rope>, max_positions: i64, device: Device) -> Self {
+    /// `new`, with the frequencies scaled as `scaling` says.
+    pub fn scaled(
+        head_dim: i64,
+        theta: f64,
+        scaling: Option<&RopeScaling>,
+        max_positions: i64,
+        device: Device,
+    ) -> Self {
         let f32 = (Kind::Float, device);
         // inv_freq = 1 / theta^(2i / head_dim), as the reference's `compute_default_rope_parameters`.
         let exponent = Tensor::arange_start_step(0, head_dim, 2, f32) / head_dim as f64;
         let mut inv_freq = Tensor::pow_scalar(theta, &exponent).reciprocal();
-        if let Some(r) = llama3 {
-            inv_freq = llama3_inv_freq(&inv_freq, r);
+        match scaling {
+            None => {}
+            // As `_compute_linear_scaling_rope_parameters`: the frequencies, not the positions.
+            Some(RopeScaling::Linear { factor }) => inv_freq /= *factor,
+            Some(RopeScaling::Llama3(r)) => inv_freq = llama3_inv_freq(&inv_freq, r),
         }
         // (max_positions, head_dim / 2) -> (max_positions, head_dim)
         let freqs = Tensor::arange(max_positions, f32).unsqueeze(1) * inv_freq.unsqueeze(0);
