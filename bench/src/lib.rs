@@ -1,5 +1,5 @@
-//! Shared pieces of the benchmark binaries: SantaCoder- and Falcon-7B-shaped random checkpoints
-//! and medians. Not used by the engine itself.
+//! Shared pieces of the benchmark binaries: SantaCoder-, Falcon-7B-, Gemma-3-1B- and
+//! Llama-3.2-1B-shaped random checkpoints, and medians. Not used by the engine itself.
 
 use std::path::Path;
 
@@ -45,6 +45,15 @@ impl CheckpointArgs {
         let (shape, suffix) = if self.smoke { (SMOKE, "-smoke") } else { (SANTACODER, "") };
         let dir = self.dir.join(format!("width-{}-kv{n_kv_heads}{suffix}", shape.n_embd));
         write_falcon_checkpoint(&dir, &shape, Some(n_kv_heads))?;
+        Ok(dir)
+    }
+
+    /// The folder of a Llama-architecture checkpoint of `shape` (its smoke shape with `--smoke`),
+    /// written on first use.
+    pub fn llama_checkpoint(&self, shape: &LlamaShape) -> anyhow::Result<std::path::PathBuf> {
+        let shape = if self.smoke { shape.smoke() } else { shape.clone() };
+        let dir = self.dir.join(shape.name);
+        write_llama_checkpoint(&dir, &shape)?;
         Ok(dir)
     }
 
@@ -388,4 +397,129 @@ mod tests {
         }
         std::fs::remove_dir_all(dir).unwrap();
     }
+}
+
+/// The shape of a Llama-architecture checkpoint, and the rest of its `config.json`.
+#[derive(Clone, Debug)]
+pub struct LlamaShape {
+    pub name: &'static str,
+    pub hidden: i64,
+    pub intermediate: i64,
+    pub layers: i64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    pub vocab: i64,
+    /// `config.json` beyond the shape (`model_type`, rope, window, ...).
+    pub config: fn() -> serde_json::Value,
+}
+
+impl LlamaShape {
+    /// The same layout, small: for a quick check that a benchmark runs.
+    fn smoke(&self) -> LlamaShape {
+        let name = if self.name.starts_with("gemma") { "gemma-3-smoke" } else { "llama-3-smoke" };
+        LlamaShape { name, hidden: 256, intermediate: 512, layers: 2, vocab: 1000, ..self.clone() }
+    }
+}
+
+/// google/gemma-3-1b-pt: multi-query (4 query heads of 256 over one K/V head), 26 layers of
+/// which every sixth is global and the others slide over 512 keys, a 262,144-token vocabulary
+/// tied to the LM head.
+pub const GEMMA_3_1B: LlamaShape = LlamaShape {
+    name: "gemma-3-1b",
+    hidden: 1152,
+    intermediate: 6912,
+    layers: 26,
+    heads: 4,
+    kv_heads: 1,
+    head_dim: 256,
+    vocab: 262144,
+    config: || {
+        serde_json::json!({
+            "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
+            "max_position_embeddings": 32768, "sliding_window": 512, "sliding_window_pattern": 6,
+            "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256,
+            "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "tie_word_embeddings": true,
+            "bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0,
+        })
+    },
+};
+
+/// meta-llama/Llama-3.2-1B: grouped (32 query heads of 64 over 8 K/V heads), 16 layers, Llama
+/// 3's rope scaling, a 128,256-token vocabulary tied to the LM head.
+pub const LLAMA_3_2_1B: LlamaShape = LlamaShape {
+    name: "llama-3.2-1b",
+    hidden: 2048,
+    intermediate: 8192,
+    layers: 16,
+    heads: 32,
+    kv_heads: 8,
+    head_dim: 64,
+    vocab: 128256,
+    config: || {
+        serde_json::json!({
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": true,
+            "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 32.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+            "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001,
+        })
+    },
+};
+
+/// Writes a random bf16 Llama-architecture checkpoint of `shape` to `dir`, unless one is there
+/// (norm weights 0 for Gemma, whose norms multiply by 1 + weight, else 1).
+pub fn write_llama_checkpoint(dir: &Path, shape: &LlamaShape) -> anyhow::Result<()> {
+    if dir.join("model.safetensors").exists() {
+        return Ok(());
+    }
+    println!("writing {} ...", dir.display());
+    std::fs::create_dir_all(dir)?;
+    let mut config = (shape.config)();
+    let gemma = config["model_type"].as_str().is_some_and(|t| t.starts_with("gemma"));
+    let norm = if gemma { 0.0 } else { 1.0 };
+    let (hidden, inner) = (shape.hidden as usize, shape.intermediate as usize);
+    let (q, kv) = ((shape.heads * shape.head_dim) as usize, (shape.kv_heads * shape.head_dim) as usize);
+    let mut tensors: Vec<(String, Vec<usize>, f64)> = vec![
+        ("model.embed_tokens.weight".into(), vec![shape.vocab as usize, hidden], 0.0),
+        ("model.norm.weight".into(), vec![hidden], norm),
+    ];
+    for i in 0..shape.layers {
+        let b = format!("model.layers.{i}");
+        let mut norms = vec!["input_layernorm", "post_attention_layernorm"];
+        if gemma {
+            norms.extend(["pre_feedforward_layernorm", "post_feedforward_layernorm"]);
+            for head_norm in ["q_norm", "k_norm"] {
+                tensors.push((format!("{b}.self_attn.{head_norm}.weight"), vec![shape.head_dim as usize], norm));
+            }
+        }
+        tensors.extend(norms.into_iter().map(|n| (format!("{b}.{n}.weight"), vec![hidden], norm)));
+        tensors.extend([
+            (format!("{b}.self_attn.q_proj.weight"), vec![q, hidden], 0.0),
+            (format!("{b}.self_attn.k_proj.weight"), vec![kv, hidden], 0.0),
+            (format!("{b}.self_attn.v_proj.weight"), vec![kv, hidden], 0.0),
+            (format!("{b}.self_attn.o_proj.weight"), vec![hidden, q], 0.0),
+            (format!("{b}.mlp.gate_proj.weight"), vec![inner, hidden], 0.0),
+            (format!("{b}.mlp.up_proj.weight"), vec![inner, hidden], 0.0),
+            (format!("{b}.mlp.down_proj.weight"), vec![hidden, inner], 0.0),
+        ]);
+    }
+    let views = tensors
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, shape, offset))| (name, RandomTensor { shape, seed: i as i64 + 1, offset }));
+    let partial = dir.join("model.safetensors.partial");
+    safetensors::serialize_to_file(views, None, &partial)?;
+    std::fs::rename(&partial, dir.join("model.safetensors"))?;
+    let shape_keys = serde_json::json!({
+        "hidden_size": shape.hidden, "intermediate_size": shape.intermediate, "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads, "head_dim": shape.head_dim,
+        "vocab_size": shape.vocab, "dtype": "bfloat16",
+    });
+    let (Some(config_map), Some(shape_map)) = (config.as_object_mut(), shape_keys.as_object()) else {
+        anyhow::bail!("config.json of {} is not an object", shape.name);
+    };
+    config_map.extend(shape_map.clone());
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    Ok(())
 }

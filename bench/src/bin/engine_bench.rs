@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use onehead_benches::{CheckpointArgs, median};
+use onehead_benches::{CheckpointArgs, GEMMA_3_1B, LLAMA_3_2_1B, median};
 use onehead_engine::bandwidth::{device_copy_gbs, streaming_read_gbs};
 use onehead_engine::hf::config::Dtype;
 use onehead_engine::hf::weights::Checkpoint;
@@ -42,7 +42,7 @@ struct Args {
     /// host streaming read.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// santacoder (its MQA and MHA variants) or falcon-7b.
+    /// santacoder (its MQA and MHA variants), falcon-7b, gemma-3-1b or llama-3.2-1b.
     #[arg(long, default_value = "santacoder")]
     model: String,
     /// Layers whose matrices the kernel-only pass runs (its bytes/s then stands for the whole
@@ -78,7 +78,9 @@ fn main() -> anyhow::Result<()> {
     let checkpoints = match args.model.as_str() {
         "santacoder" => vec![("mqa", args.checkpoints.checkpoint(true)?), ("mha", args.checkpoints.checkpoint(false)?)],
         "falcon-7b" => vec![("falcon-7b", args.checkpoints.falcon_checkpoint()?)],
-        other => anyhow::bail!("--model {other}: expected santacoder or falcon-7b"),
+        "gemma-3-1b" => vec![("gemma-3-1b", args.checkpoints.llama_checkpoint(&GEMMA_3_1B)?)],
+        "llama-3.2-1b" => vec![("llama-3.2-1b", args.checkpoints.llama_checkpoint(&LLAMA_3_2_1B)?)],
+        other => anyhow::bail!("--model {other}: expected santacoder, falcon-7b, gemma-3-1b or llama-3.2-1b"),
     };
     if args.write_checkpoints {
         return Ok(());
@@ -209,17 +211,28 @@ struct KernelPass {
 impl KernelPass {
     fn load(dir: &Path, device: tch::Device, max_layers: Option<usize>, form: WeightForm) -> anyhow::Result<Self> {
         let ckpt = Checkpoint::open(dir)?;
-        let (matrices, head) = if ckpt.contains("transformer.h.0.attn.c_attn.weight") {
-            (["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], "transformer.wte")
+        let (blocks, matrices, head): (_, &[&str], _) = if ckpt.contains("transformer.h.0.attn.c_attn.weight") {
+            ("transformer.h", &["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], "transformer.wte")
+        } else if ckpt.contains("model.layers.0.self_attn.q_proj.weight") {
+            let llama = &[
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            ];
+            ("model.layers", llama, "model.embed_tokens")
         } else {
             let falcon =
-                ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"];
-            (falcon, "transformer.word_embeddings")
+                &["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"];
+            ("transformer.h", falcon, "transformer.word_embeddings")
         };
         let mut names = Vec::new();
-        let layers = (0..).take_while(|l| ckpt.contains(&format!("transformer.h.{l}.{}.weight", matrices[0])));
+        let layers = (0..).take_while(|l| ckpt.contains(&format!("{blocks}.{l}.{}.weight", matrices[0])));
         for l in layers {
-            names.extend(matrices.iter().map(|m| format!("transformer.h.{l}.{m}")));
+            names.extend(matrices.iter().map(|m| format!("{blocks}.{l}.{m}")));
         }
         let all_names = names.clone();
         names.truncate(matrices.len().saturating_mul(max_layers.unwrap_or(usize::MAX)));
