@@ -11,7 +11,7 @@ use onehead_engine::batching::scheduler::SchedulerConfig;
 use onehead_engine::bytes::ShardBytes;
 use onehead_engine::generate::generate;
 use onehead_engine::hf::config::Dtype;
-use onehead_engine::kernels::WeightForm;
+use onehead_engine::kernels::{Quantize, WeightForm};
 use onehead_engine::loader::{LoadOptions, LoadedModel, available_memory_bytes, device_memory_bytes, load_model};
 use onehead_proto::serving::{ConnectionLimits, positive_secs};
 use onehead_worker::engine;
@@ -143,6 +143,10 @@ struct ModelArgs {
     /// (the default on CPUs with AMX).
     #[arg(long, env = "ONEHEAD_NO_AMX_WEIGHTS", alias = "no-amx-decode-weights")]
     no_amx_weights: bool,
+    /// Store weight matrices quantized: `int8` (per output channel, half of bf16's bytes per
+    /// decode step; embeddings and norms stay as loaded). Overrides the two flags above.
+    #[arg(long, env = "ONEHEAD_QUANTIZE", value_name = "int8")]
+    quantize: Option<Quantize>,
 }
 
 #[derive(Args)]
@@ -229,7 +233,7 @@ impl ModelArgs {
             tp: self.tp,
             shards_on_one_device: self.shards_on_one_device,
             threads_per_shard: self.threads,
-            weight_form: WeightForm::from_flags(self.plain_cpu_weights, self.no_amx_weights),
+            weight_form: WeightForm::from_all_flags(self.plain_cpu_weights, self.no_amx_weights, self.quantize),
         };
         let lm = load_model(&self.model, &options).with_context(|| format!("loading model {}", self.model))?;
         let bytes = lm.runner.shard_weight_bytes();

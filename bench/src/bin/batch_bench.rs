@@ -17,7 +17,7 @@ use onehead_engine::batching::request::{Request, StoppingCriteria};
 use onehead_engine::batching::sampling::SamplingParams;
 use onehead_engine::batching::scheduler::{Scheduler, SchedulerConfig};
 use onehead_engine::hf::config::Dtype;
-use onehead_engine::kernels::WeightForm;
+use onehead_engine::kernels::{Quantize, WeightForm};
 use onehead_engine::kv_cache::BLOCK_TOKENS;
 use onehead_engine::loader::{LoadOptions, LoadedModel, load_model};
 use tch::Kind;
@@ -63,6 +63,9 @@ struct Args {
     /// Pack the weights for oneDNN instead of as AMX tiles (the worker's `--no-amx-weights`).
     #[arg(long, alias = "no-amx-decode-weights")]
     no_amx_weights: bool,
+    /// Quantize the weight matrices at load: `int8` (the worker's `--quantize`).
+    #[arg(long, env = "ONEHEAD_QUANTIZE", value_name = "int8")]
+    quantize: Option<Quantize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,7 +84,7 @@ fn main() -> anyhow::Result<()> {
         let options = LoadOptions {
             dtype: Some(Dtype::Bf16),
             device,
-            weight_form: WeightForm::from_flags(args.plain_cpu_weights, args.no_amx_weights),
+            weight_form: WeightForm::from_all_flags(args.plain_cpu_weights, args.no_amx_weights, args.quantize),
             ..Default::default()
         };
         Ok(load_model(dir.to_str().unwrap(), &options)?)

@@ -1,7 +1,8 @@
-//! CPU kernels of our own: AMX tiles and oneDNN's prepacked products, and the choice between
-//! them (`WeightForm`).
+//! CPU kernels of our own: AMX tiles and oneDNN's prepacked products, int8 weights (`int8`),
+//! and the choice between them (`WeightForm`).
 
 pub mod amx;
+pub mod int8;
 pub mod onednn;
 
 use tch::{Device, Kind};
@@ -18,6 +19,27 @@ pub enum WeightForm {
     Packed,
     /// As stored, for LibTorch's plain `linear` (CUDA, and for comparison on CPU).
     Plain,
+    /// Quantized to int8 per output channel (`--quantize int8`, `int8::Int8Matrix`), on any
+    /// device.
+    Int8,
+}
+
+/// `--quantize`: how weights are stored in memory (none: in the dtype they run in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quantize {
+    /// Weight-only int8, one scale per output channel: half of bf16's bytes per decode step.
+    Int8,
+}
+
+impl std::str::FromStr for Quantize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "int8" => Ok(Quantize::Int8),
+            other => Err(format!("unknown quantization {other:?} (supported: int8)")),
+        }
+    }
 }
 
 impl WeightForm {
@@ -30,11 +52,20 @@ impl WeightForm {
         }
     }
 
+    /// `from_flags`, unless `--quantize` asks for int8 (which overrides the other flags).
+    pub fn from_all_flags(plain_cpu_weights: bool, no_amx_weights: bool, quantize: Option<Quantize>) -> Self {
+        match quantize {
+            Some(Quantize::Int8) => WeightForm::Int8,
+            None => Self::from_flags(plain_cpu_weights, no_amx_weights),
+        }
+    }
+
     /// The most specialised form at or below this one that weights of `kind` on `device` can
     /// take here.
     pub fn resolve(self, kind: Kind, device: Device) -> Self {
         let packs = device == Device::Cpu && onednn::supported(kind);
         match self {
+            WeightForm::Int8 => WeightForm::Int8,
             WeightForm::Tiles if packs && amx::applies(kind, device) => WeightForm::Tiles,
             WeightForm::Tiles | WeightForm::Packed if packs => WeightForm::Packed,
             _ => WeightForm::Plain,
@@ -70,5 +101,8 @@ mod tests {
         assert_eq!(WeightForm::from_flags(false, true), WeightForm::Packed);
         assert_eq!(WeightForm::from_flags(true, false), WeightForm::Plain);
         assert_eq!(WeightForm::from_flags(true, true), WeightForm::Plain);
+        assert_eq!(WeightForm::from_all_flags(true, false, Some(Quantize::Int8)), WeightForm::Int8);
+        assert_eq!(WeightForm::from_all_flags(false, true, None), WeightForm::Packed);
+        assert_eq!(WeightForm::Int8.resolve(Kind::BFloat16, Device::Cuda(0)), WeightForm::Int8);
     }
 }

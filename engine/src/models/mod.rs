@@ -19,6 +19,7 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::hf::config::{Activation, Dtype, Llama3Rope, ModelConfig, RopeScaling};
 use crate::hf::weights::Checkpoint;
+use crate::kernels::int8::Int8Matrix;
 use crate::kernels::{WeightForm, amx};
 use crate::kv_cache::{KvPool, KvShape, KvSlot};
 use crate::parallel::comm::Communicator;
@@ -544,12 +545,17 @@ enum Matrix {
     Packed(Tensor),
     /// AMX tiles, with the bias in f32 (`amx::Tiles`).
     Tiles(amx::Tiles, Option<Tensor>),
+    /// int8 with a scale per output channel (`--quantize int8`).
+    Int8(Int8Matrix),
 }
 
 impl Linear {
     /// The weight in `form`, a shard's resolved `Shard::weight_form`; a matrix whose shape the
     /// tiles do not take is packed for oneDNN instead.
     pub fn new(weight: Tensor, bias: Option<Tensor>, form: WeightForm) -> Result<Self> {
+        if form == WeightForm::Int8 {
+            return Ok(Linear { matrix: Matrix::Int8(Int8Matrix::quantize(&weight)?), bias });
+        }
         let tiles = if form == WeightForm::Tiles { amx::Tiles::pack(&weight) } else { None };
         let matrix = match tiles {
             Some(t) => Matrix::Tiles(t, bias.as_ref().map(|b| b.to_kind(Kind::Float).contiguous())),
@@ -586,6 +592,13 @@ impl Linear {
                     .unwrap_or_else(failed);
             }
             Matrix::Plain(weight) => x.linear(weight, self.bias.as_ref().filter(|_| with_bias)),
+            Matrix::Int8(m) => {
+                let y = m.product(x).unwrap_or_else(failed);
+                match self.bias.as_ref().filter(|_| with_bias) {
+                    Some(b) => y + b,
+                    None => y,
+                }
+            }
         };
         match act {
             Some(act) => act.apply(&y),
@@ -598,6 +611,7 @@ impl Linear {
         let matrix = match &self.matrix {
             Matrix::Plain(w) | Matrix::Packed(w) => tensor_bytes(w),
             Matrix::Tiles(tiles, _) => tiles.bytes(),
+            Matrix::Int8(m) => m.bytes(),
         };
         matrix + self.bias.as_ref().map_or(0, tensor_bytes)
     }
