@@ -22,23 +22,8 @@ cargo build --release --locked -p onehead-worker -p onehead-router -p onehead-lo
 bin=target/release
 for m in "${models[@]}"; do $bin/onehead-engine-bench --dir "$dir" --model "$m" --write-checkpoints; done
 
-stop() {  # stops the worker and router, if running
-    kill $(jobs -p) 2>/dev/null || true
-    wait 2>/dev/null || true
-}
+source scripts/lib/cluster.sh
 trap stop EXIT
-serve() {  # serve MODEL: a worker and a router; returns once the router answers
-    stop
-    $bin/onehead-worker serve --model "$dir/$1" --listen 127.0.0.1:50181 --max-batch-size 32 \
-        --kv-cache-tokens $((32 * 448)) >"$out/worker-$1.log" 2>&1 &
-    $bin/onehead-router --listen 127.0.0.1:8211 --worker http://127.0.0.1:50181 >"$out/router-$1.log" 2>&1 &
-    for _ in $(seq 240); do
-        if $bin/onehead-router client --addr http://127.0.0.1:8211 info >/dev/null 2>&1; then return; fi
-        sleep 0.5
-    done
-    echo "the cluster did not come up in 2 minutes; see $out/worker-$1.log" >&2
-    exit 1
-}
 for round in $(seq "$rounds"); do
     for m in "${models[@]}"; do
         echo "== round $round, $m, batch 1"
@@ -46,8 +31,8 @@ for round in $(seq "$rounds"); do
     done
     for m in "${models[@]}"; do
         echo "== round $round, $m, concurrency 32 through the router"
-        serve "$m"
-        $bin/onehead-bench --address http://127.0.0.1:8211 --disable-progress --concurrency 32 --num-prompts 64 \
+        serve "$m" "$dir/$m" --kv-cache-tokens $((32 * 448))
+        $bin/onehead-bench --address "$cluster_router" --disable-progress --concurrency 32 --num-prompts 64 \
             --input-len 256 --output-len 128 --seed "$round" --result-file "$out/router-$m-$round.json" \
             >"$out/router-$m-$round.txt"
         stop
