@@ -210,8 +210,12 @@ impl ModelConfig {
                     "granite" => LlamaVariant::Granite,
                     _ => LlamaVariant::Mistral,
                 };
-                let raw: RawLlamaConfig = serde_json::from_value(value.clone())
-                    .map_err(|source| Error::Json { path: path.clone(), source })?;
+                let mut value = value.clone();
+                if let (LlamaVariant::Gemma3Text, Some(map)) = (variant, value.as_object_mut()) {
+                    with_gemma3_shape_defaults(map);
+                }
+                let raw: RawLlamaConfig =
+                    serde_json::from_value(value).map_err(|source| Error::Json { path: path.clone(), source })?;
                 Ok(ModelConfig::Llama(LlamaConfig::validate(raw, variant, &path)?))
             }
             // Gemma 3 4B and up: a multimodal checkpoint, whose language model is served.
@@ -272,7 +276,8 @@ impl ModelConfig {
 }
 
 /// A multimodal Gemma 3 config's `text_config`, with the keys its text model reads from the
-/// outer config when the inner one lacks them (`eos_token_id`, `tie_word_embeddings`).
+/// outer config when the inner one lacks them (`eos_token_id`, `tie_word_embeddings`), and
+/// `Gemma3TextConfig`'s shape defaults.
 fn gemma3_text_config(value: &Value) -> Option<Value> {
     let mut text = value.get("text_config")?.as_object()?.clone();
     for key in ["eos_token_id", "tie_word_embeddings"] {
@@ -280,7 +285,24 @@ fn gemma3_text_config(value: &Value) -> Option<Value> {
             text.insert(key.into(), v.clone());
         }
     }
+    with_gemma3_shape_defaults(&mut text);
     Some(Value::Object(text))
+}
+
+/// `Gemma3TextConfig`'s defaults of the shape (transformers 5.24), for the keys a config lacks:
+/// transformers writes only the values that differ from them, so Gemma 3 4B's `text_config`
+/// has no `vocab_size` or `head_dim`.
+fn with_gemma3_shape_defaults(config: &mut serde_json::Map<String, Value>) {
+    let defaults = [
+        ("vocab_size", 262_208),
+        ("hidden_size", 2304),
+        ("intermediate_size", 9216),
+        ("num_hidden_layers", 26),
+        ("num_attention_heads", 8),
+    ];
+    for (key, value) in defaults {
+        config.entry(key).or_insert(value.into());
+    }
 }
 
 impl GptBigCodeConfig {
@@ -550,7 +572,8 @@ struct RawLlamaConfig {
     tie_word_embeddings: Option<bool>,
     #[serde(default)]
     use_sliding_window: bool,
-    /// Qwen: the layers from this one on slide (default 28), unless `layer_types` names each.
+    /// Qwen: the layers from this one on slide (default 28), unless `layer_types` names each
+    /// (ignored elsewhere, as transformers does).
     max_window_layers: Option<i64>,
     /// Missing (outer None): 4096 (Mistral's, Qwen's and Gemma's default; Starcoder2's none);
     /// null: none.
@@ -829,9 +852,6 @@ impl LlamaConfig {
         let sliding_window = window.filter(|&w| w < max_position_embeddings);
         if let Some(w) = sliding_window.filter(|&w| w <= 0) {
             return Err(f.bad("sliding_window", format!("must be positive, found {w}")));
-        }
-        if let Some(n) = raw.max_window_layers.filter(|_| !matches!(variant, Qwen2 | Qwen3)) {
-            return Err(f.bad("max_window_layers", format!("{n}: not read for {}", variant.model_type())));
         }
         // Gemma 3's layers: `sliding_window_pattern` (default 6) makes every n-th layer full,
         // as `Gemma3TextConfig.__post_init__`, unless `layer_types` names each.
@@ -1225,6 +1245,22 @@ mod tests {
         ));
         assert_eq!((c.rope_theta, c.rope_local_theta), (1_000_000.0, 10_000.0));
         assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
+        // Gemma 3 4B's multimodal config.json: transformers writes only the text config's keys
+        // that differ from `Gemma3TextConfig`'s defaults, so the shape's defaults fill it.
+        let c = llama(
+            r#"{"model_type": "gemma3", "eos_token_id": [1, 106], "text_config": {"hidden_size": 2560,
+                "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+                "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024},
+                "vision_config": {"model_type": "siglip_vision_model"}}"#,
+        );
+        assert!(c.multimodal);
+        assert_eq!((c.vocab_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim), (262_208, 8, 4, 256));
+        assert_eq!(
+            (c.num_hidden_layers, c.sliding_window, c.eos_token_ids.as_slice()),
+            (34, Some(1024), &[1, 106][..])
+        );
+        assert_eq!(c.sliding_layers.iter().filter(|&&s| !s).count(), 5, "every sixth of 34 layers is full");
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
         // Qwen slides the layers from `max_window_layers` on, with `use_sliding_window` only.
         let qwen = |extra: &str| {
             let four_layers = LLAMA.replace(r#""num_hidden_layers": 2"#, r#""num_hidden_layers": 4"#);
@@ -1266,7 +1302,6 @@ mod tests {
             r#""num_key_value_heads": 2, "use_sliding_window": true, "max_window_layers": -1"#,
             "field `max_window_layers`: must not be negative",
         );
-        bad("llama", r#""max_window_layers": 1"#, "field `max_window_layers`: 1: not read for llama");
         bad("llama", r#""num_key_value_heads": 3"#, "field `num_key_value_heads`: 3 does not divide");
         bad("llama", r#""head_dim": 7"#, "field `head_dim`: rotary embeddings need an even head_dim");
         bad("llama", r#""hidden_act": "gelu""#, "field `hidden_act`");

@@ -7,9 +7,10 @@
 //! 3.6), so larger products quantize each activation row to int8 too (its own scale,
 //! `max |x_row| / 127`) and multiply in integers (`_int_mm`, oneDNN's VNNI kernels): 3.9 ms at
 //! 32 rows, 8.7 at 128 against bf16's 13.5. A sequence decoded beside more than
-//! `WEIGHT_ONLY_ROWS - 1` others therefore sees slightly different logits than alone.
+//! `WEIGHT_ONLY_ROWS - 1` others therefore sees slightly different logits than alone. On CUDA
+//! every product goes through `_weight_int8pack_mm`.
 
-use tch::{Kind, TchError, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 /// The most rows a product runs with exact activations (`_weight_int8pack_mm`); more are
 /// multiplied as int8 by int8.
@@ -29,9 +30,12 @@ impl Int8Matrix {
     pub fn quantize(weight: &Tensor) -> Result<Self, TchError> {
         let w = weight.f_to_kind(Kind::Float)?;
         let max = w.f_abs()?.f_amax([1i64].as_slice(), true)?;
-        let scales = (&max / 127.0).f_where_scalarother(&max.f_gt(0.0)?, 1.0)?;
-        let q = (&w / &scales).f_round()?.f_clamp(-127.0, 127.0)?.f_to_kind(Kind::Int8)?.f_contiguous()?;
-        let scales = scales.f_squeeze_dim(1)?.f_to_kind(weight.kind())?.f_contiguous()?;
+        // The scales as the products will read them (rounded to the weight's dtype), so that
+        // each weight is within half a step of what they reconstruct.
+        let scales = (&max / 127.0).f_where_scalarother(&max.f_gt(0.0)?, 1.0)?.f_to_kind(weight.kind())?;
+        let exact = scales.f_to_kind(Kind::Float)?;
+        let q = (&w / &exact).f_round()?.f_clamp(-127.0, 127.0)?.f_to_kind(Kind::Int8)?.f_contiguous()?;
+        let scales = scales.f_squeeze_dim(1)?.f_contiguous()?;
         Ok(Int8Matrix { weight: q, scales })
     }
 
@@ -53,7 +57,7 @@ impl Int8Matrix {
         }
         let rows: i64 = size[..size.len() - 1].iter().product();
         let x2 = x.f_reshape([rows, n_in])?;
-        let y = if rows > WEIGHT_ONLY_ROWS {
+        let y = if rows > WEIGHT_ONLY_ROWS && x.device() == Device::Cpu {
             // Each row to int8 by its own scale; y = (x_q @ q^T) * x_scale * w_scale.
             let x = x2.f_to_kind(Kind::Float)?;
             let max = x.f_abs()?.f_amax([1i64].as_slice(), true)?;
@@ -62,7 +66,14 @@ impl Int8Matrix {
             let y = xq.f_internal_int_mm(&self.weight.f_transpose(0, 1)?)?.f_to_kind(Kind::Float)?;
             (y * x_scales * self.scales.f_to_kind(Kind::Float)?.f_unsqueeze(0)?).f_to_kind(x2.kind())?
         } else {
-            x2.f_contiguous()?.f_internal_weight_int8pack_mm(&self.weight, &self.scales)?
+            match x2.f_contiguous()?.f_internal_weight_int8pack_mm(&self.weight, &self.scales) {
+                Ok(y) => y,
+                // On CUDA (unverified: no GPU has run it yet), a shape or dtype the weight-only
+                // kernel refuses multiplies by the widened matrix instead. `_int_mm` is not
+                // used there: it takes only more than 16 rows and widths in multiples of 8.
+                Err(_) if x.device().is_cuda() => x2.f_linear::<Tensor>(&self.dequantize(), None)?,
+                Err(e) => return Err(e),
+            }
         };
         let mut out = size;
         *out.last_mut().expect("checked above") = n_out;
@@ -78,7 +89,6 @@ impl Int8Matrix {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
 
     /// Quantization is per row and symmetric: every weight is within half a step of its row's
     /// grid, the largest lands on +-127, and a zero row stays zero.

@@ -26,7 +26,7 @@ use super::{
 };
 use crate::error::Result;
 use crate::hf::config::Activation;
-use crate::hf::config::LlamaConfig;
+use crate::hf::config::{LlamaConfig, LlamaVariant};
 use crate::hf::weights::Checkpoint;
 use crate::kv_cache::KvPool;
 use crate::parallel::comm::Communicator;
@@ -193,8 +193,9 @@ impl Llama {
             c.max_position_embeddings,
             placement.device,
         );
-        // Only Gemma 3 gives its sliding layers a base of their own.
-        let rotary_local = (c.rope_local_theta != c.rope_theta)
+        // Only Gemma 3 gives its sliding layers rotary embeddings of their own: their own base,
+        // and never the full layers' scaling.
+        let rotary_local = (c.variant == LlamaVariant::Gemma3Text)
             .then(|| Rotary::new(c.head_dim, c.rope_local_theta, c.max_position_embeddings, placement.device));
         let embed_scale = c.gemma_norms.then(|| (c.hidden_size as f64).sqrt());
         Ok(Llama {
