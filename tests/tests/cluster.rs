@@ -234,7 +234,11 @@ async fn deadlines_and_dropped_streams_cancel_the_worker_sequence() {
     req.set_timeout(Duration::from_millis(300));
     let started = Instant::now();
     let status = c.clone().generate(req).await.unwrap_err();
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{}", status.message());
+    // The router answers DEADLINE_EXCEEDED at the deadline; tonic's client enforces the same
+    // deadline on its own, and under load its timer can fire first ("Timeout expired"). Either
+    // way the worker's sequence must end (below).
+    let client_timer = status.code() == Code::Cancelled && status.message().contains("Timeout expired");
+    assert!(status.code() == Code::DeadlineExceeded || client_timer, "{:?}: {}", status.code(), status.message());
     assert!(started.elapsed() < Duration::from_secs(2));
     wait_idle(&w).await;
     let mut s = c.clone().generate_stream(text_request("dropped", 1800)).await.unwrap().into_inner();
