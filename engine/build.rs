@@ -1,7 +1,8 @@
 //! Gives this crate's test binaries the rpaths to LibTorch and NCCL (`build_rpath.rs`, shared
 //! with worker/build.rs), tells the engine where NCCL is (`ONEHEAD_NCCL_DIR`, for its messages
 //! and tests), and compiles `csrc/onednn.cpp` (LibTorch operators tch does not bind) against
-//! LibTorch's headers and `csrc/amx.cpp` (the decode-sized products on AMX).
+//! LibTorch's headers, `csrc/amx.cpp` (the decode-sized products on AMX) and `csrc/int8.cpp`
+//! (int8 weights' decode products on AVX-512).
 //! torch-sys reports LibTorch's library folder through its `links = "tch"` key.
 
 #[path = "build_rpath.rs"]
@@ -11,6 +12,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-changed=csrc/onednn.cpp");
     println!("cargo:rerun-if-changed=csrc/amx.cpp");
+    println!("cargo:rerun-if-changed=csrc/int8.cpp");
+    println!("cargo:rerun-if-changed=csrc/omp_team.h");
     let (lib_dir, nccl_dir) = build_rpath::link_libtorch();
     if let Some(nccl_dir) = nccl_dir {
         println!("cargo:rustc-env=ONEHEAD_NCCL_DIR={}", nccl_dir.display());
@@ -26,5 +29,6 @@ fn main() {
         .flag_if_supported("-Wno-unused-parameter")
         .file("csrc/onednn.cpp")
         .file("csrc/amx.cpp")
+        .file("csrc/int8.cpp")
         .compile("onehead_csrc");
 }

@@ -25,9 +25,14 @@
 #include <cstring>
 #include <vector>
 
+#include "omp_team.h"
+
 #define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 namespace {
+
+using onehead::on_team;
+using onehead::team;
 
 constexpr long kArchReqXcompPerm = 0x1023;
 constexpr long kXfeatureXtiledata = 18;
@@ -43,48 +48,6 @@ struct TileConfig {
   uint16_t colsb[16];
   uint8_t rows[16];
 };
-
-using GompParallel = void (*)(void (*)(void *), void *, unsigned, unsigned);
-using OmpInt = int (*)();
-
-struct Omp {
-  GompParallel parallel = nullptr;
-  OmpInt thread_num = nullptr;
-  OmpInt num_threads = nullptr;
-};
-
-const Omp &omp() {
-  static const Omp found = [] {
-    Omp o;
-    o.parallel = reinterpret_cast<GompParallel>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
-    o.thread_num = reinterpret_cast<OmpInt>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
-    o.num_threads = reinterpret_cast<OmpInt>(dlsym(RTLD_DEFAULT, "omp_get_num_threads"));
-    if (!o.parallel || !o.thread_num || !o.num_threads) o = Omp{};
-    return o;
-  }();
-  return found;
-}
-
-// The calling thread's team: its size, and this thread's number in it.
-struct Team {
-  int64_t threads, me;
-};
-
-Team team() {
-  const Omp &o = omp();
-  return o.parallel ? Team{o.num_threads(), o.thread_num()} : Team{1, 0};
-}
-
-// Runs `share(job)` on LibTorch's OpenMP team where it was found and `shared`, else on the
-// calling thread alone.
-void on_team(void (*share)(void *), void *job, bool shared = true) {
-  const Omp &o = omp();
-  if (o.parallel && shared) {
-    o.parallel(share, job, 0, 0);
-  } else {
-    share(job);
-  }
-}
 
 // `buffer` grown to at least `n` elements (kept between calls), from its first cache line.
 template <typename T>

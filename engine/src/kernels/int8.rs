@@ -1,8 +1,9 @@
 //! int8 weights (`--quantize int8`): each matrix is kept as int8 with one scale per output
 //! channel (symmetric: `w ~ q * scale`, `q` in -127..=127, `scale = max |w_row| / 127`), half the
 //! bytes of bf16. Products of up to `WEIGHT_ONLY_ROWS` rows (batch-1 and small-batch decode)
-//! read the int8 weights once through LibTorch's `_weight_int8pack_mm`, the activations exact
-//! (bf16, f16 or f32) and the weights widened in registers. That kernel's cost grows with the
+//! read the int8 weights once with the activations exact and the weights widened in registers:
+//! in bf16 on an AVX-512 CPU through onehead's own kernel (`csrc/int8.cpp`, which reads them
+//! faster), otherwise through LibTorch's `_weight_int8pack_mm`. LibTorch's kernel's cost grows with the
 //! rows (on 2 EPYC cores, a 8192 x 2048 matrix: 0.6 ms at 1 row, 8.3 ms at 32, where bf16 takes
 //! 3.6), so larger products quantize each activation row to int8 too (its own scale,
 //! `max |x_row| / 127`) and multiply in integers (`_int_mm`, oneDNN's VNNI kernels): 3.9 ms at
@@ -11,6 +12,16 @@
 //! every product goes through `_weight_int8pack_mm`.
 
 use tch::{Device, Kind, TchError, Tensor};
+
+unsafe extern "C" {
+    fn onehead_int8_available() -> i32;
+    fn onehead_int8_linear(x: *const u16, m: i64, k: i64, q: *const i8, scales: *const u16, n: i64, y: *mut u16);
+}
+
+/// Whether this CPU runs onehead's own weight-only kernel (`csrc/int8.cpp`, AVX-512).
+pub fn available() -> bool {
+    unsafe { onehead_int8_available() != 0 }
+}
 
 /// The most rows a product runs with exact activations (`_weight_int8pack_mm`); more are
 /// multiplied as int8 by int8.
@@ -57,7 +68,26 @@ impl Int8Matrix {
         }
         let rows: i64 = size[..size.len() - 1].iter().product();
         let x2 = x.f_reshape([rows, n_in])?;
-        let y = if rows > WEIGHT_ONLY_ROWS && x.device() == Device::Cpu {
+        let own_kernel = x.kind() == Kind::BFloat16 && x.device() == Device::Cpu && available();
+        let y = if rows <= WEIGHT_ONLY_ROWS && own_kernel {
+            let x2 = x2.f_contiguous()?;
+            let y = Tensor::f_empty([rows, n_out], (Kind::BFloat16, Device::Cpu))?;
+            // SAFETY: x2 (rows, n_in), the weight (n_out, n_in), the scales (n_out,) and y (rows,
+            // n_out) are contiguous bf16, int8, bf16 and bf16 tensors of those sizes (checked
+            // above and at `quantize`), alive across the call; rows <= 4.
+            unsafe {
+                onehead_int8_linear(
+                    x2.data_ptr() as *const u16,
+                    rows,
+                    n_in,
+                    self.weight.data_ptr() as *const i8,
+                    self.scales.data_ptr() as *const u16,
+                    n_out,
+                    y.data_ptr() as *mut u16,
+                )
+            };
+            y
+        } else if rows > WEIGHT_ONLY_ROWS && x.device() == Device::Cpu {
             // Each row to int8 by its own scale; y = (x_q @ q^T) * x_scale * w_scale.
             let x = x2.f_to_kind(Kind::Float)?;
             let max = x.f_abs()?.f_amax([1i64].as_slice(), true)?;
@@ -108,16 +138,18 @@ mod tests {
         assert_eq!(m.weight.get(1).abs().max().int64_value(&[]), 127);
     }
 
-    /// The weight-only kernel (few rows) and the int8-by-int8 product (more) equal `x @
-    /// dequantize()^T`, for f32 and bf16 activations, with leading dimensions kept; quantizing
-    /// the activations costs up to half a step of 1/127 of each row's largest value.
+    /// The weight-only kernels (few rows: onehead's own for bf16 on AVX-512, else LibTorch's) and
+    /// the int8-by-int8 product (more) equal `x @ dequantize()^T`, for f32 and bf16 activations,
+    /// with leading dimensions kept; quantizing the activations costs up to half a step of 1/127
+    /// of each row's largest value.
     #[test]
     fn products_equal_the_dequantized_matrix() {
-        for kind in [Kind::Float, Kind::BFloat16] {
-            let w = Tensor::randn([48, 64], (kind, Device::Cpu));
+        // 72 input columns: 4 steps of 16 and a tail of 8 in `csrc/int8.cpp`.
+        for (kind, n_in) in [(Kind::Float, 64), (Kind::BFloat16, 64), (Kind::BFloat16, 72)] {
+            let w = Tensor::randn([48, n_in], (kind, Device::Cpu));
             let m = Int8Matrix::quantize(&w).unwrap();
-            for rows in [1, WEIGHT_ONLY_ROWS, WEIGHT_ONLY_ROWS + 1, 40] {
-                let x = Tensor::randn([rows, 1, 64], (kind, Device::Cpu));
+            for rows in [1, 2, 3, WEIGHT_ONLY_ROWS, WEIGHT_ONLY_ROWS + 1, 40] {
+                let x = Tensor::randn([rows, 1, n_in], (kind, Device::Cpu));
                 let y = m.product(&x).unwrap();
                 assert_eq!(y.size(), [rows, 1, 48]);
                 let expected = x.to_kind(Kind::Float).linear::<Tensor>(&m.dequantize().to_kind(Kind::Float), None);
@@ -129,7 +161,7 @@ mod tests {
                     (_, true) => 3e-2 * scale,
                     _ => 2e-2 * scale,
                 };
-                assert!(diff <= tol, "{kind:?}, {rows} rows: off by {diff} (outputs up to {scale})");
+                assert!(diff <= tol, "{kind:?}, {n_in} inputs, {rows} rows: off by {diff} (outputs up to {scale})");
             }
         }
     }
