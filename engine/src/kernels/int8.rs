@@ -39,15 +39,8 @@ impl Int8Matrix {
     /// Quantizes `weight` `(out, in)` per output channel; the scales take its dtype (the
     /// activations'). A row of zeros gets scale 1 (its products are zero either way).
     pub fn quantize(weight: &Tensor) -> Result<Self, TchError> {
-        let w = weight.f_to_kind(Kind::Float)?;
-        let max = w.f_abs()?.f_amax([1i64].as_slice(), true)?;
-        // The scales as the products will read them (rounded to the weight's dtype), so that
-        // each weight is within half a step of what they reconstruct.
-        let scales = (&max / 127.0).f_where_scalarother(&max.f_gt(0.0)?, 1.0)?.f_to_kind(weight.kind())?;
-        let exact = scales.f_to_kind(Kind::Float)?;
-        let q = (&w / &exact).f_round()?.f_clamp(-127.0, 127.0)?.f_to_kind(Kind::Int8)?.f_contiguous()?;
-        let scales = scales.f_squeeze_dim(1)?.f_contiguous()?;
-        Ok(Int8Matrix { weight: q, scales })
+        let (q, scales) = quantize_rows(weight, weight.kind())?;
+        Ok(Int8Matrix { weight: q.f_contiguous()?, scales: scales.f_squeeze_dim(1)?.f_contiguous()? })
     }
 
     /// The matrix widened back to the scales' dtype: `q * scale`.
@@ -89,10 +82,7 @@ impl Int8Matrix {
             y
         } else if rows > WEIGHT_ONLY_ROWS && x.device() == Device::Cpu {
             // Each row to int8 by its own scale; y = (x_q @ q^T) * x_scale * w_scale.
-            let x = x2.f_to_kind(Kind::Float)?;
-            let max = x.f_abs()?.f_amax([1i64].as_slice(), true)?;
-            let x_scales = (&max / 127.0).f_where_scalarother(&max.f_gt(0.0)?, 1.0)?;
-            let xq = (&x / &x_scales).f_round()?.f_clamp(-127.0, 127.0)?.f_to_kind(Kind::Int8)?;
+            let (xq, x_scales) = quantize_rows(&x2, Kind::Float)?;
             let y = xq.f_internal_int_mm(&self.weight.f_transpose(0, 1)?)?.f_to_kind(Kind::Float)?;
             (y * x_scales * self.scales.f_to_kind(Kind::Float)?.f_unsqueeze(0)?).f_to_kind(x2.kind())?
         } else {
@@ -114,6 +104,18 @@ impl Int8Matrix {
     pub fn bytes(&self) -> i64 {
         self.weight.numel() as i64 + self.scales.numel() as i64 * self.scales.kind().elt_size_in_bytes() as i64
     }
+}
+
+/// Each row of `t` `(rows, cols)` as int8 by its own symmetric scale, `max |row| / 127` in
+/// `scale_kind` (1 for a row of zeros): `(q (rows, cols), scales (rows, 1))`. The rows are
+/// divided by the scales as rounded to `scale_kind`, so each value is within half a step of
+/// what those scales reconstruct.
+fn quantize_rows(t: &Tensor, scale_kind: Kind) -> Result<(Tensor, Tensor), TchError> {
+    let t = t.f_to_kind(Kind::Float)?;
+    let max = t.f_abs()?.f_amax([1i64].as_slice(), true)?;
+    let scales = (&max / 127.0).f_where_scalarother(&max.f_gt(0.0)?, 1.0)?.f_to_kind(scale_kind)?;
+    let q = (&t / scales.f_to_kind(Kind::Float)?).f_round()?.f_clamp(-127.0, 127.0)?.f_to_kind(Kind::Int8)?;
+    Ok((q, scales))
 }
 
 #[cfg(test)]
