@@ -198,6 +198,20 @@ impl safetensors::View for RandomTensor {
     }
 }
 
+/// Writes `dir/model.safetensors` with random bf16 `(name, shape, offset)` tensors
+/// (`RandomTensor`, tensor i seeded i + 1), one tensor at a time, under a temporary name until
+/// it is whole.
+fn write_random_tensors(dir: &Path, tensors: Vec<(String, Vec<usize>, f64)>) -> anyhow::Result<()> {
+    let views = tensors
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, shape, offset))| (name, RandomTensor { shape, seed: i as i64 + 1, offset }));
+    let partial = dir.join("model.safetensors.partial");
+    safetensors::serialize_to_file(views, None, &partial)?;
+    std::fs::rename(&partial, dir.join("model.safetensors"))?;
+    Ok(())
+}
+
 /// Writes a random bf16 Falcon checkpoint of `shape` to `dir`, unless one is there: Falcon-7B's
 /// layout (multi-query, one norm) without `kv_groups`, else the new decoder architecture with
 /// that many K/V groups (two norms).
@@ -232,13 +246,7 @@ pub fn write_falcon_checkpoint(dir: &Path, shape: &Shape, kv_groups: Option<i64>
             (format!("{b}.mlp.dense_4h_to_h.weight"), vec![hidden, 4 * hidden], 0.0),
         ]);
     }
-    let views = tensors
-        .into_iter()
-        .enumerate()
-        .map(|(i, (name, shape, offset))| (name, RandomTensor { shape, seed: i as i64 + 1, offset }));
-    let partial = dir.join("model.safetensors.partial");
-    safetensors::serialize_to_file(views, None, &partial)?;
-    std::fs::rename(&partial, dir.join("model.safetensors"))?;
+    write_random_tensors(dir, tensors)?;
     let config = serde_json::json!({
         "model_type": "falcon", "architectures": ["FalconForCausalLM"],
         "hidden_size": n_embd, "num_attention_heads": n_head, "num_hidden_layers": n_layer,
@@ -504,13 +512,7 @@ pub fn write_llama_checkpoint(dir: &Path, shape: &LlamaShape) -> anyhow::Result<
             (format!("{b}.mlp.down_proj.weight"), vec![hidden, inner], 0.0),
         ]);
     }
-    let views = tensors
-        .into_iter()
-        .enumerate()
-        .map(|(i, (name, shape, offset))| (name, RandomTensor { shape, seed: i as i64 + 1, offset }));
-    let partial = dir.join("model.safetensors.partial");
-    safetensors::serialize_to_file(views, None, &partial)?;
-    std::fs::rename(&partial, dir.join("model.safetensors"))?;
+    write_random_tensors(dir, tensors)?;
     let shape_keys = serde_json::json!({
         "hidden_size": shape.hidden, "intermediate_size": shape.intermediate, "num_hidden_layers": shape.layers,
         "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads, "head_dim": shape.head_dim,
