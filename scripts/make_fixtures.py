@@ -5,10 +5,12 @@ Each case is a tiny random Hugging Face checkpoint (fixed seed, weights widened 
 far from uniform) plus `reference.json`: the greedy continuation of a fixed prompt computed by
 `transformers` with its KV cache, the logprob of each chosen token (log-softmax of the raw
 logits), and the logprob of every next token of the whole sequence from one full forward.
+`converted/NAME.json` holds the same for a fixture whose K/V heads this script mean-pools itself
+(onehead-convert's parity; the test converts the source fixture with onehead-convert).
 
 Run it with the project's torch environment plus transformers (names limit it to those cases):
-    .venv/bin/pip install transformers==5.24.0
-    .venv/bin/python scripts/make_fixtures.py [CASE ...]
+    .venv/bin/pip install -r scripts/reference-requirements.txt
+    .venv/bin/python scripts/make_fixtures.py [CASE ...]      (converted cases: converted/NAME)
 """
 import json
 import shutil
@@ -317,6 +319,123 @@ def llama_cases():
         logits_scaling=3.0)
 
 
+def load_fixture(path: Path):
+    """A model folder in transformers, the RefinedWeb dialects read back into Falcon's names."""
+    config = json.loads((path / "config.json").read_text())
+    if config["model_type"] in ("RefinedWebModel", "RefinedWeb"):
+        names = {v: k for k, v in REFINED_WEB_NAMES.items()}
+        # RefinedWeb (Falcon-40B's dialect) means the new decoder architecture without saying so.
+        config.setdefault("new_decoder_architecture", config["model_type"] == "RefinedWeb")
+        config = {names.get(k, k): v for k, v in config.items() if k != "model_type"}
+        return FalconForCausalLM.from_pretrained(path, config=FalconConfig(**config), dtype=torch.float32)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def pooled_state(model, kv_heads):
+    """The source model's weights with K/V heads mean-pooled into `kv_heads` groups, and the
+    config changes that say so: an implementation independent of onehead-convert's block lists
+    (reshapes and means over whole tensors)."""
+    c = model.config
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if c.model_type == "gpt_bigcode" or (c.model_type == "falcon" and not c.new_decoder_architecture):
+        assert kv_heads == 1
+        heads, hd = c.num_attention_heads, c.hidden_size // c.num_attention_heads
+        for name in [n for n in state if n.endswith(("attn.c_attn.weight", "attn.c_attn.bias",
+                                                       "query_key_value.weight", "query_key_value.bias"))]:
+            w = state[name]
+            v = w.view(heads, 3, hd, *w.shape[1:])
+            state[name] = torch.cat([v[:, 0].reshape(heads * hd, *w.shape[1:]), v[:, 1].mean(0), v[:, 2].mean(0)])
+        return state, {"multi_query": True, "num_key_value_heads" if c.model_type == "gpt_bigcode" else "num_kv_heads": 1}
+    if c.model_type == "falcon":
+        groups, hd = c.num_kv_heads, c.hidden_size // c.num_attention_heads
+        q = c.num_attention_heads // groups
+        for name in [n for n in state if n.endswith(("query_key_value.weight", "query_key_value.bias"))]:
+            w = state[name]
+            v = w.view(kv_heads, groups // kv_heads, q + 2, hd, *w.shape[1:])
+            queries = v[:, :, :q].reshape(kv_heads, groups // kv_heads * q, hd, *w.shape[1:])
+            state[name] = torch.cat([queries, v[:, :, q:q + 1].mean(1), v[:, :, q + 1:].mean(1)], 1).reshape(-1, *w.shape[1:])
+        return state, {"num_kv_heads": kv_heads}
+    n_kv, hd = c.num_key_value_heads, c.head_dim
+    for name in [n for n in state if ".k_proj." in n or ".v_proj." in n]:
+        w = state[name]
+        state[name] = w.view(kv_heads, n_kv // kv_heads, hd, *w.shape[1:]).mean(1).reshape(kv_heads * hd, *w.shape[1:])
+    return state, {"num_key_value_heads": kv_heads}
+
+
+def expanded_state(model, heads, groups):
+    """The inverse of `pooled_state`: each of `model`'s K/V heads repeated for the `groups`
+    (per layer) of the source, in the source's layout. The source architecture run on these
+    weights must compute what `model` does: a check of this script's reading of each layout
+    against transformers' own, which pooling alone cannot give (pooled and reference would
+    share a misreading)."""
+    c = model.config
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hd = c.hidden_size // c.num_attention_heads if c.model_type != "llama" else c.head_dim
+    for name in list(state):
+        w = state[name]
+        rest = w.shape[1:]
+        if name.endswith(("attn.c_attn.weight", "attn.c_attn.bias")) or (
+                name.endswith(("query_key_value.weight", "query_key_value.bias"))
+                and not c.new_decoder_architecture):
+            q, k, v = w[:heads * hd].view(heads, 1, hd, *rest), w[heads * hd:heads * hd + hd], w[heads * hd + hd:]
+            kv = torch.stack([k, v]).unsqueeze(0).expand(heads, 2, hd, *rest)
+            state[name] = torch.cat([q, kv], 1).reshape(-1, *rest)
+        elif name.endswith(("query_key_value.weight", "query_key_value.bias")):
+            to = c.num_kv_heads
+            q = heads // groups
+            v = w.view(to, groups // to * q + 2, hd, *rest)
+            queries = v[:, :-2].reshape(to, groups // to, q, hd, *rest)
+            kv = v[:, -2:].unsqueeze(1).expand(to, groups // to, 2, hd, *rest)
+            state[name] = torch.cat([queries, kv], 2).reshape(-1, *rest)
+        elif ".k_proj." in name or ".v_proj." in name:
+            to = c.num_key_value_heads
+            state[name] = w.view(to, 1, hd, *rest).expand(to, groups // to, hd, *rest).reshape(-1, *rest)
+    return state
+
+
+def converted(name, source, kv_heads):
+    """converted/NAME.json: the reference of fixture `source` pooled to `kv_heads` K/V heads. No
+    weights: the test makes them with onehead-convert, and scripts/convert_roundtrip.py loads
+    those in transformers."""
+    src = load_fixture(ROOT / source)
+    state, changes = pooled_state(src, kv_heads)
+    config = src.config.to_dict()
+    config.update(changes)
+    config = type(src.config).from_dict(config)
+    model = type(src)(config).eval()
+    model.load_state_dict(state)
+    ref_src = json.loads((ROOT / source / "reference.json").read_text())
+    prompt_ids = ref_src["prompt_ids"]
+    new_ids, logprobs, seq_logprobs = reference(model, prompt_ids)
+    # The pooled model, its heads repeated back into the source's layout, computes the same.
+    groups = getattr(src.config, "num_key_value_heads", None) if src.config.model_type == "llama" else (
+        src.config.num_kv_heads if src.config.model_type == "falcon" and src.config.new_decoder_architecture
+        else src.config.num_attention_heads)
+    src.load_state_dict(expanded_state(model, src.config.num_attention_heads, groups))
+    seq = torch.tensor([prompt_ids + new_ids])
+    with torch.no_grad():
+        worst = (torch.log_softmax(src(seq).logits, -1) - torch.log_softmax(model(seq).logits, -1)).abs().max()
+    assert worst < 1e-5, f"{name}: the layouts are misread ({worst})"
+    out = ROOT / "converted"
+    out.mkdir(exist_ok=True)
+    ref = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "source": source, "kv_heads": kv_heads,
+        "prompt_ids": prompt_ids, "new_ids": new_ids, "logprobs": logprobs, "sequence_logprobs": seq_logprobs,
+    }
+    (out / f"{name}.json").write_text(json.dumps(ref, indent=1) + "\n")
+    print(f"converted/{name}.json: {source} pooled to {kv_heads} K/V heads, new_ids {new_ids}")
+
+
+# onehead-convert's cases: (name, source fixture, K/V heads after).
+CONVERTED = [
+    ("gpt_bigcode_mqa", "mha_f32", 1),
+    ("falcon_gqa2", "falcon_gqa", 2),
+    ("falcon_rw_mqa", "falcon_rw_mha_sequential", 1),
+    ("llama3_mqa", "llama3_gqa", 1),
+]
+
+
 def main():
     wanted = set(sys.argv[1:])
     # The Llama-architecture cases also record the reference's own bf16 logprobs.
@@ -324,6 +443,9 @@ def main():
     for name, options, model in [*cases(), *llama]:
         if not wanted or name in wanted:
             case(name, model, **options)
+    for name, source, kv_heads in CONVERTED:
+        if not wanted or f"converted/{name}" in wanted:
+            converted(name, source, kv_heads)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 bash scripts/setup-libtorch.sh
-# The official OpenAI SDK, pinned, for tests/openai_sdk.py (the HTTP API's end-to-end test).
-.venv/bin/python -m pip install --disable-pip-version-check -q -r tests/openai-requirements.txt
+# The official OpenAI SDK, pinned, for tests/openai_sdk.py (the HTTP API's end-to-end test), and
+# transformers, which loads back what onehead-convert writes (engine/tests/parity.rs).
+.venv/bin/python -m pip install --disable-pip-version-check -q -r tests/openai-requirements.txt \
+    -r scripts/reference-requirements.txt
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked

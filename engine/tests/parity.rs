@@ -9,6 +9,7 @@ use onehead_engine::batching::request::{FinishReason, StoppingCriteria};
 use onehead_engine::batching::sampling::{SamplingParams, log_softmax_at};
 use onehead_engine::generate::{generate, sequence_logprobs};
 use onehead_engine::hf::config::Dtype;
+use onehead_engine::hf::convert::convert;
 use onehead_engine::kernels::WeightForm;
 use onehead_engine::kv_cache::KvSlot;
 use onehead_engine::loader::{LoadOptions, LoadedModel, load_model};
@@ -98,7 +99,11 @@ fn check_greedy(name: &str) {
 
 fn check_greedy_tp(name: &str, tp: usize) {
     let (mut lm, reference) = load_tp(name, tp);
-    let name = &format!("{name} at TP {tp}");
+    assert_greedy(&mut lm, &reference, &format!("{name} at TP {tp}"));
+}
+
+/// Greedy generation of `lm` from the reference's prompt gives its ids and logprobs.
+fn assert_greedy(lm: &mut LoadedModel, reference: &Reference, name: &str) {
     let stopping = StoppingCriteria { max_new_tokens: reference.new_ids.len(), ignore_eos: true, ..Default::default() };
     let mut streamed = Vec::new();
     let generation = generate(
@@ -576,6 +581,86 @@ fn llama_family_in_bf16_equals_the_reference_in_bf16() {
             let tolerance = if tp == 1 { 0.06 } else { 0.25 };
             assert!(max <= tolerance, "{name} at TP {tp} in bf16: off the reference's bf16 by {max}");
         }
+    }
+}
+
+/// A case of `onehead-convert` (tests/fixtures/converted/NAME.json, from make_fixtures.py):
+/// fixture `source` pooled to `kv_heads` K/V heads by the script's own implementation, and the
+/// pooled model's reference.
+#[derive(Deserialize)]
+struct Converted {
+    source: String,
+    kv_heads: i64,
+    #[serde(flatten)]
+    reference: Reference,
+}
+
+/// What `onehead-convert` writes serves the reference of the same pooling done independently
+/// in Python (greedy ids and logprobs, and every next-token logprob, at TP 1 and 2), and
+/// `transformers` loads it back to the same logprobs (scripts/convert_roundtrip.py). Cases:
+/// GPTBigCode and the original Falcon multi-head to multi-query, Falcon's new decoder 4 to 2
+/// groups, Llama 3 2 to 1.
+#[test]
+fn converted_checkpoints_serve_the_pooled_reference_here_and_in_transformers() {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(fixture("converted")).unwrap().map(|e| e.unwrap().path()).collect();
+    cases.sort();
+    assert_eq!(cases.len(), 4);
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    for case in cases {
+        let name = case.file_stem().unwrap().to_string_lossy().into_owned();
+        let c: Converted = serde_json::from_str(&std::fs::read_to_string(&case).unwrap()).unwrap();
+        let out = std::env::temp_dir().join(format!("onehead-converted-{name}-{}", std::process::id()));
+        let conversion = convert(&fixture(&c.source), &out, c.kv_heads).unwrap();
+        // 2 layers: Falcon's fused weights (and biases, falcon_gqa), Llama's k and v.
+        let pooled = match name.as_str() {
+            "falcon_rw_mqa" => 2,
+            _ => 4,
+        };
+        assert_eq!(
+            (conversion.n_kv_heads_after, conversion.n_layers, conversion.tensors_pooled),
+            (c.kv_heads, 2, pooled)
+        );
+        assert!(conversion.n_kv_heads_before > c.kv_heads, "{name}: {conversion:?}");
+        for tp in [1, 2] {
+            let options = LoadOptions {
+                dtype: Some(Dtype::F32),
+                tp,
+                threads_per_shard: Some(1),
+                device: test_device(),
+                shards_on_one_device: onehead_engine::testing::shards_on_one_device(),
+                ..Default::default()
+            };
+            let mut lm = load_model(out.to_str().unwrap(), &options).unwrap();
+            let what = format!("{name} (converted from {}) at TP {tp}", c.source);
+            assert_greedy(&mut lm, &c.reference, &what);
+            let seq: Vec<u32> = c.reference.prompt_ids.iter().chain(&c.reference.new_ids).copied().collect();
+            let logprobs = sequence_logprobs(lm.runner.as_mut(), &seq).unwrap();
+            assert_close(&format!("{what} sequence logprobs"), &logprobs, &c.reference.sequence_logprobs);
+        }
+        // The GPU check runs this binary where the project's Python environment is not.
+        if std::env::var_os("ONEHEAD_FIXTURES").is_some() {
+            onehead_engine::testing::skip(
+                "converted round trip through transformers",
+                "no .venv beside these fixtures",
+            );
+        } else {
+            let python = repo.join(".venv/bin/python");
+            let import = std::process::Command::new(&python).args(["-c", "import transformers"]).status();
+            assert!(
+                import.is_ok_and(|s| s.success()),
+                "{} cannot import transformers: pip install -r scripts/reference-requirements.txt",
+                python.display()
+            );
+            let status = std::process::Command::new(&python)
+                .arg(repo.join("scripts/convert_roundtrip.py"))
+                .args([&out, &case])
+                .status();
+            assert!(
+                status.unwrap().success(),
+                "{name}: transformers does not load the converted folder to the reference"
+            );
+        }
+        std::fs::remove_dir_all(&out).unwrap();
     }
 }
 

@@ -428,6 +428,10 @@ pub struct FalconConfig {
     /// 1 for the original architecture with `multi_query`; the groups of the new decoder
     /// architecture; else `num_attention_heads`.
     pub num_kv_heads: i64,
+    /// The new decoder architecture (Falcon-40B/180B): `query_key_value` holds, per K/V group,
+    /// its query heads, then its key, then its value. The original one holds every query head
+    /// then the one key and value (`multi_query`), or query, key and value per head.
+    pub new_decoder_architecture: bool,
     pub head_dim: i64,
     pub num_hidden_layers: i64,
     pub vocab_size: i64,
@@ -532,6 +536,7 @@ impl FalconConfig {
             hidden_size,
             num_attention_heads: n_heads,
             num_kv_heads,
+            new_decoder_architecture: new_decoder,
             head_dim: hidden_size / n_heads,
             num_hidden_layers,
             vocab_size,

@@ -3,5 +3,6 @@
 
 pub mod builtin;
 pub mod config;
+pub mod convert;
 pub mod tokenizer;
 pub mod weights;
