@@ -2,7 +2,8 @@
 # The run command: a local cluster (one worker on the built-in model, and a router in front of
 # it) on 127.0.0.1. Sets up LibTorch if needed and builds first. Ctrl-C stops both.
 #
-#   ONEHEAD_MODEL   model folder or builtin:tiny (default)
+#   ONEHEAD_MODEL   model folder, builtin:code (default: a small model trained on Python) or
+#                   builtin:tiny (random)
 #   ROUTER_PORT     public port (default 8080); WORKER_PORT (default 50051)
 #
 # With arguments, runs `onehead-worker generate ARGS` instead (one prompt, no servers).
@@ -16,7 +17,7 @@ if [[ $# -gt 0 ]]; then
     exec $bin/onehead-worker generate "$@"
 fi
 
-model=${ONEHEAD_MODEL:-builtin:tiny}
+model=${ONEHEAD_MODEL:-builtin:code}
 router_port=${ROUTER_PORT:-8080}
 worker_port=${WORKER_PORT:-50051}
 http_port=${HTTP_PORT:-8000}

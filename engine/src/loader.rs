@@ -1,10 +1,10 @@
-//! Turns a model reference (a Hugging Face folder, or `builtin:tiny`) into a loaded model with
+//! Turns a model reference (a Hugging Face folder, `builtin:code` or `builtin:tiny`) into a loaded model with
 //! its tokenizer and end-of-sequence ids.
 
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
-use crate::hf::builtin::{BUILTIN_TINY, tiny_model_dir};
+use crate::hf::builtin;
 use crate::hf::config::{Dtype, GenerationConfig, ModelConfig};
 use crate::hf::tokenizer::Tokenizer;
 use crate::hf::weights::Checkpoint;
@@ -44,7 +44,7 @@ impl Default for LoadOptions {
 
 /// A model ready to run.
 pub struct LoadedModel {
-    /// The folder's name, or `builtin:tiny`.
+    /// The folder's name, or the built-in model's (`builtin:code`).
     pub id: String,
     pub dir: PathBuf,
     pub config: ModelConfig,
@@ -56,10 +56,15 @@ pub struct LoadedModel {
     pub eos_token_ids: Vec<u32>,
 }
 
-/// Loads `spec`: a model folder, or `builtin:tiny`.
+/// Loads `spec`: a model folder, `builtin:code` or `builtin:tiny`.
 pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
-    let (id, dir) = if spec == BUILTIN_TINY {
-        (BUILTIN_TINY.to_owned(), tiny_model_dir()?)
+    let (id, dir) = if let Some(dir) = builtin::model_dir(spec) {
+        (spec.to_owned(), dir?)
+    } else if spec.starts_with("builtin:") {
+        return Err(Error::invalid(
+            "model",
+            format!("{spec:?}: the built-in models are builtin:code and builtin:tiny"),
+        ));
     } else {
         let dir = PathBuf::from(spec);
         if !dir.is_dir() {

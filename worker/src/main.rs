@@ -114,8 +114,9 @@ impl ConnectionArgs {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// A Hugging Face model folder, or `builtin:tiny` for the built-in random model.
-    #[arg(long, env = "ONEHEAD_MODEL", default_value = "builtin:tiny")]
+    /// A Hugging Face model folder, `builtin:code` (the built-in model trained on Python), or
+    /// `builtin:tiny` (a built-in random model, for fast tests).
+    #[arg(long, env = "ONEHEAD_MODEL", default_value = "builtin:code")]
     model: String,
     /// Weight dtype: f32, bf16 or f16 (default: the checkpoint's own).
     #[arg(long, env = "ONEHEAD_DTYPE")]

@@ -35,6 +35,10 @@ struct Args {
     steps: i64,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Model folders to run instead of the random checkpoints, each with the K/V heads its
+    /// config says: the quality table's trained models (scripts/train-models.sh).
+    #[arg(long, value_delimiter = ',')]
+    models: Vec<PathBuf>,
 }
 
 /// One point of the table.
@@ -57,10 +61,15 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     println!("onehead-paper-bench: {} LibTorch threads", tch::get_num_threads());
     let mut points = Vec::new();
-    for &kv_heads in &args.kv_heads {
-        let dir = args.checkpoints.kv_heads_checkpoint(kv_heads)?;
+    let dirs = if args.models.is_empty() {
+        args.kv_heads.iter().map(|&k| args.checkpoints.kv_heads_checkpoint(k)).collect::<anyhow::Result<_>>()?
+    } else {
+        args.models.clone()
+    };
+    for dir in dirs {
         let options = LoadOptions { dtype: Some(Dtype::Bf16), ..Default::default() };
         let mut lm = load_model(dir.to_str().unwrap(), &options)?;
+        let kv_heads = lm.runner.shape().n_kv_heads;
         for &batch in &args.batch {
             for &context in &args.context {
                 let p = decode_point(lm.runner.as_mut(), kv_heads, batch, context, args.steps)?;
