@@ -167,11 +167,11 @@ def save(model, tok, out: Path, info: dict):
 
 
 def train(out: Path, *, family: str, kv_heads: int, steps: int, width: int, layers: int, heads: int,
-          batch: int, lr: float, init: Path = None):
+          batch: int, lr: float, init: Path = None, seed: int = SEED):
     from transformers import AutoModelForCausalLM
 
     tok, train_ids, valid_ids = data()
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     if init is not None:
         model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
     else:
@@ -183,7 +183,7 @@ def train(out: Path, *, family: str, kv_heads: int, steps: int, width: int, laye
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
     # Uptraining draws other windows than the run it starts from.
-    g = torch.Generator().manual_seed(SEED + (1 if init is not None else 0))
+    g = torch.Generator().manual_seed(seed + (1 if init is not None else 0))
     losses, t0 = [], time.time()
     model.train()
     for step in range(steps):
@@ -208,7 +208,7 @@ def train(out: Path, *, family: str, kv_heads: int, steps: int, width: int, laye
     info = {
         "model_type": c.model_type, "kv_heads": 1 if getattr(c, "multi_query", False) else c.num_key_value_heads,
         "width": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
-        "steps": steps, "batch": batch, "window": WINDOW, "lr": lr, "init": str(init) if init else None, "seed": SEED,
+        "steps": steps, "batch": batch, "window": WINDOW, "lr": lr, "init": str(init) if init else None, "seed": seed,
         "parameters": params, "train_tokens": len(train_ids), "valid_tokens": len(valid_ids),
         "tokens_seen": steps * batch * WINDOW, "train_seconds": round(train_s, 1),
         "valid_perplexity": round(ppl, 4), "valid_nll": round(nll, 5),
@@ -267,6 +267,7 @@ def main():
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--init", type=Path, help="start from this checkpoint (uptraining)")
+    t.add_argument("--seed", type=int, default=SEED, help="initialisation and data order")
     e = sub.add_parser("eval", help="validation perplexity of model folders")
     e.add_argument("dirs", type=Path, nargs="+")
     f = sub.add_parser("fixture", help="write the CI perplexity fixture")
@@ -278,7 +279,7 @@ def main():
               batch=8, lr=2e-3)
     elif a.cmd == "train":
         train(a.out, family=a.family, kv_heads=a.kv_heads, steps=a.steps, width=a.width, layers=a.layers,
-              heads=a.heads, batch=a.batch, lr=a.lr, init=a.init)
+              heads=a.heads, batch=a.batch, lr=a.lr, init=a.init, seed=a.seed)
     elif a.cmd == "eval":
         evaluate(a.dirs)
     else:
