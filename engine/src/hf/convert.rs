@@ -333,19 +333,17 @@ impl safetensors::View for &Owned<'_> {
 
 /// `view`'s rows pooled by `blocks` (see `pool_blocks`), in its own dtype; what is wrong, if not.
 fn pool_tensor(view: &TensorView<'_>, head_dim: usize, blocks: &[Vec<usize>]) -> Result<Owned<'static>, String> {
-    let bad = |message: String| message;
     let shape = view.shape();
     let (rows, cols) = match shape {
         [rows] => (*rows, 1),
         [rows, cols] => (*rows, *cols),
-        _ => return Err(bad(format!("shape {shape:?}: expected a matrix or a vector"))),
+        _ => return Err(format!("shape {shape:?}: expected a matrix or a vector")),
     };
     let n_blocks = blocks.iter().flatten().max().map_or(0, |m| m + 1);
     if rows != n_blocks * head_dim {
-        return Err(bad(format!("{rows} rows: expected {n_blocks} heads of {head_dim}")));
+        return Err(format!("{rows} rows: expected {n_blocks} heads of {head_dim}"));
     }
-    let values =
-        to_f32(view.dtype(), view.data()).ok_or_else(|| bad(format!("dtype {:?} is not a float", view.dtype())))?;
+    let values = to_f32(view.dtype(), view.data()).ok_or_else(|| format!("dtype {:?} is not a float", view.dtype()))?;
     let pooled = pool_blocks(&values, head_dim * cols, blocks);
     let mut shape = shape.to_vec();
     shape[0] = blocks.len() * head_dim;
