@@ -1,8 +1,9 @@
 //! Gives this crate's test binaries the rpaths to LibTorch and NCCL (`build_rpath.rs`, shared
 //! with worker/build.rs), tells the engine where NCCL is (`ONEHEAD_NCCL_DIR`, for its messages
 //! and tests), and compiles `csrc/onednn.cpp` (LibTorch operators tch does not bind) against
-//! LibTorch's headers, `csrc/amx.cpp` (the decode-sized products on AMX) and `csrc/int8.cpp`
-//! (int8 weights' decode products on AVX-512).
+//! LibTorch's headers, `csrc/amx.cpp` (the decode-sized products on AMX), `csrc/int8.cpp`
+//! (int8 weights' decode products on AVX-512) and `csrc/attention.cpp` (decode attention on
+//! AVX-512 BF16).
 //! torch-sys reports LibTorch's library folder through its `links = "tch"` key.
 
 #[path = "build_rpath.rs"]
@@ -13,6 +14,8 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/onednn.cpp");
     println!("cargo:rerun-if-changed=csrc/amx.cpp");
     println!("cargo:rerun-if-changed=csrc/int8.cpp");
+    println!("cargo:rerun-if-changed=csrc/attention.cpp");
+    println!("cargo:rerun-if-changed=csrc/avx512.h");
     println!("cargo:rerun-if-changed=csrc/omp_team.h");
     let (lib_dir, nccl_dir) = build_rpath::link_libtorch();
     if let Some(nccl_dir) = nccl_dir {
@@ -30,5 +33,6 @@ fn main() {
         .file("csrc/onednn.cpp")
         .file("csrc/amx.cpp")
         .file("csrc/int8.cpp")
+        .file("csrc/attention.cpp")
         .compile("onehead_csrc");
 }

@@ -25,12 +25,16 @@
 #include <cstring>
 #include <vector>
 
+#include "avx512.h"
 #include "omp_team.h"
 
 #define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 namespace {
 
+using onehead::at_least;
+using onehead::DecodeAttention;
+using onehead::exp512;
 using onehead::on_team;
 using onehead::team;
 
@@ -49,15 +53,6 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
-// `buffer` grown to at least `n` elements (kept between calls), from its first cache line.
-template <typename T>
-T *at_least(std::vector<T> &buffer, size_t n) {
-  // 64 elements of slack, so that the start can be rounded up to a cache line.
-  if (buffer.size() < n + 64) buffer.resize(n + 64);
-  auto address = reinterpret_cast<uintptr_t>(buffer.data());
-  return reinterpret_cast<T *>((address + 63) & ~uintptr_t{63});
-}
-
 struct Job {
   const uint16_t *x;
   int64_t m, k, n;
@@ -70,23 +65,6 @@ struct Job {
   // Products of at most 32 rows: the first column block no thread has taken (`run_share`).
   std::atomic<int64_t> next{0};
 };
-
-AMX_TARGET inline __m512 exp512(__m512 x) {
-  // 2^(x log2 e) = 2^n * 2^f, f in [-0.5, 0.5], 2^f by its Taylor polynomial (relative error
-  // below 2e-7); scalef applies 2^n and saturates to 0 or infinity.
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-88.7f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // The activations of `config::Activation`, as LibTorch defines them: 0 none, 1 GELU (erf),
 // 2 GELU (tanh approximation), 3 ReLU.
@@ -331,19 +309,7 @@ AMX_TARGET void gemm_share(void *data) {
 //     exponentials rounded to bf16 into P (queries x keys) by scattering pairs of keys;
 //   O = P V on AMX, with V laid out as VNNI pairs of keys, then divided by each query's sum.
 // As LibTorch's fused CPU attention: products in bf16 with f32 sums, softmax in f32, the
-// exponentials in bf16 for the second product, the division at the end.
-struct Attention {
-  const uint16_t *q;
-  const uint16_t *k, *v;
-  int64_t capacity, n_kv_heads, group, d;
-  // Sequence i's keys: lens[i] of them, in blocks of 32 starting at block_starts[first_block[i]],
-  // block_starts[first_block[i] + 1], ... (pool positions).
-  const int64_t *block_starts, *first_block, *lens;
-  int64_t n;
-  float scale;
-  uint16_t *y;
-  std::atomic<int64_t> next{0};
-};
+// exponentials in bf16 for the second product, the division at the end (`DecodeAttention`).
 
 // A thread's scratch, grown as needed and kept between calls.
 struct Scratch {
@@ -368,7 +334,7 @@ AMX_TARGET inline void pair_rows(const uint16_t *v, int64_t t, int64_t len, int6
 }
 
 // One sequence `i` and K/V head `h`: all its query heads, 16 at a time.
-AMX_TARGET void attend_one(const Attention &job, Scratch &scratch, int64_t i, int64_t h) {
+AMX_TARGET void attend_one(const DecodeAttention &job, Scratch &scratch, int64_t i, int64_t h) {
   const int64_t d = job.d, len = job.lens[i], padded = (len + 31) / 32 * 32, blocks = padded / 32;
   const int64_t *starts = job.block_starts + job.first_block[i];
   const uint16_t *k = job.k + h * job.capacity * d;
@@ -479,7 +445,7 @@ AMX_TARGET void attend_one(const Attention &job, Scratch &scratch, int64_t i, in
 }
 
 AMX_TARGET void attend_share(void *data) {
-  Attention &job = *static_cast<Attention *>(data);
+  DecodeAttention &job = *static_cast<DecodeAttention *>(data);
   thread_local Scratch scratch;
   configure_full_tiles();
   const int64_t items = job.n * job.n_kv_heads;
@@ -522,16 +488,13 @@ void onehead_amx_linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t 
   on_team(gemm_share, &job);
 }
 
-// Decode attention, as `Attention` above: `q` (n, n_kv_heads * group, d) one token per sequence;
-// `k`, `v` the pool's (n_kv_heads, capacity, d) for one layer, sequence i's lens[i] keys in
-// blocks of 32 at pool positions block_starts[first_block[i]], block_starts[first_block[i] + 1],
-// ...; `y` (n, n_kv_heads * group, d). bf16 throughout, d a multiple of 32, lens at least 1. The
-// caller has checked `onehead_amx_available` and that every block lies inside the pool.
+// Decode attention, as `DecodeAttention` (avx512.h) says; d a multiple of 32, lens at least 1.
+// The caller has checked `onehead_amx_available` and that every block lies inside the pool.
 void onehead_amx_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t capacity,
                                   int64_t n_kv_heads, int64_t group, int64_t d, const int64_t *block_starts,
                                   const int64_t *first_block, const int64_t *lens, int64_t n, float scale,
                                   uint16_t *y) {
-  Attention job{q, k, v, capacity, n_kv_heads, group, d, block_starts, first_block, lens, n, scale, y};
+  DecodeAttention job{q, k, v, capacity, n_kv_heads, group, d, block_starts, first_block, lens, n, scale, y};
   on_team(attend_share, &job, n * n_kv_heads > 1);
 }
 

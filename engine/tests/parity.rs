@@ -205,14 +205,14 @@ fn decodes_attended_together_equal_each_sequence_alone() {
     }
 }
 
-/// The same in bf16, with heads of 32: where the CPU has AMX, the decodes together are
-/// attended by `amx::decode_attention` over the pool in place, and alone by LibTorch's fused
-/// attention, so the two implementations agree to bf16 rounding.
+/// The same in bf16, with heads of 32: where the CPU has AMX or AVX-512 BF16, the decodes
+/// together are attended by `attention::decode_attention` over the pool in place, and alone by
+/// LibTorch's fused attention, so the two implementations agree to bf16 rounding.
 #[test]
 fn bf16_decodes_attended_in_place_equal_each_sequence_alone() {
-    use onehead_engine::kernels::amx;
-    let in_place = amx::attention_applies(tch::Kind::BFloat16, tch::Device::Cpu, 32);
-    eprintln!("decode attention in place on AMX: {in_place}");
+    use onehead_engine::kernels::attention::Kernel;
+    let in_place = Kernel::for_cache(tch::Kind::BFloat16, tch::Device::Cpu, 32);
+    eprintln!("decode attention in place: {in_place:?}");
     for name in ["mqa_hd32_bf16", "falcon_gqa_hd32"] {
         let dir = fixture(name);
         let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();

@@ -1,7 +1,9 @@
 //! CPU kernels of our own: AMX tiles and oneDNN's prepacked products, int8 weights (`int8`),
-//! and the choice between them (`WeightForm`).
+//! and the choice between them (`WeightForm`); decode attention over the KV pool in place
+//! (`attention`).
 
 pub mod amx;
+pub mod attention;
 pub mod int8;
 pub mod onednn;
 

@@ -7,9 +7,10 @@
 //! blocks of a common prefix between them (`blocks::BlockManager`). Attention reads through the
 //! block list in place: a prefill chunk's keys are a plain strided view while its blocks are
 //! consecutive (a copy gathered from them otherwise); decode tokens of several sequences are
-//! attended in one call per layer, on a CPU with AMX by a kernel that walks each sequence's
-//! blocks (`amx::decode_attention`), elsewhere over their keys gathered into one padded block per
-//! layer (`gather`), a copy of what they read, cheaper than a LibTorch call per sequence. For
+//! attended in one call per layer, on a CPU with AMX or AVX-512 BF16 by a kernel that walks each
+//! sequence's blocks (`kernels::attention`), elsewhere over their keys gathered into one padded
+//! block per layer (`gather`), a copy of what they read, cheaper than a LibTorch call per
+//! sequence. For
 //! multi-query attention `n_kv_heads` is 1, so the pool is `n_heads` times smaller than a
 //! multi-head one of the same width.
 

@@ -20,7 +20,7 @@ use crate::error::Result;
 use crate::hf::config::{Activation, Dtype, Llama3Rope, ModelConfig, RopeScaling};
 use crate::hf::weights::Checkpoint;
 use crate::kernels::int8::Int8Matrix;
-use crate::kernels::{WeightForm, amx};
+use crate::kernels::{WeightForm, amx, attention};
 use crate::kv_cache::{KvPool, KvShape, KvSlot};
 use crate::parallel::comm::Communicator;
 use crate::parallel::heads::ShardHeads;
@@ -286,8 +286,9 @@ pub fn load(
 /// `(n_tokens, n_heads * head_dim)`, heads in order.
 ///
 /// Decode tokens (chunks of one) are attended together, in one call per layer, when the shard's
-/// groups are equal and either AMX attention applies (`amx::attention_applies`: it reads the
-/// caches in place) or their caches are short enough to gather (`GATHERED_KEY_BYTES`);
+/// groups are equal and either a kernel reads the caches in place here
+/// (`attention::Kernel::for_cache`: AMX, or AVX-512 with bf16 dot products) or their caches
+/// are short enough to gather (`GATHERED_KEY_BYTES`);
 /// LibTorch's fused attention costs tens of microseconds a call whatever its size, so one call
 /// per sequence and layer added up to a fifth of a batch-32 step. Other chunks are attended one
 /// by one, in place.
@@ -320,8 +321,8 @@ pub(crate) struct Scores {
 /// read, not only masked: each token reads the cache from its window's first key on (decode:
 /// the last `window` keys), so a sliding layer reads at most `window` keys a token whatever the
 /// context; the pool keeps the older keys (a window's are not freed early). Decode tokens are
-/// attended together unless the scores are capped (the fused kernels cannot); AMX reads whole
-/// caches in place, so once a sequence outgrows the window its layer gathers the window instead.
+/// attended together unless the scores are capped (the fused kernels cannot); the in-place
+/// kernels read whole caches, so once a sequence outgrows the window its layer gathers the window instead.
 pub(crate) fn cached_attention_in_window(
     layer: usize,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
@@ -333,11 +334,12 @@ pub(crate) fn cached_attention_in_window(
     let (scale, window) = (scores.scale, scores.window);
     let uniform = queries_per_kv_head.windows(2).all(|w| w[0] == w[1]);
     let key_bytes_per_token = k.size()[1] * k.size()[2] * k.kind().elt_size_in_bytes() as i64;
-    let amx = amx::attention_applies(k.kind(), k.device(), k.size()[2]);
-    let in_place = batch.decode.as_ref().is_some_and(|d| amx && window.is_none_or(|w| d.longest <= w));
+    // The kernel that reads the pool in place, where one runs here and no window cuts the keys.
+    let in_place = attention::Kernel::for_cache(k.kind(), k.device(), k.size()[2])
+        .filter(|_| batch.decode.as_ref().is_some_and(|d| window.is_none_or(|w| d.longest <= w)));
     let decode = batch.decode.as_ref().filter(|d| {
         uniform
-            && decode_in_one_call(k.device(), in_place, d.read(window) * key_bytes_per_token)
+            && decode_in_one_call(k.device(), in_place.is_some(), d.read(window) * key_bytes_per_token)
             && scores.softcap.is_none()
     });
     if let Some(d) = decode.filter(|d| d.all) {
@@ -384,14 +386,14 @@ const GATHERED_KEY_BYTES: i64 = 256 << 10;
 /// Whether the decode tokens of a batch are attended in one call (`attend_decode`) rather than
 /// one call per sequence, given the longest sequence's keys of one layer in bytes. On CUDA
 /// always: a launch per sequence and layer costs far more than gathering the keys, which the
-/// device copies at its memory bandwidth. On the CPU, when AMX reads the pool in place, or when
+/// device copies at its memory bandwidth. On the CPU, when a kernel reads the pool in place, or when
 /// the gather is small enough to pay (`GATHERED_KEY_BYTES`).
 fn decode_in_one_call(device: Device, in_place: bool, longest_key_bytes: i64) -> bool {
     device.is_cuda() || in_place || longest_key_bytes <= GATHERED_KEY_BYTES
 }
 
-/// `cached_attention` of `d`'s tokens, one each from several sequences, in one call: `in_place`
-/// on AMX over each sequence's blocks of the pool, otherwise over each sequence's keys (its
+/// `cached_attention` of `d`'s tokens, one each from several sequences, in one call: by the
+/// `in_place` kernel over each sequence's blocks of the pool, otherwise over each sequence's keys (its
 /// last `window` ones) gathered from the pool into a padded block that the mask trims.
 fn attend_decode(
     layer: usize,
@@ -399,15 +401,15 @@ fn attend_decode(
     d: &DecodeRows,
     kv: &KvPool,
     (scale, window): (f64, Option<i64>),
-    in_place: bool,
+    in_place: Option<attention::Kernel>,
 ) -> Tensor {
     let pick = |t: &Tensor| if d.all { t.shallow_clone() } else { t.index_select(0, &d.rows) };
     let (q, k, v) = (pick(q), pick(k), pick(v));
     kv.write_tokens(layer, (&d.positions, &d.positions_tensor), &k.transpose(0, 1), &v.transpose(0, 1));
     let [n, n_heads, head_dim] = q.size()[..] else { unreachable!("q must be 3-d") };
-    if in_place {
+    if let Some(kernel) = in_place {
         // The blocks come from the scheduler, so a failure here is a bug: panic like tch.
-        let y = amx::decode_attention(&q, kv.layer(layer), &d.slots, &d.lens, scale)
+        let y = attention::decode_attention(kernel, &q, kv.layer(layer), &d.slots, &d.lens, scale)
             .unwrap_or_else(|e| panic!("decode attention of layer {layer}: {e}"));
         return y.view([n, n_heads * head_dim]);
     }
