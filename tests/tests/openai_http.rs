@@ -294,7 +294,7 @@ async fn api_keys_guard_the_http_api() {
 }
 
 /// Sends `body` as it is (malformed JSON, say) and returns the status of the answer.
-async fn status_of(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> u16 {
+async fn answer_of(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
     head.push_str(&format!("content-type: application/json\r\ncontent-length: {}\r\n", body.len()));
@@ -306,7 +306,9 @@ async fn status_of(addr: &str, method: &str, path: &str, headers: &[(&str, &str)
     let mut answer = String::new();
     let read = tokio::time::timeout(Duration::from_secs(10), socket.read_to_string(&mut answer)).await;
     assert!(matches!(read, Ok(Ok(_))), "{method} {path}: {read:?} after {answer:?}");
-    answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status: {answer:?}"))
+    let status =
+        answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status: {answer:?}"));
+    (status, answer.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_owned())
 }
 
 /// Each `onehead_router_requests_total` series, as "code route", and its value.
@@ -373,8 +375,14 @@ async fn every_http_request_is_counted_once_with_its_route_and_code() {
     for (line, key, body, status, counted) in &cases {
         let (method, path) = line.split_once(' ').unwrap();
         let headers: Vec<(&str, &str)> = key.iter().map(|key| ("authorization", *key)).collect();
-        let got = status_of(&addr, method, path, &headers, body).await;
+        let (got, answer) = answer_of(&addr, method, path, &headers, body).await;
         assert_eq!(got, *status, "{line} {key:?} {}", &body[..body.len().min(100)]);
+        // Every refusal, axum's own (404, 405, 413) too, is an OpenAI error with a message.
+        if got >= 400 {
+            let error: Value = serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{line}: {e} in {answer:?}"));
+            let message = error["error"]["message"].as_str().unwrap_or_default();
+            assert!(!message.is_empty() && error["error"]["type"].is_string(), "{line}: {answer}");
+        }
         assert!(before.contains_key(*counted), "no series {counted}");
         *expected.entry(counted.to_string()).or_insert(0.0) += 1.0;
     }

@@ -79,6 +79,26 @@ impl ApiError {
         }
     }
 
+    /// One of axum's own refusals, `status` for `method path`: a path the API lacks (404), a
+    /// method its path does not take (405), a body over `body_limit_bytes` (413).
+    pub fn refusal(status: StatusCode, method: &str, path: &str, body_limit_bytes: usize) -> Self {
+        let served = "GET /v1/models, POST /v1/completions and POST /v1/chat/completions";
+        let (message, code) = match status {
+            StatusCode::NOT_FOUND => (format!("no route for {method} {path}: this API serves {served}"), "not_found"),
+            StatusCode::METHOD_NOT_ALLOWED => {
+                (format!("{path} does not take {method}: this API serves {served}"), "method_not_allowed")
+            }
+            StatusCode::PAYLOAD_TOO_LARGE => (
+                format!(
+                    "the request body is over the limit of {body_limit_bytes} bytes (6 x --max-prompt-bytes + 64 KiB)"
+                ),
+                "request_too_large",
+            ),
+            _ => (format!("{method} {path}: {status}"), "invalid_request"),
+        };
+        ApiError { status, message, kind: "invalid_request_error", param: None, code: Some(code), counted: false }
+    }
+
     /// The status a generation ended with on the shared path (from `Router::start` or in its
     /// events), which counted it.
     pub fn from_shared(status: &Status, param: impl Fn(&str) -> &str) -> Self {
@@ -179,6 +199,17 @@ mod tests {
         assert_eq!(code_of(StatusCode::PAYLOAD_TOO_LARGE), Code::ResourceExhausted);
         assert_eq!(code_of(StatusCode::METHOD_NOT_ALLOWED), Code::Unimplemented);
         assert_eq!(code_of(StatusCode::UNSUPPORTED_MEDIA_TYPE), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn refusals_keep_their_status_and_say_what_was_refused() {
+        let refusal = |status: StatusCode| ApiError::refusal(status, "GET", "/v1/completions", 1000);
+        let not_found = refusal(StatusCode::NOT_FOUND);
+        assert_eq!((not_found.status, not_found.code), (StatusCode::NOT_FOUND, Some("not_found")));
+        assert!(not_found.message.starts_with("no route for GET /v1/completions"), "{}", not_found.message);
+        assert!(refusal(StatusCode::METHOD_NOT_ALLOWED).message.contains("does not take GET"));
+        assert!(refusal(StatusCode::PAYLOAD_TOO_LARGE).message.contains("limit of 1000 bytes"));
+        assert_eq!(refusal(StatusCode::UNSUPPORTED_MEDIA_TYPE).status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     }
 
     #[test]

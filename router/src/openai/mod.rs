@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -64,9 +64,24 @@ pub fn app(router: Arc<Router>, keys: Arc<HashSet<String>>, body_limit_bytes: us
         .route(COMPLETIONS.path, post(completions))
         .route(CHAT.path, post(chat))
         .layer(DefaultBodyLimit::max(body_limit_bytes))
-        // Outermost, and on the fallback too: it sees axum's own refusals (404, 405, 413).
+        // Outside the routes, and on the fallback too: these see axum's own refusals (404, 405,
+        // 413), which the first turns into OpenAI errors.
+        .layer(middleware::from_fn_with_state(body_limit_bytes, as_openai_error))
         .layer(middleware::from_fn_with_state(metrics, count))
         .with_state(Api { router, keys })
+}
+
+/// axum's own refusals (a path or method the API lacks, a body over the limit), which come
+/// with an empty or plain-text body, as OpenAI errors whose message says what was refused.
+async fn as_openai_error(State(body_limit_bytes): State<usize>, request: Request, next: Next) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let response = next.run(request).await;
+    let json =
+        response.headers().get(header::CONTENT_TYPE).is_some_and(|t| t.as_bytes().starts_with(b"application/json"));
+    if !response.status().is_client_error() || json {
+        return response;
+    }
+    ApiError::refusal(response.status(), method.as_str(), &path, body_limit_bytes).into_response()
 }
 
 /// Counts each response that the shared path has not (`Counted`), under its path and the code
