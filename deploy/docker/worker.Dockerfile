@@ -12,11 +12,11 @@ RUN python -m venv /opt/torch \
     && ln -s libnccl.so.2 /opt/torch/lib/python3.11/site-packages/nvidia/nccl/lib/libnccl.so
 
 FROM rust:1.95-slim-bookworm AS build
-# A C++ compiler: torch-sys and the engine's build script (engine/csrc/onednn.cpp, amx.cpp) compile
-# against LibTorch's headers; the slim image has only gcc.
+# A C++ compiler: torch-sys and the engine's build script (engine/csrc/*.cpp) compile against
+# LibTorch's headers; the slim image has only gcc. make: tikv-jemalloc-sys builds jemalloc.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ \
+    && apt-get install -y --no-install-recommends g++ make \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=torch /opt/torch /opt/torch
 COPY --from=torch /usr/local/lib/libpython3.11.so.1.0 /usr/local/lib/

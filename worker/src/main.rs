@@ -19,6 +19,13 @@ use onehead_worker::metrics::WorkerMetrics;
 use onehead_worker::serve::{DeviceMemory, KvPoolLimits, KvPoolRequest, PoolMemory, kv_pool_tokens, pool_budget_bytes};
 use onehead_worker::server::{self, WorkerInfo};
 
+/// jemalloc serves Rust's allocations here, and LibTorch's too: the crate's unprefixed
+/// `malloc`, `free`, ... are the executable's, which the shared libraries bind to. glibc's main
+/// arena kept the memory of freed step buffers, so a serving worker's resident memory grew for
+/// as long as it ran (BENCHMARKS.md, Soak); jemalloc returns it.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "onehead-worker", version, about = "onehead's worker: runs a multi-query-attention language model")]
 struct Cli {
