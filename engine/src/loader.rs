@@ -109,8 +109,15 @@ pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
 ///   primitive per product shape, and under continuous batching every new count of tokens in a
 ///   step is a new shape, about 150 KB each. With 1024 entries a serving worker's memory grew
 ///   for half an hour (BENCHMARKS.md, Soak); 128 holds every decode shape of a full batch.
+/// - `LRU_CACHE_CAPACITY=256` (LibTorch's default: 1024): ideep, between LibTorch and oneDNN,
+///   keeps its own cache of primitive descriptors, one per product shape. jemalloc's heap
+///   profile of a soaking worker put most of its growth after warm-up there; with 256 entries the
+///   worker held flat for 30 minutes, while 128 evicted a batch's decode shapes and slowed
+///   batch-32 steps by 5-15% (BENCHMARKS.md, Soak).
 pub fn set_libtorch_env_defaults() {
-    for (var, value) in [("THP_MEM_ALLOC_ENABLE", "1"), ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")] {
+    let defaults =
+        [("THP_MEM_ALLOC_ENABLE", "1"), ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128"), ("LRU_CACHE_CAPACITY", "256")];
+    for (var, value) in defaults {
         if std::env::var_os(var).is_none() {
             // SAFETY: called at the start of `main`, while the process has one thread.
             unsafe { std::env::set_var(var, value) };
