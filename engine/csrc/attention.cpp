@@ -179,13 +179,22 @@ int onehead_avx512_bf16_available() {
   return available;
 }
 
-// Decode attention, as `DecodeAttention` (avx512.h) says; d a multiple of 32, lens at least 1.
-// The caller has checked `onehead_avx512_bf16_available` and that every block lies inside the
-// pool.
-void onehead_avx512_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t capacity,
-                                     int64_t n_kv_heads, int64_t group, int64_t d, const int64_t *block_starts,
-                                     const int64_t *first_block, const int64_t *lens, int64_t n, float scale,
-                                     uint16_t *y) {
+// csrc/amx.cpp's kernel.
+void onehead_amx_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t capacity,
+                                  int64_t n_kv_heads, int64_t group, int64_t d, const int64_t *block_starts,
+                                  const int64_t *first_block, const int64_t *lens, int64_t n, float scale,
+                                  uint16_t *y);
+
+// Decode attention, as `DecodeAttention` (avx512.h) says, by `kernel`: 0 AMX (csrc/amx.cpp), 1
+// AVX-512 BF16 (above); d a multiple of 32, lens at least 1. The caller has checked that this
+// CPU runs the kernel and that every block lies inside the pool.
+void onehead_decode_attention(int kernel, const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t capacity,
+                              int64_t n_kv_heads, int64_t group, int64_t d, const int64_t *block_starts,
+                              const int64_t *first_block, const int64_t *lens, int64_t n, float scale, uint16_t *y) {
+  if (kernel == 0) {
+    onehead_amx_decode_attention(q, k, v, capacity, n_kv_heads, group, d, block_starts, first_block, lens, n, scale, y);
+    return;
+  }
   DecodeAttention job{q, k, v, capacity, n_kv_heads, group, d, block_starts, first_block, lens, n, scale, y};
   onehead::on_team(attend_share, &job, n * n_kv_heads > 1);
 }

@@ -12,22 +12,8 @@ use crate::kv_cache::{BLOCK_TOKENS, KvSlot};
 
 unsafe extern "C" {
     fn onehead_avx512_bf16_available() -> i32;
-    fn onehead_amx_decode_attention(
-        q: *const u16,
-        k: *const u16,
-        v: *const u16,
-        capacity: i64,
-        n_kv_heads: i64,
-        group: i64,
-        d: i64,
-        block_starts: *const i64,
-        first_block: *const i64,
-        lens: *const i64,
-        n: i64,
-        scale: f32,
-        y: *mut u16,
-    );
-    fn onehead_avx512_decode_attention(
+    fn onehead_decode_attention(
+        kernel: i32,
         q: *const u16,
         k: *const u16,
         v: *const u16,
@@ -49,13 +35,13 @@ unsafe extern "C" {
 const BLOCK: i64 = 32;
 const _: () = assert!(BLOCK_TOKENS == BLOCK, "a KV block is what decode attention reads at once");
 
-/// A decode attention kernel.
+/// A decode attention kernel; the discriminant is `onehead_decode_attention`'s `kernel`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     /// Intel AMX tiles (`csrc/amx.cpp`).
-    Amx,
+    Amx = 0,
     /// AVX-512 F, BW, VL, DQ and BF16 (`csrc/attention.cpp`).
-    Avx512,
+    Avx512 = 1,
 }
 
 impl Kernel {
@@ -139,16 +125,13 @@ pub fn decode_attention(
         return Ok(y);
     }
     let q = q.contiguous();
-    let run = match kernel {
-        Kernel::Amx => onehead_amx_decode_attention,
-        Kernel::Avx512 => onehead_avx512_decode_attention,
-    };
     // SAFETY: q is a contiguous bf16 (n, n_heads, head_dim); k and v contiguous bf16
     // (n_kv_heads, capacity, head_dim); first_block and lens have n entries, and sequence i's
     // ceil(lens[i] / 32) blocks at block_starts[first_block[i]..] each hold its keys inside
     // capacity; head_dim a multiple of 32 and the kernel runs here (checked above); y fresh.
     unsafe {
-        run(
+        onehead_decode_attention(
+            kernel as i32,
             q.data_ptr() as *const u16,
             k.data_ptr() as *const u16,
             v.data_ptr() as *const u16,
