@@ -36,6 +36,7 @@ using onehead::at_least;
 using onehead::DecodeAttention;
 using onehead::exp512;
 using onehead::on_team;
+using onehead::store_divided;
 using onehead::team;
 
 constexpr long kArchReqXcompPerm = 0x1023;
@@ -431,16 +432,9 @@ AMX_TARGET void attend_one(const DecodeAttention &job, Scratch &scratch, int64_t
         _tile_stored(7, o + col + 48, d * 4);
       }
     }
-    alignas(64) float sums[16];
-    _mm512_store_ps(sums, sum);
-    uint16_t *y = job.y + (i * n_heads + h * job.group + first_query) * d;
-    for (int64_t g = 0; g < queries; g++) {
-      const __m512 inverse = _mm512_set1_ps(1.f / sums[g]);
-      for (int64_t c = 0; c < d; c += 16) {
-        const __m512 out = _mm512_mul_ps(_mm512_load_ps(o + g * d + c), inverse);
-        _mm256_storeu_si256(reinterpret_cast<__m256i *>(y + g * d + c), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(out)));
-      }
-    }
+    alignas(64) float inverse[16];
+    _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.f), sum));
+    store_divided(o, inverse, queries, d, job.y + (i * n_heads + h * job.group + first_query) * d);
   }
 }
 

@@ -28,6 +28,7 @@ namespace {
 using onehead::at_least;
 using onehead::DecodeAttention;
 using onehead::exp512;
+using onehead::store_divided;
 
 // A thread's scratch, grown as needed and kept between calls: the scores and then the
 // exponentials (group x keys, rows padded to 16), the output sums (group x d), one block of
@@ -148,14 +149,7 @@ AVX512_TARGET void attend_one(const DecodeAttention &job, Scratch &scratch, int6
       if (c < d) accumulate<2>(p, vf + c, keys, d, o + g * d + c);
     }
   }
-  uint16_t *y = job.y + (i * job.n_kv_heads + h) * group * d;
-  for (int64_t g = 0; g < group; g++) {
-    const __m512 by = _mm512_set1_ps(inverse[g]);
-    for (int64_t c = 0; c < d; c += 16) {
-      const __m512 out = _mm512_mul_ps(_mm512_loadu_ps(o + g * d + c), by);
-      _mm256_storeu_si256(reinterpret_cast<__m256i *>(y + g * d + c), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(out)));
-    }
-  }
+  store_divided(o, inverse, group, d, job.y + (i * job.n_kv_heads + h) * group * d);
 }
 
 AVX512_TARGET void attend_share(void *data) {

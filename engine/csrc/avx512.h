@@ -38,6 +38,18 @@ AVX512_TARGET inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// y (rows, d) in bf16 = o (rows, d) in f32, row g multiplied by inverse[g]: the attention kernels'
+// division of each query's sums by its exponentials' sum. d a multiple of 16.
+AVX512_TARGET inline void store_divided(const float *o, const float *inverse, int64_t rows, int64_t d, uint16_t *y) {
+  for (int64_t g = 0; g < rows; g++) {
+    const __m512 by = _mm512_set1_ps(inverse[g]);
+    for (int64_t c = 0; c < d; c += 16) {
+      const __m512 out = _mm512_mul_ps(_mm512_loadu_ps(o + g * d + c), by);
+      _mm256_storeu_si256(reinterpret_cast<__m256i *>(y + g * d + c), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(out)));
+    }
+  }
+}
+
 // Attention of one new token per sequence over its cached keys and values, read in place from
 // one layer of the KV pool (`engine/src/kernels/attention.rs`): `q` (n, n_kv_heads * group, d);
 // `k`, `v` (n_kv_heads, capacity, d); `y` like `q`. Sequence i's keys: lens[i] of them, in blocks

@@ -293,7 +293,7 @@ async fn api_keys_guard_the_http_api() {
     std::fs::remove_file(keys).unwrap();
 }
 
-/// Sends `body` as it is (malformed JSON, say) and returns the status of the answer.
+/// Sends `body` as it is (malformed JSON, say) and returns the answer's status and body.
 async fn answer_of(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");

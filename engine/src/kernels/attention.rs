@@ -6,6 +6,8 @@
 //! Elsewhere (no AVX-512 BF16, other dtypes, CUDA) the models gather the keys instead
 //! (`models::cached_attention`).
 
+use std::sync::OnceLock;
+
 use tch::{Device, Kind, TchError, Tensor};
 
 use crate::kv_cache::{BLOCK_TOKENS, KvSlot};
@@ -45,20 +47,23 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The kernels this CPU runs, fastest first.
-    pub fn here() -> Vec<Kernel> {
-        let avx512 = unsafe { onehead_avx512_bf16_available() != 0 };
-        [(Kernel::Amx, super::amx::available()), (Kernel::Avx512, avx512)]
-            .into_iter()
-            .filter_map(|(kernel, runs)| runs.then_some(kernel))
-            .collect()
+    /// The kernels this CPU runs, fastest first; found once, since every layer of every step asks.
+    pub fn here() -> &'static [Kernel] {
+        static HERE: OnceLock<Vec<Kernel>> = OnceLock::new();
+        HERE.get_or_init(|| {
+            let avx512 = unsafe { onehead_avx512_bf16_available() != 0 };
+            [(Kernel::Amx, super::amx::available()), (Kernel::Avx512, avx512)]
+                .into_iter()
+                .filter_map(|(kernel, runs)| runs.then_some(kernel))
+                .collect()
+        })
     }
 
     /// The kernel decode attention over a cache of `kind` on `device` with heads of `head_dim`
     /// runs on here, if any ([`decode_attention`]).
     pub fn for_cache(kind: Kind, device: Device, head_dim: i64) -> Option<Kernel> {
         let applies = kind == Kind::BFloat16 && device == Device::Cpu && head_dim > 0 && head_dim % BLOCK == 0;
-        applies.then(|| Kernel::here().first().copied()).flatten()
+        Kernel::here().first().copied().filter(|_| applies)
     }
 }
 
@@ -159,7 +164,7 @@ mod tests {
     }
 
     /// The kernels this CPU runs, or none after saying so for `test`.
-    fn kernels_here(test: &str) -> Vec<Kernel> {
+    fn kernels_here(test: &str) -> &'static [Kernel] {
         let kernels = Kernel::here();
         if kernels.is_empty() {
             crate::testing::skip(test, "neither AMX nor AVX-512 BF16 on this CPU");
@@ -226,7 +231,7 @@ mod tests {
             (16, 1, 128, &[9, 40, 48]),
             (2, 3, 96, &[1, 70]),
         ];
-        for kernel in kernels_here("kernels::attention::decode_attention_equals_f32_attention_to_bf16_rounding") {
+        for &kernel in kernels_here("kernels::attention::decode_attention_equals_f32_attention_to_bf16_rounding") {
             for (n_kv_heads, group, head_dim, lens) in cases {
                 let e = attention_error(kernel, n_kv_heads, group, head_dim, lens);
                 // bf16 inputs are exact in f32; the exponentials and the output are rounded to bf16.
@@ -249,7 +254,7 @@ mod tests {
         for kernel in [Kernel::Amx, Kernel::Avx512].into_iter().filter(|k| !Kernel::here().contains(k)) {
             assert!(err(decode_attention(kernel, &q, (&k, &v), &two, &[1, 1], 1.0)).contains("does not run it"));
         }
-        for kernel in kernels_here("kernels::attention::decode_attention_rejects_what_it_cannot_read") {
+        for &kernel in kernels_here("kernels::attention::decode_attention_rejects_what_it_cannot_read") {
             let run = |q: &Tensor, k: &Tensor, v: &Tensor, slots: &[KvSlot], lens: &[i64]| {
                 err(decode_attention(kernel, q, (k, v), slots, lens, 1.0))
             };

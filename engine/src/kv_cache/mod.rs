@@ -10,9 +10,8 @@
 //! attended in one call per layer, on a CPU with AMX or AVX-512 BF16 by a kernel that walks each
 //! sequence's blocks (`kernels::attention`), elsewhere over their keys gathered into one padded
 //! block per layer (`gather`), a copy of what they read, cheaper than a LibTorch call per
-//! sequence. For
-//! multi-query attention `n_kv_heads` is 1, so the pool is `n_heads` times smaller than a
-//! multi-head one of the same width.
+//! sequence. For multi-query attention `n_kv_heads` is 1, so the pool is `n_heads` times smaller
+//! than a multi-head one of the same width.
 
 pub mod blocks;
 

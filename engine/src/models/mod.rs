@@ -322,7 +322,8 @@ pub(crate) struct Scores {
 /// the last `window` keys), so a sliding layer reads at most `window` keys a token whatever the
 /// context; the pool keeps the older keys (a window's are not freed early). Decode tokens are
 /// attended together unless the scores are capped (the fused kernels cannot); the in-place
-/// kernels read whole caches, so once a sequence outgrows the window its layer gathers the window instead.
+/// kernels read whole caches, so once a sequence outgrows the window its layer gathers the
+/// window instead.
 pub(crate) fn cached_attention_in_window(
     layer: usize,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
@@ -386,15 +387,15 @@ const GATHERED_KEY_BYTES: i64 = 256 << 10;
 /// Whether the decode tokens of a batch are attended in one call (`attend_decode`) rather than
 /// one call per sequence, given the longest sequence's keys of one layer in bytes. On CUDA
 /// always: a launch per sequence and layer costs far more than gathering the keys, which the
-/// device copies at its memory bandwidth. On the CPU, when a kernel reads the pool in place, or when
-/// the gather is small enough to pay (`GATHERED_KEY_BYTES`).
+/// device copies at its memory bandwidth. On the CPU, when a kernel reads the pool in place, or
+/// when the gather is small enough to pay (`GATHERED_KEY_BYTES`).
 fn decode_in_one_call(device: Device, in_place: bool, longest_key_bytes: i64) -> bool {
     device.is_cuda() || in_place || longest_key_bytes <= GATHERED_KEY_BYTES
 }
 
 /// `cached_attention` of `d`'s tokens, one each from several sequences, in one call: by the
-/// `in_place` kernel over each sequence's blocks of the pool, otherwise over each sequence's keys (its
-/// last `window` ones) gathered from the pool into a padded block that the mask trims.
+/// `in_place` kernel over each sequence's blocks of the pool, otherwise over each sequence's keys
+/// (its last `window` ones) gathered from the pool into a padded block that the mask trims.
 fn attend_decode(
     layer: usize,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
