@@ -2,7 +2,7 @@
 //! with worker/build.rs), tells the engine where NCCL is (`ONEHEAD_NCCL_DIR`, for its messages
 //! and tests), and compiles `csrc/onednn.cpp` (LibTorch operators tch does not bind) against
 //! LibTorch's headers, `csrc/amx.cpp` (the decode-sized products on AMX), `csrc/int8.cpp`
-//! (int8 weights' decode products on AVX-512) and `csrc/attention.cpp` (decode attention on
+//! (int8 weights' products on AVX-512 or AVX2) and `csrc/attention.cpp` (decode attention on
 //! AVX-512 BF16).
 //! torch-sys reports LibTorch's library folder through its `links = "tch"` key.
 

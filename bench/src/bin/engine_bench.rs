@@ -50,6 +50,10 @@ struct Args {
     /// model): a second copy of Falcon-7B's 14.5 GB would not fit in this machine's memory.
     #[arg(long)]
     kernel_layers: Option<usize>,
+    /// Rows of each product in the kernel-only pass: 1 is a batch-1 decode step's products; 32
+    /// a step of 32 sequences', 512 a prefill chunk's. The engine's own step stays at batch 1.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..=8192))]
+    kernel_rows: i64,
     /// Print the computed per-shard bytes of SantaCoder, Falcon-7B and Falcon-40B at TP 1, 2, 4,
     /// 8 and exit.
     #[arg(long)]
@@ -90,7 +94,10 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let threads = tch::get_num_threads();
-    println!("onehead-engine-bench: {threads} LibTorch threads, context {}, {} timed steps", args.context, args.steps);
+    println!(
+        "onehead-engine-bench: {threads} LibTorch threads, context {}, {} timed steps, kernel-only pass at {} row(s)",
+        args.context, args.steps, args.kernel_rows
+    );
 
     let device = match args.device.as_str() {
         "cpu" => tch::Device::Cpu,
@@ -131,7 +138,7 @@ fn main() -> anyhow::Result<()> {
         }));
     }
     let report = serde_json::json!({
-        "threads": threads, "context": args.context, "steps": args.steps,
+        "threads": threads, "context": args.context, "steps": args.steps, "kernel_rows": args.kernel_rows,
         "stream_read_gbs": stream_n, "stream_read_gbs_1_thread": stream_1, "models": results,
     });
     if let Some(path) = args.json {
@@ -178,7 +185,7 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
     let prefill_tok_s = args.context as f64 / started.elapsed().as_secs_f64();
     // Engine steps and kernel-only passes alternate, so that drift in the machine's speed
     // (other tenants, frequency) hits both alike. The kernels' weights are packed as the engine's.
-    let kernels = KernelPass::load(dir, device, args.kernel_layers, model.weight_form())?;
+    let kernels = KernelPass::load(dir, device, args.kernel_layers, args.kernel_rows, model.weight_form())?;
     let mut times = Vec::new();
     let mut kernel_times = Vec::new();
     for (step, n_cached) in (0..args.steps + 3).zip(args.context..) {
@@ -211,18 +218,24 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
 }
 
 /// The matrix-vector products alone over the model's own weight matrices (every
-/// layer's four, or the first `max_layers` layers', then the LM head), one row at a time, in
-/// model order; in the form the engine's decode steps read: AMX tiles, prepacked for oneDNN, or
+/// layer's four, or the first `max_layers` layers', then the LM head), `rows` rows at a time
+/// (one, as a batch-1 decode step), in model order; in the form the engine's decode steps read: AMX tiles, prepacked for oneDNN, or
 /// as stored.
 struct KernelPass {
-    /// (weight, bias, a one-row input of the right width)
+    /// (weight, bias, an input of the right width)
     layers: Vec<(Kernel, Option<Tensor>, Tensor)>,
     /// The whole model's matrices over those the pass runs: what its times are scaled by.
     scale: f64,
 }
 
 impl KernelPass {
-    fn load(dir: &Path, device: tch::Device, max_layers: Option<usize>, form: WeightForm) -> anyhow::Result<Self> {
+    fn load(
+        dir: &Path,
+        device: tch::Device,
+        max_layers: Option<usize>,
+        rows: i64,
+        form: WeightForm,
+    ) -> anyhow::Result<Self> {
         let ckpt = Checkpoint::open(dir)?;
         let (blocks, matrices, head): (_, &[&str], _) = if ckpt.contains("transformer.h.0.attn.c_attn.weight") {
             ("transformer.h", &["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], "transformer.wte")
@@ -254,7 +267,8 @@ impl KernelPass {
             .iter()
             .map(|name| {
                 let (w, b) = load_matrix(&ckpt, name, device)?;
-                let x = Tensor::ones([1, w.size()[1]], (Kind::BFloat16, device));
+                // Rows of different values, as a batch's (the int8 path scales each row).
+                let x = Tensor::randn([rows, w.size()[1]], (Kind::BFloat16, device));
                 // The AMX kernel takes its bias in f32, as `Linear` keeps it.
                 let (kernel, b) = match form {
                     WeightForm::Tiles => {

@@ -1,30 +1,43 @@
-//! int8 weights (`--quantize int8`): each matrix is kept as int8 with one scale per output
-//! channel (symmetric: `w ~ q * scale`, `q` in -127..=127, `scale = max |w_row| / 127`), half the
-//! bytes of bf16. Products of up to `WEIGHT_ONLY_ROWS` rows (batch-1 and small-batch decode)
-//! read the int8 weights once with the activations exact and the weights widened in registers:
-//! in bf16 on an AVX-512 CPU through onehead's own kernel (`csrc/int8.cpp`, which reads them
-//! faster), otherwise through LibTorch's `_weight_int8pack_mm`. LibTorch's kernel's cost grows with the
-//! rows (on 2 EPYC cores, a 8192 x 2048 matrix: 0.6 ms at 1 row, 8.3 ms at 32, where bf16 takes
-//! 3.6), so larger products quantize each activation row to int8 too (its own scale,
-//! `max |x_row| / 127`) and multiply in integers (`_int_mm`, oneDNN's VNNI kernels): 3.9 ms at
-//! 32 rows, 8.7 at 128 against bf16's 13.5. A sequence decoded beside more than
-//! `WEIGHT_ONLY_ROWS - 1` others therefore sees slightly different logits than alone. On CUDA
-//! every product goes through `_weight_int8pack_mm`.
+//! int8 weights (`--quantize int8`): each matrix is kept as int8 with one scale per output channel
+//! (symmetric: `w ~ q * scale`, `q` in -127..=127, `scale = max |w_row| / 127`), half the bytes of
+//! bf16. Products read the int8 weights once with the activations exact and the weights widened in
+//! registers: in bf16 on an AVX-512 or AVX2 CPU through onehead's own kernel (`csrc/int8.cpp`:
+//! faster than LibTorch's at one row on Zen 4 and on many rows on Zen 2, and a row's result does
+//! not depend on its batch), otherwise through LibTorch's `_weight_int8pack_mm`. On a CPU with VNNI
+//! instructions, products of more than `WEIGHT_ONLY_ROWS` rows instead quantize each activation row
+//! to int8 too (its own scale, `max |x_row| / 127`) and multiply in integers (`_int_mm`, oneDNN's
+//! VNNI kernels): on 2 Zen 4 cores, a 8192 x 2048 matrix takes 3.9 ms at 32 rows that way, 8.7 at
+//! 128, against bf16's 3.6 and 13.5, and `_weight_int8pack_mm` 8.3 ms at 32. There, a sequence
+//! decoded beside more than `WEIGHT_ONLY_ROWS - 1` others sees slightly different logits than
+//! alone. Without VNNI, LibTorch's `_int_mm` is a plain loop: on 2 Zen 2 cores (AVX2), 229-233 ms
+//! at 32 rows, where onehead's kernel takes 12-15 ms and bf16's `linear` 71-73 (BENCHMARKS.md,
+//! "int8 on a CPU without AVX-512"). On CUDA every product goes through `_weight_int8pack_mm`.
+
+use std::sync::OnceLock;
 
 use tch::{Device, Kind, TchError, Tensor};
 
 unsafe extern "C" {
     fn onehead_int8_available() -> i32;
+    fn onehead_int8_vnni() -> i32;
     fn onehead_int8_linear(x: *const u16, m: i64, k: i64, q: *const i8, scales: *const u16, n: i64, y: *mut u16);
 }
 
-/// Whether this CPU runs onehead's own weight-only kernel (`csrc/int8.cpp`, AVX-512).
+/// Whether this CPU runs onehead's own weight-only kernel (`csrc/int8.cpp`, AVX-512 or AVX2).
 pub fn available() -> bool {
-    unsafe { onehead_int8_available() != 0 }
+    static FOUND: OnceLock<bool> = OnceLock::new();
+    *FOUND.get_or_init(|| unsafe { onehead_int8_available() != 0 })
 }
 
-/// The most rows a product runs with exact activations (`_weight_int8pack_mm`); more are
-/// multiplied as int8 by int8.
+/// Whether this CPU has VNNI instructions, with which oneDNN's int8-by-int8 products (`_int_mm`)
+/// out-run the weight-only kernels on many rows.
+pub fn vnni() -> bool {
+    static FOUND: OnceLock<bool> = OnceLock::new();
+    *FOUND.get_or_init(|| unsafe { onehead_int8_vnni() != 0 })
+}
+
+/// On a CPU with VNNI, the most rows a product runs with exact activations; more are multiplied
+/// as int8 by int8.
 pub const WEIGHT_ONLY_ROWS: i64 = 4;
 
 /// A matrix `(out, in)` as int8 rows and their scales.
@@ -61,30 +74,14 @@ impl Int8Matrix {
         }
         let rows: i64 = size[..size.len() - 1].iter().product();
         let x2 = x.f_reshape([rows, n_in])?;
-        let own_kernel = x.kind() == Kind::BFloat16 && x.device() == Device::Cpu && available();
-        let y = if rows <= WEIGHT_ONLY_ROWS && own_kernel {
-            let x2 = x2.f_contiguous()?;
-            let y = Tensor::f_empty([rows, n_out], (Kind::BFloat16, Device::Cpu))?;
-            // SAFETY: x2 (rows, n_in), the weight (n_out, n_in), the scales (n_out,) and y (rows,
-            // n_out) are contiguous bf16, int8, bf16 and bf16 tensors of those sizes (checked
-            // above and at `quantize`), alive across the call; rows <= 4.
-            unsafe {
-                onehead_int8_linear(
-                    x2.data_ptr() as *const u16,
-                    rows,
-                    n_in,
-                    self.weight.data_ptr() as *const i8,
-                    self.scales.data_ptr() as *const u16,
-                    n_out,
-                    y.data_ptr() as *mut u16,
-                )
-            };
-            y
-        } else if rows > WEIGHT_ONLY_ROWS && x.device() == Device::Cpu {
+        let cpu = x.device() == Device::Cpu;
+        let y = if cpu && rows > WEIGHT_ONLY_ROWS && vnni() {
             // Each row to int8 by its own scale; y = (x_q @ q^T) * x_scale * w_scale.
             let (xq, x_scales) = quantize_rows(&x2, Kind::Float)?;
             let y = xq.f_internal_int_mm(&self.weight.f_transpose(0, 1)?)?.f_to_kind(Kind::Float)?;
             (y * x_scales * self.scales.f_to_kind(Kind::Float)?.f_unsqueeze(0)?).f_to_kind(x2.kind())?
+        } else if cpu && x.kind() == Kind::BFloat16 && available() {
+            self.own_product(&x2.f_contiguous()?)?
         } else {
             match x2.f_contiguous()?.f_internal_weight_int8pack_mm(&self.weight, &self.scales) {
                 Ok(y) => y,
@@ -98,6 +95,29 @@ impl Int8Matrix {
         let mut out = size;
         *out.last_mut().expect("checked above") = n_out;
         y.f_reshape(out)
+    }
+
+    /// `x (rows, in) @ W^T` through onehead's own kernel; `x` contiguous bf16 on the CPU, and
+    /// `available()`.
+    fn own_product(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        let (rows, n_in) = (x.size()[0], x.size()[1]);
+        let n_out = self.weight.size()[0];
+        let y = Tensor::f_empty([rows, n_out], (Kind::BFloat16, Device::Cpu))?;
+        // SAFETY: x (rows, n_in), the weight (n_out, n_in), the scales (n_out,) and y (rows,
+        // n_out) are contiguous bf16, int8, bf16 and bf16 tensors of those sizes (checked by the
+        // caller and at `quantize`), alive across the call.
+        unsafe {
+            onehead_int8_linear(
+                x.data_ptr() as *const u16,
+                rows,
+                n_in,
+                self.weight.data_ptr() as *const i8,
+                self.scales.data_ptr() as *const u16,
+                n_out,
+                y.data_ptr() as *mut u16,
+            )
+        };
+        Ok(y)
     }
 
     /// Bytes a product reads: the int8 matrix and its scales.
@@ -140,17 +160,18 @@ mod tests {
         assert_eq!(m.weight.get(1).abs().max().int64_value(&[]), 127);
     }
 
-    /// The weight-only kernels (few rows: onehead's own for bf16 on AVX-512, else LibTorch's) and
-    /// the int8-by-int8 product (more) equal `x @ dequantize()^T`, for f32 and bf16 activations,
-    /// with leading dimensions kept; quantizing the activations costs up to half a step of 1/127
-    /// of each row's largest value.
+    /// The weight-only kernels (onehead's own for bf16 on AVX-512 or AVX2, else LibTorch's) and
+    /// the int8-by-int8 product (more than `WEIGHT_ONLY_ROWS` rows on a CPU with VNNI) equal `x @
+    /// dequantize()^T`, for f32 and bf16 activations, with leading dimensions kept; quantizing
+    /// the activations costs up to half a step of 1/127 of each row's largest value.
     #[test]
     fn products_equal_the_dequantized_matrix() {
-        // 72 input columns: 4 steps of 16 and a tail of 8 in `csrc/int8.cpp`.
+        // 72 input columns: 4 steps of 16 and a tail of 8 in `csrc/int8.cpp` (2 of 32 and 8 on
+        // AVX2); 70 rows: more than one slab of 64.
         for (kind, n_in) in [(Kind::Float, 64), (Kind::BFloat16, 64), (Kind::BFloat16, 72)] {
             let w = Tensor::randn([48, n_in], (kind, Device::Cpu));
             let m = Int8Matrix::quantize(&w).unwrap();
-            for rows in [1, 2, 3, WEIGHT_ONLY_ROWS, WEIGHT_ONLY_ROWS + 1, 40] {
+            for rows in [1, 2, 3, WEIGHT_ONLY_ROWS, WEIGHT_ONLY_ROWS + 1, 40, 70] {
                 let x = Tensor::randn([rows, 1, n_in], (kind, Device::Cpu));
                 let y = m.product(&x).unwrap();
                 assert_eq!(y.size(), [rows, 1, 48]);
@@ -158,13 +179,33 @@ mod tests {
                 let diff = (y.to_kind(Kind::Float) - &expected).abs().max().double_value(&[]);
                 let scale = expected.abs().max().double_value(&[]);
                 // bf16 rounds the output to 8 bits; int8 activations add about 1% of the largest.
-                let tol = match (kind, rows > WEIGHT_ONLY_ROWS) {
-                    (Kind::Float, false) => 1e-4 * scale,
+                let tol = match (kind, rows > WEIGHT_ONLY_ROWS && vnni()) {
                     (_, true) => 3e-2 * scale,
+                    (Kind::Float, false) => 1e-4 * scale,
                     _ => 2e-2 * scale,
                 };
                 assert!(diff <= tol, "{kind:?}, {n_in} inputs, {rows} rows: off by {diff} (outputs up to {scale})");
             }
+        }
+    }
+
+    /// onehead's own kernel computes each row the same way whatever rows it runs beside (AVX-512
+    /// takes them 4 at a time, AVX2 3, in slabs of 64): a batch's rows equal the rows alone, bit
+    /// for bit, so a sequence's tokens do not depend on its batch where the kernel serves all
+    /// products (CPUs without VNNI).
+    #[test]
+    fn the_own_kernel_computes_a_row_alike_in_any_batch() {
+        if !available() {
+            crate::testing::skip("the_own_kernel_computes_a_row_alike_in_any_batch", "neither AVX-512 nor AVX2 here");
+            return;
+        }
+        // 100 inputs: tails after 64 (AVX-512) and 96 (AVX2); 9 outputs: a block of 8 and one.
+        let m = Int8Matrix::quantize(&Tensor::randn([9, 100], (Kind::BFloat16, Device::Cpu))).unwrap();
+        let x = Tensor::randn([70, 100], (Kind::BFloat16, Device::Cpu));
+        let all = m.own_product(&x).unwrap();
+        for row in [0, 1, 2, 3, 4, 5, 6, 33, 63, 64, 69] {
+            let alone = m.own_product(&x.narrow(0, row, 1).contiguous()).unwrap();
+            assert!(alone.equal(&all.narrow(0, row, 1)), "row {row} differs from the same row in a batch of 70");
         }
     }
 
