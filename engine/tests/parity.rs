@@ -550,8 +550,14 @@ fn a_failing_sharded_step_errors_instead_of_hanging() {
 /// at TP 1 (0 for 10 of 14 fixtures; 0.032 at most, where the soft-capped and fused GELU paths
 /// round in another order); at TP 2 each shard's partial sums are rounded to bf16 before the
 /// all-reduce, which moves them by up to 0.138. The bounds are those, with about 2x margin.
+///
+/// Those figures come from CPUs that run bf16 products natively (AVX-512 BF16, AMX), as the
+/// machine that made the references did. Where LibTorch emulates them (AMD Zen 2: AVX2 only)
+/// it rounds otherwise: up to 0.076 at TP 1 (gemma3_linear_rope; 0.001-0.028 for the others)
+/// and 0.138 at TP 2, so the TP 1 bound there is 0.15.
 #[test]
 fn llama_family_in_bf16_equals_the_reference_in_bf16() {
+    let native_bf16 = onehead_engine::kernels::onednn::supported(tch::Kind::BFloat16);
     let fixtures = [
         "llama3_gqa",
         "llama_mqa_bias",
@@ -578,7 +584,11 @@ fn llama_family_in_bf16_equals_the_reference_in_bf16() {
             assert_eq!(logprobs.len(), expected.len(), "{name}");
             let max = logprobs.iter().zip(expected).map(|(a, e)| (a - e).abs()).fold(0.0, f32::max);
             eprintln!("{name} at TP {tp} in bf16: largest logprob difference from the reference's bf16 {max:.4}");
-            let tolerance = if tp == 1 { 0.06 } else { 0.25 };
+            let tolerance = match (tp, native_bf16) {
+                (1, true) => 0.06,
+                (1, false) => 0.15,
+                _ => 0.25,
+            };
             assert!(max <= tolerance, "{name} at TP {tp} in bf16: off the reference's bf16 by {max}");
         }
     }
