@@ -114,14 +114,20 @@ void int8_share(void *data) {
   for (int64_t b0 = n0; b0 < n1; b0 += kBlock) {
     const int64_t b1 = std::min(n1, b0 + kBlock);
     for (int64_t r0 = 0; r0 < job.m; r0 += rows_at_once) {
-      switch (std::min(rows_at_once, job.m - r0) + (job.avx512 ? 0 : 10)) {
-        case 1: rows_of<1>(job, r0, b0, b1); break;
-        case 2: rows_of<2>(job, r0, b0, b1); break;
-        case 3: rows_of<3>(job, r0, b0, b1); break;
-        case 4: rows_of<4>(job, r0, b0, b1); break;
-        case 11: rows_of_avx2<1>(job, r0, b0, b1); break;
-        case 12: rows_of_avx2<2>(job, r0, b0, b1); break;
-        default: rows_of_avx2<3>(job, r0, b0, b1); break;
+      const int64_t rows = std::min(rows_at_once, job.m - r0);
+      if (job.avx512) {
+        switch (rows) {
+          case 1: rows_of<1>(job, r0, b0, b1); break;
+          case 2: rows_of<2>(job, r0, b0, b1); break;
+          case 3: rows_of<3>(job, r0, b0, b1); break;
+          default: rows_of<4>(job, r0, b0, b1); break;
+        }
+      } else {
+        switch (rows) {
+          case 1: rows_of_avx2<1>(job, r0, b0, b1); break;
+          case 2: rows_of_avx2<2>(job, r0, b0, b1); break;
+          default: rows_of_avx2<3>(job, r0, b0, b1); break;
+        }
       }
     }
   }

@@ -217,10 +217,10 @@ fn bench_model(dir: &Path, args: &Args, stream_gbs: f64, device: tch::Device) ->
     })
 }
 
-/// The matrix-vector products alone over the model's own weight matrices (every
-/// layer's four, or the first `max_layers` layers', then the LM head), `rows` rows at a time
-/// (one, as a batch-1 decode step), in model order; in the form the engine's decode steps read: AMX tiles, prepacked for oneDNN, or
-/// as stored.
+/// The products alone over the model's own weight matrices (every layer's four, or the first
+/// `max_layers` layers', then the LM head), `rows` rows at a time (one, as a batch-1 decode
+/// step), in model order; in the form the engine's decode steps read: AMX tiles, prepacked for
+/// oneDNN, or as stored.
 struct KernelPass {
     /// (weight, bias, an input of the right width)
     layers: Vec<(Kernel, Option<Tensor>, Tensor)>,
