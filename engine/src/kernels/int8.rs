@@ -10,7 +10,7 @@
 //! 128, against bf16's 3.6 and 13.5, and `_weight_int8pack_mm` 8.3 ms at 32. There, a sequence
 //! decoded beside more than `WEIGHT_ONLY_ROWS - 1` others sees slightly different logits than
 //! alone. Without VNNI, LibTorch's `_int_mm` is a plain loop: on 2 Zen 2 cores (AVX2), 229-233 ms
-//! at 32 rows, where onehead's kernel takes 12-15 ms and bf16's `linear` 71-73 (BENCHMARKS.md,
+//! at 32 rows, where onehead's kernel takes 9-10 ms and bf16's `linear` 71-73 (BENCHMARKS.md,
 //! "int8 on a CPU without AVX-512"). On CUDA every product goes through `_weight_int8pack_mm`.
 
 use std::sync::OnceLock;
@@ -18,15 +18,41 @@ use std::sync::OnceLock;
 use tch::{Device, Kind, TchError, Tensor};
 
 unsafe extern "C" {
-    fn onehead_int8_available() -> i32;
+    fn onehead_int8_forms() -> i32;
     fn onehead_int8_vnni() -> i32;
-    fn onehead_int8_linear(x: *const u16, m: i64, k: i64, q: *const i8, scales: *const u16, n: i64, y: *mut u16);
+    fn onehead_int8_linear(
+        x: *const u16,
+        m: i64,
+        k: i64,
+        q: *const i8,
+        scales: *const u16,
+        n: i64,
+        y: *mut u16,
+        form: i32,
+    );
 }
 
-/// Whether this CPU runs onehead's own weight-only kernel (`csrc/int8.cpp`, AVX-512 or AVX2).
-pub fn available() -> bool {
-    static FOUND: OnceLock<bool> = OnceLock::new();
-    *FOUND.get_or_init(|| unsafe { onehead_int8_available() != 0 })
+/// A form of onehead's own weight-only kernel (`csrc/int8.cpp`); the values are its bits in
+/// `onehead_int8_forms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    Avx2 = 1,
+    Avx512 = 2,
+}
+
+/// The forms of onehead's own kernel this CPU runs, narrowest first (an AVX-512 CPU runs both,
+/// so its tests check the AVX2 form too).
+pub fn forms() -> &'static [Form] {
+    static FOUND: OnceLock<Vec<Form>> = OnceLock::new();
+    FOUND.get_or_init(|| {
+        let bits = unsafe { onehead_int8_forms() };
+        [Form::Avx2, Form::Avx512].into_iter().filter(|f| bits & *f as i32 != 0).collect()
+    })
+}
+
+/// The form products take here: the widest this CPU runs.
+fn best() -> Option<Form> {
+    forms().last().copied()
 }
 
 /// Whether this CPU has VNNI instructions, with which oneDNN's int8-by-int8 products (`_int_mm`)
@@ -80,8 +106,8 @@ impl Int8Matrix {
             let (xq, x_scales) = quantize_rows(&x2, Kind::Float)?;
             let y = xq.f_internal_int_mm(&self.weight.f_transpose(0, 1)?)?.f_to_kind(Kind::Float)?;
             (y * x_scales * self.scales.f_to_kind(Kind::Float)?.f_unsqueeze(0)?).f_to_kind(x2.kind())?
-        } else if cpu && x.kind() == Kind::BFloat16 && available() {
-            self.own_product(&x2.f_contiguous()?)?
+        } else if let (true, Kind::BFloat16, Some(form)) = (cpu, x.kind(), best()) {
+            self.own_product(&x2.f_contiguous()?, form)?
         } else {
             match x2.f_contiguous()?.f_internal_weight_int8pack_mm(&self.weight, &self.scales) {
                 Ok(y) => y,
@@ -97,15 +123,15 @@ impl Int8Matrix {
         y.f_reshape(out)
     }
 
-    /// `x (rows, in) @ W^T` through onehead's own kernel; `x` contiguous bf16 on the CPU, and
-    /// `available()`.
-    fn own_product(&self, x: &Tensor) -> Result<Tensor, TchError> {
+    /// `x (rows, in) @ W^T` through onehead's own kernel in `form`; `x` contiguous bf16 on the
+    /// CPU, and `form` one of `forms()`.
+    fn own_product(&self, x: &Tensor, form: Form) -> Result<Tensor, TchError> {
         let (rows, n_in) = (x.size()[0], x.size()[1]);
         let n_out = self.weight.size()[0];
         let y = Tensor::f_empty([rows, n_out], (Kind::BFloat16, Device::Cpu))?;
         // SAFETY: x (rows, n_in), the weight (n_out, n_in), the scales (n_out,) and y (rows,
         // n_out) are contiguous bf16, int8, bf16 and bf16 tensors of those sizes (checked by the
-        // caller and at `quantize`), alive across the call.
+        // caller and at `quantize`), alive across the call; the CPU runs `form` (caller).
         unsafe {
             onehead_int8_linear(
                 x.data_ptr() as *const u16,
@@ -115,6 +141,7 @@ impl Int8Matrix {
                 self.scales.data_ptr() as *const u16,
                 n_out,
                 y.data_ptr() as *mut u16,
+                form as i32,
             )
         };
         Ok(y)
@@ -189,23 +216,68 @@ mod tests {
         }
     }
 
-    /// onehead's own kernel computes each row the same way whatever rows it runs beside (AVX-512
-    /// takes them 4 at a time, AVX2 3, in slabs of 64): a batch's rows equal the rows alone, bit
-    /// for bit, so a sequence's tokens do not depend on its batch where the kernel serves all
-    /// products (CPUs without VNNI).
+    /// Each form of onehead's own kernel this CPU runs (AVX2 on an AVX-512 CPU too, though
+    /// products take AVX-512 there) equals `x @ dequantize()^T` to bf16 rounding, on 1-70 rows and
+    /// widths with and without a tail.
+    #[test]
+    fn every_form_of_the_own_kernel_equals_the_dequantized_matrix() {
+        if forms().is_empty() {
+            crate::testing::skip(
+                "every_form_of_the_own_kernel_equals_the_dequantized_matrix",
+                "neither AVX-512 nor AVX2 here",
+            );
+            return;
+        }
+        for n_in in [64, 72, 600] {
+            let m = Int8Matrix::quantize(&Tensor::randn([51, n_in], (Kind::BFloat16, Device::Cpu))).unwrap();
+            for rows in [1, 2, 3, 4, 5, 7, 70] {
+                let x = Tensor::randn([rows, n_in], (Kind::BFloat16, Device::Cpu));
+                let expected = x.to_kind(Kind::Float).linear::<Tensor>(&m.dequantize().to_kind(Kind::Float), None);
+                let scale = expected.abs().max().double_value(&[]);
+                for &form in forms() {
+                    let y = m.own_product(&x, form).unwrap().to_kind(Kind::Float);
+                    let diff = (y - &expected).abs().max().double_value(&[]);
+                    assert!(
+                        diff <= scale / 128.0,
+                        "{form:?}, {n_in} inputs, {rows} rows: off by {diff} (outputs up to {scale})"
+                    );
+                }
+            }
+        }
+    }
+
+    /// onehead's own kernel computes each row the same way whatever rows it runs beside (4 at a
+    /// time, in slabs of 64; on AVX2 through a 4 x 3 tile, and a row alone or the last 1-3 of a
+    /// batch one weight row at a time): a batch's rows equal the rows alone, bit for bit, in every
+    /// form this CPU runs, so a sequence's tokens do not depend on its batch where the kernel
+    /// serves all products (CPUs without VNNI).
     #[test]
     fn the_own_kernel_computes_a_row_alike_in_any_batch() {
-        if !available() {
+        if forms().is_empty() {
             crate::testing::skip("the_own_kernel_computes_a_row_alike_in_any_batch", "neither AVX-512 nor AVX2 here");
             return;
         }
-        // 100 inputs: tails after 64 (AVX-512) and 96 (AVX2); 9 outputs: a block of 8 and one.
-        let m = Int8Matrix::quantize(&Tensor::randn([9, 100], (Kind::BFloat16, Device::Cpu))).unwrap();
-        let x = Tensor::randn([70, 100], (Kind::BFloat16, Device::Cpu));
-        let all = m.own_product(&x).unwrap();
-        for row in [0, 1, 2, 3, 4, 5, 6, 33, 63, 64, 69] {
-            let alone = m.own_product(&x.narrow(0, row, 1).contiguous()).unwrap();
-            assert!(alone.equal(&all.narrow(0, row, 1)), "row {row} differs from the same row in a batch of 70");
+        // 600 inputs: tails after 592 (AVX-512) and 576 (AVX2), two of AVX2's 512-column segments;
+        // 2049 outputs: blocks and one more, and on AVX2 1024 or 1025 a thread (tiles of 3 and the
+        // rest). The second 300 columns repeat the first 300 in the weights and negate them, times
+        // 1024, in the inputs: the large terms cancel only in the sums, so the f32 rounding of the
+        // sums' order shows in the bf16 results, which are small. A form that adds its 4 sums in
+        // another order changes about 1 result in 100: many outputs make that certain.
+        let half = Tensor::randn([2049, 300], (Kind::Float, Device::Cpu));
+        let m = Int8Matrix::quantize(&Tensor::cat(&[&half, &half], 1).to_kind(Kind::BFloat16)).unwrap();
+        let big = Tensor::randn([70, 300], (Kind::Float, Device::Cpu)) * 1024.0;
+        let x = (Tensor::cat(&[&big, &-&big], 1) + Tensor::randn([70, 600], (Kind::Float, Device::Cpu)) / 64.0)
+            .to_kind(Kind::BFloat16);
+        for &form in forms() {
+            let all = m.own_product(&x, form).unwrap();
+            for row in 0..70 {
+                let alone = m.own_product(&x.narrow(0, row, 1).contiguous(), form).unwrap();
+                let differ = alone.ne_tensor(&all.narrow(0, row, 1)).sum(Kind::Int64).int64_value(&[]);
+                assert_eq!(
+                    differ, 0,
+                    "{form:?}, row {row}: {differ} outputs differ from the same row in a batch of 70"
+                );
+            }
         }
     }
 
