@@ -247,6 +247,13 @@ impl ModelArgs {
         let bytes = lm.runner.shard_weight_bytes();
         let weight_form = lm.runner.weight_form();
         tracing::info!(model = %lm.id, dtype = %lm.runner.dtype(), tp = self.tp, ?weight_form, secs = started.elapsed().as_secs_f64(), "model loaded");
+        if weight_form.emulates_bf16(lm.runner.dtype().kind(), device) {
+            tracing::warn!(
+                "this CPU has no bf16 instructions (AVX-512), so LibTorch emulates the bf16 products: \
+                 --quantize int8 decodes about 2.5x and prefills about 5x faster here, --dtype f32 \
+                 prefills faster but reads twice the bytes a decode step"
+            );
+        }
         for (rank, b) in bytes.iter().enumerate() {
             println!("shard {rank}: {:.1} MiB of weights", *b as f64 / (1 << 20) as f64);
         }

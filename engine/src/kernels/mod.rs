@@ -73,6 +73,15 @@ impl WeightForm {
             _ => WeightForm::Plain,
         }
     }
+
+    /// Whether products of `kind` weights kept in this (resolved) form on `device` run in bf16
+    /// without the CPU's bf16 instructions: then LibTorch emulates them, far slower than f32 or
+    /// int8 there. On 2 Zen 2 cores (AVX2), a SantaCoder-shaped decode step took 171-175 ms in
+    /// bf16 against 66-69 with `--quantize int8`, and prefill 7 tokens/s against 35-38
+    /// (BENCHMARKS.md, "int8 on a CPU without AVX-512").
+    pub fn emulates_bf16(self, kind: Kind, device: Device) -> bool {
+        device == Device::Cpu && kind == Kind::BFloat16 && self != WeightForm::Int8 && !onednn::supported(kind)
+    }
 }
 
 #[cfg(test)]
@@ -95,6 +104,18 @@ mod tests {
         let bf16 = WeightForm::Tiles.resolve(Kind::BFloat16, Device::Cpu);
         assert_eq!(bf16 == WeightForm::Tiles, amx::applies(Kind::BFloat16, Device::Cpu));
         assert_ne!(WeightForm::Packed.resolve(Kind::BFloat16, Device::Cpu), WeightForm::Tiles);
+    }
+
+    #[test]
+    fn only_bf16_products_on_a_cpu_without_bf16_are_emulated() {
+        let native = onednn::supported(Kind::BFloat16);
+        for form in [WeightForm::Tiles, WeightForm::Packed, WeightForm::Plain] {
+            let form = form.resolve(Kind::BFloat16, Device::Cpu);
+            assert_eq!(form.emulates_bf16(Kind::BFloat16, Device::Cpu), !native, "{form:?}");
+            assert!(!form.emulates_bf16(Kind::Float, Device::Cpu));
+            assert!(!form.emulates_bf16(Kind::BFloat16, Device::Cuda(0)));
+        }
+        assert!(!WeightForm::Int8.emulates_bf16(Kind::BFloat16, Device::Cpu));
     }
 
     #[test]
