@@ -54,22 +54,37 @@ inline uint16_t to_bf16(float f) {
   return static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
 }
 
-// Rows r0 .. r0 + M of y, columns n0 .. n1.
+// Rows r0 .. r0 + M of y, columns n0 .. n1. Each pair of a row and a weight row is summed as 4
+// sums of 16 lanes over interleaved blocks of 16 columns (block i goes to sum i % 4), so that
+// 4 FMA chains run at once; the sums are added in one order whatever M is. The weights are
+// prefetched `kAhead` bytes ahead: without it, on 2 cores of an AMX Xeon, one row read 8192 x
+// 2048 weights at 15-23 GB/s, with it 29-30 (the streaming read: 32).
+constexpr int64_t kSums512 = 4, kAhead = 2048;
+
 template <int M>
 INT8_TARGET void rows_of(const Int8Job &job, int64_t r0, int64_t n0, int64_t n1) {
-  const int64_t k = job.k, full = k / 16 * 16;
+  const int64_t k = job.k, blocks = k / 16, full = blocks * 16, wide = blocks / kSums512 * kSums512 * 16;
   const float *x = job.x + r0 * k;
   for (int64_t j = n0; j < n1; j++) {
     const int8_t *q = job.q + j * k;
-    __m512 acc[M];
-    for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < full; c += 16) {
+    __m512 acc[M][kSums512];
+    for (int r = 0; r < M; r++)
+      for (int u = 0; u < kSums512; u++) acc[r][u] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < wide; c += 16 * kSums512) {
+      _mm_prefetch(reinterpret_cast<const char *>(q + c + kAhead), _MM_HINT_T0);
+      for (int u = 0; u < kSums512; u++) {
+        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(q + c + 16 * u))));
+        for (int r = 0; r < M; r++) acc[r][u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * k + c + 16 * u), acc[r][u]);
+      }
+    }
+    for (int64_t c = wide; c < full; c += 16) {
+      const int u = static_cast<int>(c / 16 % kSums512);
       const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(q + c))));
-      for (int r = 0; r < M; r++) acc[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * k + c), acc[r]);
+      for (int r = 0; r < M; r++) acc[r][u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + r * k + c), acc[r][u]);
     }
     const float scale = from_bf16(job.scales[j]);
     for (int r = 0; r < M; r++) {
-      float sum = _mm512_reduce_add_ps(acc[r]);
+      float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
       for (int64_t c = full; c < k; c++) sum += static_cast<float>(q[c]) * x[r * k + c];
       job.y[(r0 + r) * job.n + j] = to_bf16(sum * scale);
     }
