@@ -79,13 +79,16 @@ pub fn code_model_dir() -> Result<PathBuf> {
 }
 
 /// `cache_dir()/models/NAME`, written by `write` into a private folder and renamed into place
-/// on first use, so that concurrent first uses do not see half a model.
+/// on first use, so that concurrent first uses (of processes, or of threads of one process:
+/// the folder is named by both) do not see half a model.
 fn cached(name: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = cache_dir().join("models").join(name);
     if dir.join("model.safetensors").exists() {
         return Ok(dir);
     }
-    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.with_extension(format!("tmp-{}-{call}", std::process::id()));
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| Error::Io { path, source }
