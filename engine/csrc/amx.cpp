@@ -28,7 +28,7 @@
 #include "avx512.h"
 #include "omp_team.h"
 
-#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 namespace {
 
@@ -302,6 +302,140 @@ AMX_TARGET void gemm_share(void *data) {
   }
 }
 
+// int8 products on AMX (`--quantize int8`): y (m, n) = (x_q (m, k) @ Q^T) * x_scale * w_scale,
+// each row of x quantized to int8 by its own scale (max |x_row| / 127), Q int8 with a scale per
+// output column, the sums exact in int32 (TDPBSSD), so a row's result does not depend on its
+// batch. The weights are laid out once as int8 B tiles (`engine/src/kernels/int8.rs`): output
+// columns in blocks of 32, and within a block, for each 64 input columns, two 16 x 64-byte tiles
+// (16 output columns each) whose row r holds input columns 4r .. 4r + 3 of every output column.
+// Nothing is widened: each column block streams from memory once, as the bf16 tiles above do,
+// and meets every row of x, 32 at a time, while it is in cache.
+struct Int8Job {
+  int8_t *xq;  // (m, k), and zero rows up to a multiple of 32 where m > 32
+  float *x_scales;
+  int64_t m, k, n;
+  const int8_t *tiles;
+  const float *w_scales;
+  void *y;  // (m, n), f32 or bf16
+  bool f32_out;
+  const void *x;  // (m, k), f32 or bf16 (as `f32_out`), quantized by `quantize_share`
+  std::atomic<int64_t> next{0};
+};
+
+// Rows of x to int8, each by its own scale: max |row| / 127 (1 for a row of zeros), the row
+// divided by it and rounded to nearest even, as `quantize_rows` in `int8.rs` does.
+// 16 values of x from `at` on, as f32.
+AMX_TARGET inline __m512 load_x(const Int8Job &job, int64_t at) {
+  if (job.f32_out) return _mm512_loadu_ps(static_cast<const float *>(job.x) + at);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(static_cast<const uint16_t *>(job.x) + at));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+AMX_TARGET void quantize_row(const Int8Job &job, int64_t row) {
+  const int64_t k = job.k;
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t c = 0; c < k; c += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load_x(job, row * k + c)));
+  const float largest = _mm512_reduce_max_ps(amax);
+  const float scale = largest > 0.0f ? largest / 127.0f : 1.0f;
+  job.x_scales[row] = scale;
+  const __m512 s = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  int8_t *out = job.xq + row * k;
+  for (int64_t c = 0; c < k; c += 16) {
+    const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(load_x(job, row * k + c), s), lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i *>(out + c), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+}
+
+AMX_TARGET void quantize_share(void *data) {
+  const Int8Job &job = *static_cast<const Int8Job *>(data);
+  const auto [threads, me] = team();
+  for (int64_t row = job.m * me / threads; row < job.m * (me + 1) / threads; row++) quantize_row(job, row);
+}
+
+// Rows row0 .. row0 + rows of the int32 sums `c` (row stride 32) of column block `col`, scaled
+// by their row's and column's scales into y; columns past `job.n` are dropped.
+AMX_TARGET void store_int8_block(const Int8Job &job, const int32_t *c, int64_t row0, int64_t rows, int64_t col) {
+  for (int half = 0; half < 2; half++) {
+    const int64_t first = col + 16 * half;
+    if (first >= job.n) break;
+    const int64_t valid = job.n - first < 16 ? job.n - first : 16;
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+    const __m512 ws = _mm512_maskz_loadu_ps(mask, job.w_scales + first);
+    for (int64_t r = 0; r < rows; r++) {
+      const __m512 sums = _mm512_cvtepi32_ps(_mm512_load_si512(c + r * 32 + 16 * half));
+      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(sums, _mm512_set1_ps(job.x_scales[row0 + r])), ws);
+      const int64_t at = (row0 + r) * job.n + first;
+      if (job.f32_out) {
+        _mm512_mask_storeu_ps(static_cast<float *>(job.y) + at, mask, v);
+      } else {
+        _mm256_mask_storeu_epi16(static_cast<uint16_t *>(job.y) + at, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+      }
+    }
+  }
+}
+
+// Column blocks [first_block, end_block), every row, on tiles configured by `int8_share`.
+AMX_TARGET void int8_blocks(const Int8Job &job, int64_t first_block, int64_t end_block) {
+  const int64_t k_steps = job.k / 64, groups = job.m <= 32 ? 1 : (job.m + 31) / 32;
+  const bool two = job.m > 16;
+  alignas(64) int32_t c[32 * 32];
+  for (int64_t block = first_block; block < end_block; block++) {
+    const char *w = reinterpret_cast<const char *>(job.tiles) + block * k_steps * 2048;
+    for (int64_t g = 0; g < groups; g++) {
+      const int8_t *a = job.xq + g * 32 * job.k;
+      _tile_zero(4);
+      _tile_zero(5);
+      if (two) {
+        _tile_zero(6);
+        _tile_zero(7);
+      }
+      for (int64_t s = 0; s < k_steps; s++) {
+        const char *b = w + s * 2048;
+        if (g == 0) {
+          for (int line = 0; line < 2048; line += 64) _mm_prefetch(b + kPrefetchBytes + line, _MM_HINT_T1);
+        }
+        _tile_loadd(2, b, 64);
+        _tile_loadd(3, b + 1024, 64);
+        _tile_loadd(0, a + s * 64, job.k);
+        _tile_dpbssd(4, 0, 2);
+        _tile_dpbssd(5, 0, 3);
+        if (two) {
+          _tile_loadd(1, a + 16 * job.k + s * 64, job.k);
+          _tile_dpbssd(6, 1, 2);
+          _tile_dpbssd(7, 1, 3);
+        }
+      }
+      _tile_stored(4, c, 128);
+      _tile_stored(5, c + 16, 128);
+      if (two) {
+        _tile_stored(6, c + 16 * 32, 128);
+        _tile_stored(7, c + 16 * 32 + 16, 128);
+      }
+      const int64_t rows = job.m - g * 32 < 32 ? job.m - g * 32 : 32;
+      store_int8_block(job, c, g * 32, rows, block * 32);
+    }
+  }
+}
+
+// As `run_share`: runs of column blocks, each a share of those left. Up to 32 rows the tiles
+// hold exactly the rows there are; more are taken 32 at a time (x padded with zero rows).
+AMX_TARGET void int8_share(void *data) {
+  Int8Job &job = *static_cast<Int8Job *>(data);
+  const int rows0 = job.m < 16 ? static_cast<int>(job.m) : 16;
+  const int rows1 = job.m > 32 ? 16 : job.m > 16 ? static_cast<int>(job.m) - 16 : 0;
+  configure_tiles({rows0, rows1, 16, 16, rows0, rows0, rows1, rows1});
+  const int64_t blocks = (job.n + 31) / 32, parts = 2 * team().threads;
+  int64_t first = job.next.load(std::memory_order_relaxed);
+  while (first < blocks) {
+    const int64_t left = blocks - first, run = left / parts > 1 ? left / parts : 1;
+    if (job.next.compare_exchange_weak(first, first + run, std::memory_order_relaxed)) {
+      int8_blocks(job, first, first + run);
+      first = job.next.load(std::memory_order_relaxed);
+    }
+  }
+  _tile_release();
+}
+
 // Decode attention (one new query token per sequence) over keys and values read in place from
 // the KV pool, for the query heads that share one K/V head:
 //   S^T (keys x queries) = K Q^T on AMX: K's rows are tiles straight from the pool, Q^T is laid
@@ -480,6 +614,27 @@ void onehead_amx_linear(const uint16_t *x, int64_t m, int64_t k, const uint16_t 
   job.a = at_least(packed, static_cast<size_t>((m + 31) / 32 * 32 * k));
   on_team(pack_rows, &job);
   on_team(gemm_share, &job);
+}
+
+// 1 when `onehead_amx_available` and this CPU has AMX-INT8 too.
+int onehead_amx_int8_available() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return onehead_amx_available() && __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 25) & 1) ? 1 : 0;
+}
+
+// y (m, n) = (x (m, k) quantized per row @ Q^T) * scales, as `Int8Job` says: x and y f32 when
+// `f32` else bf16, `tiles` Q laid out as int8 tiles (n rounded up to 32, k a multiple of 64),
+// `scales` f32 (n), m >= 1. The caller has checked `onehead_amx_int8_available` and the sizes.
+void onehead_amx_int8_linear(const void *x, int64_t m, int64_t k, const int8_t *tiles, const float *scales,
+                             int64_t n, void *y, int f32) {
+  thread_local std::vector<int8_t> quantized;
+  thread_local std::vector<float> x_scales;
+  const int64_t padded = m <= 32 ? m : (m + 31) / 32 * 32;
+  int8_t *xq = at_least(quantized, static_cast<size_t>(padded * k));
+  std::memset(xq + m * k, 0, static_cast<size_t>((padded - m) * k));
+  Int8Job job{xq, at_least(x_scales, static_cast<size_t>(m)), m, k, n, tiles, scales, y, f32 != 0, x};
+  on_team(quantize_share, &job, m * k >= (1 << 16));
+  on_team(int8_share, &job);
 }
 
 // Decode attention, as `DecodeAttention` (avx512.h) says; d a multiple of 32, lens at least 1.

@@ -22,14 +22,14 @@ pub enum WeightForm {
     /// As stored, for LibTorch's plain `linear` (CUDA, and for comparison on CPU).
     Plain,
     /// Quantized to int8 per output channel (`--quantize int8`, `int8::Int8Matrix`), on any
-    /// device.
+    /// device; on a CPU with AMX-INT8, laid out as int8 tiles.
     Int8,
 }
 
 /// `--quantize`: how weights are stored in memory (none: in the dtype they run in).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Quantize {
-    /// Weight-only int8, one scale per output channel: half of bf16's bytes per decode step.
+    /// int8 weights, one scale per output channel: half of bf16's bytes per decode step.
     Int8,
 }
 
