@@ -211,8 +211,8 @@ fn decodes_attended_together_equal_each_sequence_alone() {
 #[test]
 fn bf16_decodes_attended_in_place_equal_each_sequence_alone() {
     use onehead_engine::kernels::attention::Kernel;
-    let in_place = Kernel::for_cache(tch::Kind::BFloat16, tch::Device::Cpu, 32);
-    eprintln!("decode attention in place: {in_place:?}");
+    let in_place = |group| Kernel::for_cache(tch::Kind::BFloat16, tch::Device::Cpu, 32, group);
+    eprintln!("decode attention in place: {:?} (multi-head: {:?})", in_place(2), in_place(1));
     for name in ["mqa_hd32_bf16", "falcon_gqa_hd32"] {
         let dir = fixture(name);
         let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();

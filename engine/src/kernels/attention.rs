@@ -59,11 +59,22 @@ impl Kernel {
         })
     }
 
-    /// The kernel decode attention over a cache of `kind` on `device` with heads of `head_dim`
-    /// runs on here, if any ([`decode_attention`]).
-    pub fn for_cache(kind: Kind, device: Device, head_dim: i64) -> Option<Kernel> {
+    /// The kernel decode attention over a cache of `kind` on `device` with heads of `head_dim`,
+    /// `group` query heads a K/V head, runs on here, if any ([`decode_attention`]). One query
+    /// head a K/V head (multi-head attention) takes AVX-512 where both run: AMX's tiles hold 16
+    /// queries of a K/V head, so with one its softmax runs one lane of 16 and its values are laid
+    /// out as pairs for a single row. On 2 cores of an AMX Xeon, the paper bench's multi-head
+    /// step at batch 8 took 187-207 ms on AVX-512 against 212-240 on AMX at context 1024, and
+    /// 280-314 against 300-330 at 2048; with 2 or 4 query heads a K/V head AMX was faster
+    /// (BENCHMARKS.md, issue 21's item 6).
+    pub fn for_cache(kind: Kind, device: Device, head_dim: i64, group: i64) -> Option<Kernel> {
         let applies = kind == Kind::BFloat16 && device == Device::Cpu && head_dim > 0 && head_dim % BLOCK == 0;
-        Kernel::here().first().copied().filter(|_| applies)
+        let here = Kernel::here();
+        let kernel = match here.contains(&Kernel::Avx512) && group == 1 {
+            true => Some(Kernel::Avx512),
+            false => here.first().copied(),
+        };
+        kernel.filter(|_| applies)
     }
 }
 

@@ -336,7 +336,8 @@ pub(crate) fn cached_attention_in_window(
     let uniform = queries_per_kv_head.windows(2).all(|w| w[0] == w[1]);
     let key_bytes_per_token = k.size()[1] * k.size()[2] * k.kind().elt_size_in_bytes() as i64;
     // The kernel that reads the pool in place, where one runs here and no window cuts the keys.
-    let in_place = attention::Kernel::for_cache(k.kind(), k.device(), k.size()[2])
+    let group = queries_per_kv_head.iter().copied().max().unwrap_or(1);
+    let in_place = attention::Kernel::for_cache(k.kind(), k.device(), k.size()[2], group)
         .filter(|_| batch.decode.as_ref().is_some_and(|d| window.is_none_or(|w| d.longest <= w)));
     let decode = batch.decode.as_ref().filter(|d| {
         uniform
