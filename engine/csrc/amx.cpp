@@ -316,7 +316,9 @@ struct Int8Job {
   int64_t m, k, n;
   const int8_t *tiles;
   const float *w_scales;
-  void *y;  // (m, n), f32 or bf16
+  const float *bias;  // (n) or null
+  int act;            // as `activate`
+  void *y;            // (m, n), f32 or bf16
   bool f32_out;
   const void *x;  // (m, k), f32 or bf16 (as `f32_out`), quantized by `quantize_share`
   std::atomic<int64_t> next{0};
@@ -353,7 +355,8 @@ AMX_TARGET void quantize_share(void *data) {
 }
 
 // Rows row0 .. row0 + rows of the int32 sums `c` (row stride 32) of column block `col`, scaled
-// by their row's and column's scales into y; columns past `job.n` are dropped.
+// by their row's and column's scales, plus bias, activated, into y; columns past `job.n` are
+// dropped.
 AMX_TARGET void store_int8_block(const Int8Job &job, const int32_t *c, int64_t row0, int64_t rows, int64_t col) {
   for (int half = 0; half < 2; half++) {
     const int64_t first = col + 16 * half;
@@ -361,9 +364,11 @@ AMX_TARGET void store_int8_block(const Int8Job &job, const int32_t *c, int64_t r
     const int64_t valid = job.n - first < 16 ? job.n - first : 16;
     const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
     const __m512 ws = _mm512_maskz_loadu_ps(mask, job.w_scales + first);
+    const __m512 bias = job.bias ? _mm512_maskz_loadu_ps(mask, job.bias + first) : _mm512_setzero_ps();
     for (int64_t r = 0; r < rows; r++) {
       const __m512 sums = _mm512_cvtepi32_ps(_mm512_load_si512(c + r * 32 + 16 * half));
-      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(sums, _mm512_set1_ps(job.x_scales[row0 + r])), ws);
+      __m512 v = _mm512_mul_ps(_mm512_mul_ps(sums, _mm512_set1_ps(job.x_scales[row0 + r])), ws);
+      if (job.bias || job.act) v = activate(_mm512_add_ps(v, bias), job.act);
       const int64_t at = (row0 + r) * job.n + first;
       if (job.f32_out) {
         _mm512_mask_storeu_ps(static_cast<float *>(job.y) + at, mask, v);
@@ -622,17 +627,18 @@ int onehead_amx_int8_available() {
   return onehead_amx_available() && __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 25) & 1) ? 1 : 0;
 }
 
-// y (m, n) = (x (m, k) quantized per row @ Q^T) * scales, as `Int8Job` says: x and y f32 when
-// `f32` else bf16, `tiles` Q laid out as int8 tiles (n rounded up to 32, k a multiple of 64),
-// `scales` f32 (n), m >= 1. The caller has checked `onehead_amx_int8_available` and the sizes.
+// y (m, n) = act((x (m, k) quantized per row @ Q^T) * scales + bias), as `Int8Job` says: x and
+// y f32 when `f32` else bf16, `tiles` Q laid out as int8 tiles (n rounded up to 32, k a multiple
+// of 64), `scales` f32 (n), `bias` f32 (n) or null, `act` as `activate`, m >= 1. The caller has
+// checked `onehead_amx_int8_available` and the sizes.
 void onehead_amx_int8_linear(const void *x, int64_t m, int64_t k, const int8_t *tiles, const float *scales,
-                             int64_t n, void *y, int f32) {
+                             int64_t n, const float *bias, int act, void *y, int f32) {
   thread_local std::vector<int8_t> quantized;
   thread_local std::vector<float> x_scales;
   const int64_t padded = m <= 32 ? m : (m + 31) / 32 * 32;
   int8_t *xq = at_least(quantized, static_cast<size_t>(padded * k));
   std::memset(xq + m * k, 0, static_cast<size_t>((padded - m) * k));
-  Int8Job job{xq, at_least(x_scales, static_cast<size_t>(m)), m, k, n, tiles, scales, y, f32 != 0, x};
+  Int8Job job{xq, at_least(x_scales, static_cast<size_t>(m)), m, k, n, tiles, scales, bias, act, y, f32 != 0, x};
   on_team(quantize_share, &job, m * k >= (1 << 16));
   on_team(int8_share, &job);
 }

@@ -37,6 +37,16 @@ pub fn applies(kind: Kind, device: Device) -> bool {
     kind == Kind::BFloat16 && device == Device::Cpu && available()
 }
 
+/// An activation as `csrc/amx.cpp`'s `activate` numbers them (0: none).
+pub(crate) fn activation_code(act: Option<Activation>) -> i32 {
+    match act {
+        None => 0,
+        Some(Activation::Gelu) => 1,
+        Some(Activation::GeluTanh) => 2,
+        Some(Activation::Relu) => 3,
+    }
+}
+
 /// Rows of `x` `(..., in)`: the product of its leading dimensions.
 fn rows(x: &Tensor) -> i64 {
     let size = x.size();
@@ -97,12 +107,7 @@ impl Tiles {
             return Ok(y);
         }
         let x = x.contiguous();
-        let act = match act {
-            None => 0,
-            Some(Activation::Gelu) => 1,
-            Some(Activation::GeluTanh) => 2,
-            Some(Activation::Relu) => 3,
-        };
+        let act = activation_code(act);
         let bias = bias.map_or(std::ptr::null(), |b| b.data_ptr() as *const f32);
         // SAFETY: x is a contiguous bf16 (rows, in), tiles the layout `pack` made for (out, in),
         // y a fresh (rows, out), bias f32 (out) or null; at least one row; AMX was available at

@@ -549,8 +549,9 @@ enum Matrix {
     Packed(Tensor),
     /// AMX tiles, with the bias in f32 (`amx::Tiles`).
     Tiles(amx::Tiles, Option<Tensor>),
-    /// int8 with a scale per output channel (`--quantize int8`).
-    Int8(Int8Matrix),
+    /// int8 with a scale per output channel (`--quantize int8`); on AMX tiles, with the bias
+    /// in f32 (`Int8Matrix::amx_linear`).
+    Int8(Int8Matrix, Option<Tensor>),
 }
 
 impl Linear {
@@ -558,7 +559,9 @@ impl Linear {
     /// tiles do not take is packed for oneDNN instead.
     pub fn new(weight: Tensor, bias: Option<Tensor>, form: WeightForm) -> Result<Self> {
         if form == WeightForm::Int8 {
-            return Ok(Linear { matrix: Matrix::Int8(Int8Matrix::quantize(&weight)?), bias });
+            let matrix = Int8Matrix::quantize(&weight)?;
+            let f32_bias = bias.as_ref().filter(|_| matrix.on_amx()).map(|b| b.to_kind(Kind::Float).contiguous());
+            return Ok(Linear { matrix: Matrix::Int8(matrix, f32_bias), bias });
         }
         let tiles = if form == WeightForm::Tiles { amx::Tiles::pack(&weight) } else { None };
         let matrix = match tiles {
@@ -596,7 +599,10 @@ impl Linear {
                     .unwrap_or_else(failed);
             }
             Matrix::Plain(weight) => x.linear(weight, self.bias.as_ref().filter(|_| with_bias)),
-            Matrix::Int8(m) => {
+            Matrix::Int8(m, f32_bias) if m.on_amx() => {
+                return m.amx_linear(x, f32_bias.as_ref().filter(|_| with_bias), act).unwrap_or_else(failed);
+            }
+            Matrix::Int8(m, _) => {
                 let y = m.product(x).unwrap_or_else(failed);
                 match self.bias.as_ref().filter(|_| with_bias) {
                     Some(b) => y + b,
@@ -615,7 +621,7 @@ impl Linear {
         let matrix = match &self.matrix {
             Matrix::Plain(w) | Matrix::Packed(w) => tensor_bytes(w),
             Matrix::Tiles(tiles, _) => tiles.bytes(),
-            Matrix::Int8(m) => m.bytes(),
+            Matrix::Int8(m, _) => m.bytes(),
         };
         matrix + self.bias.as_ref().map_or(0, tensor_bytes)
     }
