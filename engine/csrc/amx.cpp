@@ -172,11 +172,25 @@ AMX_TARGET void run_blocks(const Job &job, int64_t first_block, int64_t end_bloc
   }
 }
 
-// The threads take the column blocks in runs, each run a share of the blocks left (at least
-// one), so that a thread whose core or memory is slower at the moment takes fewer, and the last
-// runs are short. Halves fixed in advance left one thread waiting for the other at the end of
-// most products: a profile of batch-32 decode steps (2 cores) found one thread 35% longer in
-// its half than the other.
+// The threads take the column blocks (of 32) in runs, each run a share of the blocks left (at
+// least one), so that a thread whose core or memory is slower at the moment takes fewer, and the
+// last runs are short. Halves fixed in advance left one thread waiting for the other at the end
+// of most products: a profile of batch-32 decode steps (2 cores) found one thread 35% longer in
+// its half than the other. `job.next` is the first block no thread has taken.
+template <typename J>
+void take_runs(J &job, void (*blocks)(const J &, int64_t, int64_t)) {
+  // Each run takes 1 / parts of the blocks left.
+  const int64_t count = (job.n + 31) / 32, parts = 2 * team().threads;
+  int64_t first = job.next.load(std::memory_order_relaxed);
+  while (first < count) {
+    const int64_t left = count - first, run = left / parts > 1 ? left / parts : 1;
+    if (job.next.compare_exchange_weak(first, first + run, std::memory_order_relaxed)) {
+      blocks(job, first, first + run);
+      first = job.next.load(std::memory_order_relaxed);
+    }
+  }
+}
+
 AMX_TARGET void run_share(void *data) {
   Job &job = *static_cast<Job *>(data);
   const int rows0 = job.m < 16 ? static_cast<int>(job.m) : 16;
@@ -184,16 +198,7 @@ AMX_TARGET void run_share(void *data) {
   // Tiles: 0, 1 rows 0-15 and 16-31 of x; 2, 3 the weight's two 16-column tiles; 4-7 the sums
   // (4: x0 w0, 5: x0 w1, 6: x1 w0, 7: x1 w1).
   configure_tiles({rows0, rows1, 16, 16, rows0, rows0, rows1, rows1});
-  // Each run takes 1 / parts of the blocks left.
-  const int64_t blocks = (job.n + 31) / 32, parts = 2 * team().threads;
-  int64_t first = job.next.load(std::memory_order_relaxed);
-  while (first < blocks) {
-    const int64_t left = blocks - first, run = left / parts > 1 ? left / parts : 1;
-    if (job.next.compare_exchange_weak(first, first + run, std::memory_order_relaxed)) {
-      run_blocks(job, first, first + run);
-      first = job.next.load(std::memory_order_relaxed);
-    }
-  }
+  take_runs(job, run_blocks);
   _tile_release();
 }
 
@@ -422,22 +427,14 @@ AMX_TARGET void int8_blocks(const Int8Job &job, int64_t first_block, int64_t end
   }
 }
 
-// As `run_share`: runs of column blocks, each a share of those left. Up to 32 rows the tiles
-// hold exactly the rows there are; more are taken 32 at a time (x padded with zero rows).
+// As `run_share`: runs of column blocks (`take_runs`). Up to 32 rows the tiles hold exactly the
+// rows there are; more are taken 32 at a time (x padded with zero rows).
 AMX_TARGET void int8_share(void *data) {
   Int8Job &job = *static_cast<Int8Job *>(data);
   const int rows0 = job.m < 16 ? static_cast<int>(job.m) : 16;
   const int rows1 = job.m > 32 ? 16 : job.m > 16 ? static_cast<int>(job.m) - 16 : 0;
   configure_tiles({rows0, rows1, 16, 16, rows0, rows0, rows1, rows1});
-  const int64_t blocks = (job.n + 31) / 32, parts = 2 * team().threads;
-  int64_t first = job.next.load(std::memory_order_relaxed);
-  while (first < blocks) {
-    const int64_t left = blocks - first, run = left / parts > 1 ? left / parts : 1;
-    if (job.next.compare_exchange_weak(first, first + run, std::memory_order_relaxed)) {
-      int8_blocks(job, first, first + run);
-      first = job.next.load(std::memory_order_relaxed);
-    }
-  }
+  take_runs(job, int8_blocks);
   _tile_release();
 }
 
