@@ -329,8 +329,6 @@ struct Int8Job {
   std::atomic<int64_t> next{0};
 };
 
-// Rows of x to int8, each by its own scale: max |row| / 127 (1 for a row of zeros), the row
-// divided by it and rounded to nearest even, as `quantize_rows` in `int8.rs` does.
 // 16 values of x from `at` on, as f32.
 AMX_TARGET inline __m512 load_x(const Int8Job &job, int64_t at) {
   if (job.f32_out) return _mm512_loadu_ps(static_cast<const float *>(job.x) + at);
@@ -338,6 +336,8 @@ AMX_TARGET inline __m512 load_x(const Int8Job &job, int64_t at) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// Rows of x to int8, each by its own scale: max |row| / 127 (1 for a row of zeros), the row
+// divided by it and rounded to nearest even, as `quantize_rows` in `int8.rs` does.
 AMX_TARGET void quantize_row(const Int8Job &job, int64_t row) {
   const int64_t k = job.k;
   __m512 amax = _mm512_setzero_ps();

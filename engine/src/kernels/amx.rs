@@ -53,7 +53,23 @@ fn rows(x: &Tensor) -> i64 {
     size[..size.len().saturating_sub(1)].iter().product()
 }
 
-/// A bf16 weight `(out, in)` laid out as AMX tiles.
+/// A weight `(out, in)` laid out as AMX B tiles, `per_lane` input columns in each 4-byte lane
+/// of a tile row (2 for bf16, 4 for int8): output columns in blocks of 32 (the last padded with
+/// zero rows), and within a block, for each `16 * per_lane` input columns, two 16 x 64-byte tiles
+/// (16 output columns each) whose row r holds input columns `per_lane * r ..` of every output
+/// column. `in` is a multiple of `16 * per_lane`.
+pub(crate) fn b_tiles(weight: &Tensor, per_lane: i64) -> Tensor {
+    let (n, k) = (weight.size()[0], weight.size()[1]);
+    let padded = (n + BLOCK - 1) / BLOCK * BLOCK;
+    // (blocks, tile, column, input step, row, lane) -> (blocks, input step, tile, row, column, lane)
+    weight
+        .constant_pad_nd([0, 0, 0, padded - n])
+        .view([padded / BLOCK, 2, 16, k / (16 * per_lane), 16, per_lane])
+        .permute([0, 3, 1, 4, 2, 5])
+        .contiguous()
+}
+
+/// A bf16 weight `(out, in)` laid out as AMX tiles (`b_tiles`).
 pub struct Tiles {
     /// `(out rounded up to 32) * in` bf16, block by block.
     tiles: Tensor,
@@ -69,14 +85,7 @@ impl Tiles {
         if k % BLOCK != 0 || !applies(weight.kind(), weight.device()) {
             return None;
         }
-        let padded = (n + BLOCK - 1) / BLOCK * BLOCK;
-        // (blocks, tile, column, input step, pair, 2) -> (blocks, input step, tile, pair, column, 2)
-        let tiles = weight
-            .constant_pad_nd([0, 0, 0, padded - n])
-            .view([padded / BLOCK, 2, 16, k / BLOCK, 16, 2])
-            .permute([0, 3, 1, 4, 2, 5])
-            .contiguous();
-        Some(Tiles { tiles, out_features: n, in_features: k })
+        Some(Tiles { tiles: b_tiles(weight, 2), out_features: n, in_features: k })
     }
 
     /// `act(x @ weight.T + bias)` for `x` `(..., in)` bf16;

@@ -102,10 +102,8 @@ pub struct Int8Matrix {
     amx: Option<AmxLayout>,
 }
 
-/// An int8 matrix laid out as AMX B tiles (`csrc/amx.cpp`, `onehead_amx_int8_linear`): output
-/// columns in blocks of 32 (the last padded with zero rows), and within a block, for each 64 input
-/// columns, two 16 x 64-byte tiles whose row r holds input columns 4r .. 4r + 3 of each of their
-/// 16 output columns.
+/// An int8 matrix laid out as AMX B tiles (`amx::b_tiles` with 4 input columns a lane, read by
+/// `onehead_amx_int8_linear` in `csrc/amx.cpp`).
 struct AmxLayout {
     out_features: i64,
     in_features: i64,
@@ -114,18 +112,7 @@ struct AmxLayout {
 }
 
 impl AmxLayout {
-    /// `q` `(out, in)` as tiles: (blocks, tile, column, input step, quad, 4) -> (blocks, input
-    /// step, tile, quad, column, 4).
-    fn tiles(q: &Tensor) -> Result<Tensor, TchError> {
-        let (n, k) = (q.size()[0], q.size()[1]);
-        let padded = (n + 31) / 32 * 32;
-        q.f_constant_pad_nd([0, 0, 0, padded - n])?
-            .f_view([padded / 32, 2, 16, k / 64, 16, 4])?
-            .f_permute([0, 3, 1, 4, 2, 5])?
-            .f_contiguous()
-    }
-
-    /// The `(out, in)` int8 matrix back from its tiles.
+    /// The `(out, in)` int8 matrix back from its tiles (the inverse of `amx::b_tiles`).
     fn rows(&self, tiles: &Tensor) -> Tensor {
         let (n, k) = (self.out_features, self.in_features);
         let padded = (n + 31) / 32 * 32;
@@ -163,7 +150,7 @@ impl Int8Matrix {
             in_features: q.size()[1],
             scales: scales.f_to_kind(Kind::Float)?.f_contiguous()?,
         };
-        Ok(Int8Matrix { weight: AmxLayout::tiles(&q)?, scales, amx: Some(amx) })
+        Ok(Int8Matrix { weight: super::amx::b_tiles(&q, 4), scales, amx: Some(amx) })
     }
 
     /// `(out, in)`.
