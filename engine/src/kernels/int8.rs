@@ -7,7 +7,7 @@
 //! (`max |x_row| / 127`) and multiplies on AMX (`onehead_amx_int8_linear`, `csrc/amx.cpp`): the
 //! weights stream from memory once, nothing is widened, the sums are exact in int32, so a row's
 //! result does not depend on its batch. On 2 cores of an AMX Xeon, a SantaCoder-shaped batch-1
-//! step takes 0.52-0.56x of bf16's, prefill runs 1.7-1.9x as fast and concurrency 32 through a
+//! step takes 0.51-0.54x of bf16's, prefill runs 1.7-2.2x as fast and concurrency 32 through a
 //! router 1.2x (BENCHMARKS.md, "int8 on AMX").
 //!
 //! Elsewhere products read the int8 weights once with the activations exact and the weights

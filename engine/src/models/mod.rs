@@ -45,7 +45,7 @@ pub struct Batch {
     pub chunks: Vec<SeqChunk>,
     /// `(n_rows,)` indices into the tokens whose logits are wanted.
     pub logit_rows: Tensor,
-    /// The one-token chunks, when there are at least two: attended together (`cached_attention`).
+    /// The one-token chunks, if any: attended together (`cached_attention`).
     decode: Option<DecodeRows>,
 }
 
@@ -83,7 +83,8 @@ impl DecodeRows {
             }
             row += chunk.n_new;
         }
-        if rows.len() < 2 {
+        // One token on CUDA attends a view of its cache: no kernel reads the pool in place there.
+        if rows.is_empty() || (rows.len() < 2 && device.is_cuda()) {
             return None;
         }
         let slots: Vec<KvSlot> = decoding.iter().map(|c| c.slot.clone()).collect();
@@ -95,7 +96,7 @@ impl DecodeRows {
             rows: tensor(&rows),
             positions_tensor: tensor(&positions),
             positions,
-            longest: *lens.iter().max().expect("two or more"),
+            longest: *lens.iter().max().expect("one or more"),
             slots,
             lens,
             gathered: Default::default(),
@@ -287,8 +288,9 @@ pub fn load(
 ///
 /// Decode tokens (chunks of one) are attended together, in one call per layer, when the shard's
 /// groups are equal and either a kernel reads the caches in place here
-/// (`attention::Kernel::for_cache`: AMX, or AVX-512 with bf16 dot products) or their caches
-/// are short enough to gather (`GATHERED_KEY_BYTES`);
+/// (`attention::Kernel::for_cache`: AMX, or AVX-512 with bf16 dot products; even for one
+/// token) or there are several and their caches are short enough to gather
+/// (`GATHERED_KEY_BYTES`);
 /// LibTorch's fused attention costs tens of microseconds a call whatever its size, so one call
 /// per sequence and layer added up to a fifth of a batch-32 step. Other chunks are attended one
 /// by one, in place.
@@ -341,7 +343,7 @@ pub(crate) fn cached_attention_in_window(
         .filter(|_| batch.decode.as_ref().is_some_and(|d| window.is_none_or(|w| d.longest <= w)));
     let decode = batch.decode.as_ref().filter(|d| {
         uniform
-            && decode_in_one_call(k.device(), in_place.is_some(), d.read(window) * key_bytes_per_token)
+            && decode_in_one_call(k.device(), in_place.is_some(), d.lens.len(), d.read(window) * key_bytes_per_token)
             && scores.softcap.is_none()
     });
     if let Some(d) = decode.filter(|d| d.all) {
@@ -385,13 +387,17 @@ pub(crate) fn cached_attention_in_window(
 /// batch 8 and 2048 tokens, 8 MiB, 5x slower).
 const GATHERED_KEY_BYTES: i64 = 256 << 10;
 
-/// Whether the decode tokens of a batch are attended in one call (`attend_decode`) rather than
-/// one call per sequence, given the longest sequence's keys of one layer in bytes. On CUDA
-/// always: a launch per sequence and layer costs far more than gathering the keys, which the
-/// device copies at its memory bandwidth. On the CPU, when a kernel reads the pool in place, or
-/// when the gather is small enough to pay (`GATHERED_KEY_BYTES`).
-fn decode_in_one_call(device: Device, in_place: bool, longest_key_bytes: i64) -> bool {
-    device.is_cuda() || in_place || longest_key_bytes <= GATHERED_KEY_BYTES
+/// Whether the `n` decode tokens of a batch are attended in one call (`attend_decode`) rather
+/// than one call per sequence, given the longest sequence's keys of one layer in bytes. When a
+/// kernel reads the pool in place, always, even for one token: LibTorch's attention over a view
+/// of the cache costs more in its own overhead than the in-place kernel does in all (SantaCoder
+/// MQA, batch 1, context 128, on an AMX Xeon: 120 us a layer against 50, the cache write and
+/// the query split included). Otherwise for two tokens or more (one
+/// sequence's keys are a view of the pool, not a gather): on CUDA always, since a launch per
+/// sequence and layer costs far more than gathering the keys, which the device copies at its
+/// memory bandwidth; on the CPU when the gather is small enough to pay (`GATHERED_KEY_BYTES`).
+fn decode_in_one_call(device: Device, in_place: bool, n: usize, longest_key_bytes: i64) -> bool {
+    in_place || (n >= 2 && (device.is_cuda() || longest_key_bytes <= GATHERED_KEY_BYTES))
 }
 
 /// `cached_attention` of `d`'s tokens, one each from several sequences, in one call: by the
@@ -807,9 +813,13 @@ mod tests {
     fn decode_attention_is_one_call_on_cuda_whatever_the_context() {
         let long = 64 * GATHERED_KEY_BYTES;
         // On CUDA long contexts used to fall back to one attention call per sequence and layer.
-        assert!(decode_in_one_call(Device::Cuda(0), false, long));
-        assert!(decode_in_one_call(Device::Cpu, true, long), "AMX reads the pool in place");
-        assert!(decode_in_one_call(Device::Cpu, false, GATHERED_KEY_BYTES));
-        assert!(!decode_in_one_call(Device::Cpu, false, GATHERED_KEY_BYTES + 1));
+        assert!(decode_in_one_call(Device::Cuda(0), false, 2, long));
+        assert!(decode_in_one_call(Device::Cpu, true, 2, long), "AMX reads the pool in place");
+        assert!(decode_in_one_call(Device::Cpu, false, 2, GATHERED_KEY_BYTES));
+        assert!(!decode_in_one_call(Device::Cpu, false, 2, GATHERED_KEY_BYTES + 1));
+        // One token: the in-place kernel if there is one, else attention over a view of its cache.
+        assert!(decode_in_one_call(Device::Cpu, true, 1, 0));
+        assert!(!decode_in_one_call(Device::Cpu, false, 1, 0));
+        assert!(!decode_in_one_call(Device::Cuda(0), false, 1, 0));
     }
 }
