@@ -22,7 +22,7 @@
 //! slightly different logits than alone. Without VNNI, LibTorch's `_int_mm` is a plain loop: on 2
 //! Zen 2 cores (AVX2), 229-233 ms at 32 rows, where onehead's kernel takes 9-10 ms and bf16's
 //! `linear` 71-73 (BENCHMARKS.md, "int8 on a CPU without AVX-512"). On CUDA every product goes
-//! through `_weight_int8pack_mm`.
+//! through `_weight_int8pack_mm` (`Int8Matrix::libtorch_product`: not yet run on a GPU).
 
 use std::sync::OnceLock;
 
@@ -185,16 +185,26 @@ impl Int8Matrix {
         } else if let (true, Kind::BFloat16, Some(form)) = (cpu, x.kind(), best()) {
             self.own_product(&x2.f_contiguous()?, form)?
         } else {
-            match x2.f_contiguous()?.f_internal_weight_int8pack_mm(&self.weight, &self.scales) {
-                Ok(y) => y,
-                // On CUDA (unverified: no GPU has run it yet), a shape or dtype the weight-only
-                // kernel refuses multiplies by the widened matrix instead. `_int_mm` is not
-                // used there: it takes only more than 16 rows and widths in multiples of 8.
-                Err(_) if x.device().is_cuda() => x2.f_linear::<Tensor>(&self.dequantize(), None)?,
-                Err(e) => return Err(e),
-            }
+            self.libtorch_product(&x2)?
         };
         y.f_reshape(out)
+    }
+
+    /// `x (rows, in) @ W^T` through LibTorch's weight-only `_weight_int8pack_mm`, over the int8
+    /// rows and the scales as stored: every product on CUDA, and on CPUs without onehead's
+    /// kernels. On CUDA (unverified: no GPU has run it yet), a shape or dtype that kernel
+    /// refuses multiplies by the widened matrix instead. `_int_mm` is not used there: it takes
+    /// only more than 16 rows and widths in multiples of 8. LibTorch 2.11's CUDA kernel is a
+    /// plain one, a thread per output reading its weight row byte by byte in f32: it may well
+    /// be slower than bf16's products there until a GPU measures it (`scripts/gpu-check.sh`
+    /// runs the int8 engine benchmark).
+    fn libtorch_product(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        assert!(self.amx.is_none(), "the weight-only kernel reads int8 rows, not AMX tiles");
+        match x.f_contiguous()?.f_internal_weight_int8pack_mm(&self.weight, &self.scales) {
+            Ok(y) => Ok(y),
+            Err(_) if x.device().is_cuda() => x.f_linear::<Tensor>(&self.dequantize(), None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Whether the matrix is laid out as AMX tiles (`amx_applies` held at `quantize`).
@@ -371,6 +381,27 @@ mod tests {
                     _ => 2e-2 * scale,
                 };
                 assert!(diff <= tol, "{kind:?}, {n_in} inputs, {rows} rows: off by {diff} (outputs up to {scale})");
+            }
+        }
+    }
+
+    /// The tensors a CUDA product hands LibTorch's `_weight_int8pack_mm` (int8 rows, scales in
+    /// the activations' dtype: `quantize` without AMX tiles) multiply right through that
+    /// kernel's CPU form: on this CPU the products above take onehead's kernels instead.
+    #[test]
+    fn libtorchs_weight_only_kernel_reads_the_rows_as_stored() {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let w = Tensor::randn([40, 96], (kind, Device::Cpu));
+            let m = Int8Matrix::quantize_as(&w, false).unwrap();
+            for rows in [1, 3, 32] {
+                let x = Tensor::randn([rows, 96], (kind, Device::Cpu));
+                let y = m.libtorch_product(&x).unwrap();
+                assert_eq!((y.size(), y.kind()), (vec![rows, 40], kind));
+                let expected = x.to_kind(Kind::Float).linear::<Tensor>(&m.dequantize().to_kind(Kind::Float), None);
+                let diff = (y.to_kind(Kind::Float) - &expected).abs().max().double_value(&[]);
+                let scale = expected.abs().max().double_value(&[]);
+                let tol = if kind == Kind::Float { 1e-4 } else { 2e-2 } * scale;
+                assert!(diff <= tol, "{kind:?}, {rows} rows: off by {diff} (outputs up to {scale})");
             }
         }
     }
