@@ -269,14 +269,19 @@ impl KernelPass {
                 let (w, b) = load_matrix(&ckpt, name, device)?;
                 // Rows of different values, as a batch's (the int8 path scales each row).
                 let x = Tensor::randn([rows, w.size()[1]], (Kind::BFloat16, device));
-                // The AMX kernel takes its bias in f32, as `Linear` keeps it.
+                // The AMX kernels take their bias in f32, as `Linear` keeps it.
                 let (kernel, b) = match form {
                     WeightForm::Tiles => {
                         let tiles = amx::Tiles::pack(&w).with_context(|| format!("AMX tiles for {name}"))?;
                         (Kernel::Tiles(tiles), b.map(|b| b.to_kind(Kind::Float)))
                     }
                     WeightForm::Packed => (Kernel::Packed(onednn::pack(&w)?), b),
-                    WeightForm::Int8 => (Kernel::Int8(Int8Matrix::quantize(&w)?), b),
+                    WeightForm::Int8 => {
+                        // On AMX tiles the bias is fused in f32, as the engine's `Linear` does.
+                        let m = Int8Matrix::quantize(&w)?;
+                        let b = if m.on_amx() { b.map(|b| b.to_kind(Kind::Float)) } else { b };
+                        (Kernel::Int8(m), b)
+                    }
                     WeightForm::Plain => (Kernel::Plain(w), b),
                 };
                 Ok((kernel, b, x))
@@ -298,6 +303,7 @@ impl KernelPass {
                 Kernel::Tiles(t) => t.linear(x, b.as_ref(), None)?,
                 Kernel::Packed(w) => onednn::linear(x, w, b.as_ref(), None)?,
                 Kernel::Plain(w) => x.linear(w, b.as_ref()),
+                Kernel::Int8(m) if m.on_amx() => m.amx_linear(x, b.as_ref(), None)?,
                 Kernel::Int8(m) => {
                     let y = m.product(x)?;
                     b.as_ref().map_or_else(|| y.shallow_clone(), |b| &y + b)
