@@ -218,6 +218,136 @@ void int8_share(void *data) {
   }
 }
 
+// Int8-by-int8 products on AVX-512 VNNI, for CPUs without AMX-INT8: y (m, n) = bf16(f32(x_q @ q^T)
+// * x_scale * scale), x_q (m, k) the rows of x quantized to int8 by their own scales (f32), q (n, k)
+// the int8 weights. `VPDPBUSD` multiplies unsigned by signed bytes, so each row byte is taken as
+// x + 128 (its sign bit flipped) and 128 * sum(q_j) is taken off each sum; the sums are exact in
+// int32, so a row's result does not depend on its batch. Threads take consecutive ranges of
+// weight rows; each takes them 4 at a time, and those 4 meet every row of x, 4 rows at a time
+// (16 sums in registers), while they are in cache.
+#define INT8_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+struct VnniJob {
+  const int8_t *x;  // (m, k)
+  const float *x_scales;  // (m,)
+  const int8_t *q;  // (n, k)
+  const uint16_t *scales;  // (n,), bf16
+  int64_t m, k, n;
+  uint16_t *y;  // (m, n), bf16
+};
+
+constexpr int64_t kVnniRows = 4, kVnniWeights = 4;
+
+// Rows r0 .. r0 + M of y against weight rows j0 .. j0 + W, whose sums of bytes are `q_sums`.
+template <int M, int W>
+INT8_VNNI_TARGET void tile_vnni(const VnniJob &job, int64_t r0, int64_t j0, const int32_t *q_sums) {
+  const int64_t k = job.k, full = k / 64 * 64;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int8_t *x = job.x + r0 * k, *q = job.q + j0 * k;
+  __m512i acc[M][W];
+  for (int r = 0; r < M; r++)
+    for (int w = 0; w < W; w++) acc[r][w] = _mm512_setzero_si512();
+  for (int64_t c = 0; c < full; c += 64) {
+    __m512i xv[M];
+    for (int r = 0; r < M; r++) xv[r] = _mm512_xor_si512(_mm512_loadu_si512(x + r * k + c), flip);
+    for (int w = 0; w < W; w++) {
+      const __m512i qv = _mm512_loadu_si512(q + w * k + c);
+      for (int r = 0; r < M; r++) acc[r][w] = _mm512_dpbusd_epi32(acc[r][w], xv[r], qv);
+    }
+  }
+  if (full < k) {  // the last k - full bytes, zeros past them (their flipped 128s meet zeros)
+    const __mmask64 tail = _cvtu64_mask64(~0ULL >> (64 - (k - full)));
+    __m512i xv[M];
+    for (int r = 0; r < M; r++) xv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, x + r * k + full), flip);
+    for (int w = 0; w < W; w++) {
+      const __m512i qv = _mm512_maskz_loadu_epi8(tail, q + w * k + full);
+      for (int r = 0; r < M; r++) acc[r][w] = _mm512_dpbusd_epi32(acc[r][w], xv[r], qv);
+    }
+  }
+  for (int r = 0; r < M; r++) {
+    const float x_scale = job.x_scales[r0 + r];
+    for (int w = 0; w < W; w++) {
+      const int32_t sum = _mm512_reduce_add_epi32(acc[r][w]) - 128 * q_sums[w];
+      job.y[(r0 + r) * job.n + j0 + w] = to_bf16(static_cast<float>(sum) * x_scale * from_bf16(job.scales[j0 + w]));
+    }
+  }
+}
+
+// Every row of x against weight rows j0 .. j0 + W.
+template <int W>
+INT8_VNNI_TARGET void block_vnni(const VnniJob &job, int64_t j0) {
+  const int64_t k = job.k;
+  const __m512i ones = _mm512_set1_epi8(1);
+  int32_t q_sums[W];
+  for (int w = 0; w < W; w++) {
+    const int8_t *q = job.q + (j0 + w) * k;
+    __m512i acc = _mm512_setzero_si512();
+    int64_t c = 0;
+    for (; c + 64 <= k; c += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(q + c));
+    if (c < k) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(_cvtu64_mask64(~0ULL >> (64 - (k - c))), q + c));
+    q_sums[w] = _mm512_reduce_add_epi32(acc);
+  }
+  int64_t r0 = 0;
+  for (; r0 + kVnniRows <= job.m; r0 += kVnniRows) tile_vnni<kVnniRows, W>(job, r0, j0, q_sums);
+  switch (job.m - r0) {
+    case 1: tile_vnni<1, W>(job, r0, j0, q_sums); break;
+    case 2: tile_vnni<2, W>(job, r0, j0, q_sums); break;
+    case 3: tile_vnni<3, W>(job, r0, j0, q_sums); break;
+    default: break;
+  }
+}
+
+// Rows of x (bf16) to int8, each by its own scale, as `quantize_rows` in `int8.rs` does (in f32:
+// scale = max |x| / 127, or 1 for a row of zeros; q = round(x / scale), halves to even).
+struct QuantizeJob {
+  const uint16_t *x;  // (m, k)
+  int64_t m, k;
+  int8_t *q;  // (m, k)
+  float *scales;  // (m,)
+};
+
+INT8_VNNI_TARGET inline __m512 widen_bf16(const uint16_t *x, int64_t c, int64_t k) {
+  const __mmask16 mask = c + 16 <= k ? 0xffff : static_cast<__mmask16>((1u << (k - c)) - 1);
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, x + c);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+INT8_VNNI_TARGET void quantize_row(const QuantizeJob &job, int64_t r) {
+  const uint16_t *x = job.x + r * job.k;
+  int8_t *q = job.q + r * job.k;
+  __m512 top = _mm512_setzero_ps();
+  for (int64_t c = 0; c < job.k; c += 16) top = _mm512_max_ps(top, _mm512_abs_ps(widen_bf16(x, c, job.k)));
+  const float max = _mm512_reduce_max_ps(top), scale = max > 0.0f ? max / 127.0f : 1.0f;
+  job.scales[r] = scale;
+  const __m512 by = _mm512_set1_ps(scale), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+  for (int64_t c = 0; c < job.k; c += 16) {
+    const __m512 v = _mm512_roundscale_ps(_mm512_div_ps(widen_bf16(x, c, job.k), by), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i i = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
+    const __mmask16 mask = c + 16 <= job.k ? 0xffff : static_cast<__mmask16>((1u << (job.k - c)) - 1);
+    _mm512_mask_cvtsepi32_storeu_epi8(q + c, mask, i);
+  }
+}
+
+void quantize_share(void *data) {
+  const QuantizeJob &job = *static_cast<const QuantizeJob *>(data);
+  const auto [threads, me] = onehead::team();
+  for (int64_t r = job.m * me / threads; r < job.m * (me + 1) / threads; r++) quantize_row(job, r);
+}
+
+void vnni_share(void *data) {
+  const VnniJob &job = *static_cast<const VnniJob *>(data);
+  const auto [threads, me] = onehead::team();
+  const int64_t n0 = job.n * me / threads, n1 = job.n * (me + 1) / threads;
+  int64_t j = n0;
+  for (; j + kVnniWeights <= n1; j += kVnniWeights) block_vnni<kVnniWeights>(job, j);
+  switch (n1 - j) {
+    case 1: block_vnni<1>(job, j); break;
+    case 2: block_vnni<2>(job, j); break;
+    case 3: block_vnni<3>(job, j); break;
+    default: break;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -253,6 +383,30 @@ void onehead_int8_linear(const uint16_t *x, int64_t m, int64_t k, const int8_t *
     Int8Job job{widened.data(), q, scales, rows, k, n, stride, y + s0 * n, avx512};
     onehead::on_team(int8_share, &job);
   }
+}
+
+// Whether this CPU runs `onehead_int8_vnni_linear` (AVX-512 F, BW and VNNI).
+int onehead_int8_vnni_kernel() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vnni")
+             ? 1
+             : 0;
+}
+
+// y (m, n) = bf16(f32(x_q @ q^T) * x_scales * scales), x_q (m, k) and x_scales (m,) the rows of
+// x (m, k) quantized to int8 by their own scales; x, scales (n,) and y bf16, q (n, k) int8, all
+// contiguous; k below 65536, so that no int32 sum overflows. The caller has checked the CPU
+// (`onehead_int8_vnni_kernel`) and the sizes.
+void onehead_int8_vnni_linear(const uint16_t *x, int64_t m, int64_t k, const int8_t *q, const uint16_t *scales,
+                              int64_t n, uint16_t *y) {
+  thread_local std::vector<int8_t> x_q;
+  thread_local std::vector<float> x_scales;
+  if (x_q.size() < static_cast<size_t>(m * k)) x_q.resize(m * k);
+  if (x_scales.size() < static_cast<size_t>(m)) x_scales.resize(m);
+  QuantizeJob rows{x, m, k, x_q.data(), x_scales.data()};
+  onehead::on_team(quantize_share, &rows);
+  VnniJob job{x_q.data(), x_scales.data(), q, scales, m, k, n, y};
+  onehead::on_team(vnni_share, &job);
 }
 
 }  // extern "C"

@@ -16,12 +16,13 @@
 //! row's result does not depend on its batch), otherwise through LibTorch's
 //! `_weight_int8pack_mm`. On a CPU with VNNI instructions, products of more than
 //! `WEIGHT_ONLY_ROWS` rows instead quantize each activation row to int8 too and multiply in
-//! integers (`_int_mm`, oneDNN's VNNI kernels): on 2 Zen 4 cores, a 8192 x 2048 matrix takes 3.9
-//! ms at 32 rows that way, 8.7 at 128, against bf16's 3.6 and 13.5, and `_weight_int8pack_mm` 8.3
-//! ms at 32. There, a sequence decoded beside more than `WEIGHT_ONLY_ROWS - 1` others sees
-//! slightly different logits than alone. Without VNNI, LibTorch's `_int_mm` is a plain loop: on 2
-//! Zen 2 cores (AVX2), 229-233 ms at 32 rows, where onehead's kernel takes 9-10 ms and bf16's
-//! `linear` 71-73 (BENCHMARKS.md, "int8 on a CPU without AVX-512"). On CUDA every product goes
+//! integers, exactly: through onehead's own AVX-512 VNNI kernel (`onehead_int8_vnni_linear`) in
+//! bf16, else LibTorch's `_int_mm` (oneDNN). On 2 Zen 4 cores, a 8192 x 2048 matrix takes 1.8-2.0
+//! ms at 32 rows in the own kernel, 2.7-3.9 in `_int_mm`, against bf16's 3.6 and
+//! `_weight_int8pack_mm`'s 8.3. There, a sequence decoded beside more than `WEIGHT_ONLY_ROWS - 1`
+//! others sees slightly different logits than alone. Without VNNI, LibTorch's `_int_mm` is a
+//! plain loop: on 2 Zen 2 cores (AVX2), 229-233 ms at 32 rows, where onehead's kernel takes 9-10
+//! ms and bf16's `linear` 71-73 (BENCHMARKS.md, "int8 on a CPU without AVX-512"). On CUDA every product goes
 //! through `_weight_int8pack_mm` (`Int8Matrix::libtorch_product`: not yet run on a GPU).
 
 use std::sync::OnceLock;
@@ -46,6 +47,8 @@ unsafe extern "C" {
     );
     fn onehead_int8_forms() -> i32;
     fn onehead_int8_vnni() -> i32;
+    fn onehead_int8_vnni_kernel() -> i32;
+    fn onehead_int8_vnni_linear(x: *const u16, m: i64, k: i64, q: *const i8, scales: *const u16, n: i64, y: *mut u16);
     fn onehead_int8_linear(
         x: *const u16,
         m: i64,
@@ -81,11 +84,18 @@ fn best() -> Option<Form> {
     forms().last().copied()
 }
 
-/// Whether this CPU has VNNI instructions, with which oneDNN's int8-by-int8 products (`_int_mm`)
-/// out-run the weight-only kernels on many rows.
+/// Whether this CPU has VNNI instructions, with which int8-by-int8 products (onehead's own, or
+/// oneDNN's `_int_mm`) out-run the weight-only kernels on many rows.
 pub fn vnni() -> bool {
     static FOUND: OnceLock<bool> = OnceLock::new();
     *FOUND.get_or_init(|| unsafe { onehead_int8_vnni() != 0 })
+}
+
+/// Whether onehead's own int8-by-int8 kernel runs here (`onehead_int8_vnni_linear`: AVX-512
+/// VNNI, which every AVX-512 CPU with VNNI has).
+fn vnni_kernel() -> bool {
+    static FOUND: OnceLock<bool> = OnceLock::new();
+    *FOUND.get_or_init(|| unsafe { onehead_int8_vnni_kernel() != 0 })
 }
 
 /// On a CPU with VNNI, the most rows a product runs with exact activations; more are multiplied
@@ -179,9 +189,13 @@ impl Int8Matrix {
             self.amx_product(&x2, amx, None, None)?
         } else if cpu && rows > WEIGHT_ONLY_ROWS && vnni() {
             // Each row to int8 by its own scale; y = (x_q @ q^T) * x_scale * w_scale.
-            let (xq, x_scales) = quantize_rows(&x2, Kind::Float)?;
-            let y = xq.f_internal_int_mm(&self.weight.f_transpose(0, 1)?)?.f_to_kind(Kind::Float)?;
-            (y * x_scales * self.scales.f_to_kind(Kind::Float)?.f_unsqueeze(0)?).f_to_kind(x2.kind())?
+            if vnni_kernel() && x.kind() == Kind::BFloat16 && self.weight.size()[1] < 1 << 16 {
+                self.vnni_product(&x2.f_contiguous()?)?
+            } else {
+                let (xq, x_scales) = quantize_rows(&x2, Kind::Float)?;
+                let y = xq.f_internal_int_mm(&self.weight.f_transpose(0, 1)?)?.f_to_kind(Kind::Float)?;
+                (y * x_scales * self.scales.f_to_kind(Kind::Float)?.f_unsqueeze(0)?).f_to_kind(x2.kind())?
+            }
         } else if let (true, Kind::BFloat16, Some(form)) = (cpu, x.kind(), best()) {
             self.own_product(&x2.f_contiguous()?, form)?
         } else {
@@ -273,6 +287,34 @@ impl Int8Matrix {
                 n_out,
                 y.data_ptr() as *mut u16,
                 form as i32,
+            )
+        };
+        Ok(y)
+    }
+
+    /// `x (rows, in) @ W^T`, each row of `x` (contiguous bf16) quantized to int8 by its own
+    /// scale, on onehead's own int8-by-int8 kernel (`vnni_kernel`), which quantizes the rows too:
+    /// bf16, bit for bit what `quantize_rows` and `_int_mm`, widened and scaled in f32, give. On 2
+    /// Zen 4 cores at 32 rows, a 8192 x 2048 matrix takes 1.8-2.0 ms against `_int_mm`'s 2.7-2.9
+    /// (over the transposed rows), a 2048 x 8192 one 1.6 against 4.0-4.6; at 128 and 256 rows
+    /// the two are about even.
+    fn vnni_product(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        let (rows, n_in) = (x.size()[0], x.size()[1]);
+        let n_out = self.weight.size()[0];
+        assert!(self.amx.is_none() && self.scales.kind() == Kind::BFloat16, "int8 rows and bf16 scales");
+        let y = Tensor::f_empty([rows, n_out], (Kind::BFloat16, Device::Cpu))?;
+        // SAFETY: x (rows, n_in) bf16 and contiguous (caller), the weight (n_out, n_in) int8, the
+        // scales (n_out,) and y (rows, n_out) bf16, all contiguous and alive across the call;
+        // n_in < 2^16 and the CPU runs the kernel (caller).
+        unsafe {
+            onehead_int8_vnni_linear(
+                x.data_ptr() as *const u16,
+                rows,
+                n_in,
+                self.weight.data_ptr() as *const i8,
+                self.scales.data_ptr() as *const u16,
+                n_out,
+                y.data_ptr() as *mut u16,
             )
         };
         Ok(y)
@@ -467,6 +509,32 @@ mod tests {
                     differ, 0,
                     "{form:?}, row {row}: {differ} outputs differ from the same row in a batch of 70"
                 );
+            }
+        }
+    }
+
+    /// onehead's int8-by-int8 kernel gives, bit for bit, the rows as `quantize_rows` quantizes
+    /// them times the int8 matrix in exact sums, widened and scaled in f32 (what `_int_mm` gives):
+    /// on 1-70 rows, widths with and without a tail of 16 and of 64, and outputs in blocks of 4
+    /// and a rest, so a row's result does not depend on its batch either.
+    #[test]
+    fn the_vnni_kernel_gives_the_exact_int8_products() {
+        if !vnni_kernel() {
+            crate::testing::skip("the_vnni_kernel_gives_the_exact_int8_products", "no AVX-512 VNNI here");
+            return;
+        }
+        for (n_out, n_in) in [(51, 64), (51, 72), (5, 7), (2051, 600)] {
+            let m =
+                Int8Matrix::quantize_as(&Tensor::randn([n_out, n_in], (Kind::BFloat16, Device::Cpu)), false).unwrap();
+            for rows in [1, 2, 3, 4, 5, 7, 70] {
+                let x = Tensor::randn([rows, n_in], (Kind::BFloat16, Device::Cpu)) * 8.0;
+                let _ = x.get(rows / 2).zero_(); // a row of zeros takes scale 1
+                let (xq, x_scales) = quantize_rows(&x, Kind::Float).unwrap();
+                let y = m.vnni_product(&x).unwrap();
+                let sums = xq.to_kind(Kind::Int64).matmul(&m.weight.to_kind(Kind::Int64).tr()).to_kind(Kind::Float);
+                let expected = (sums * &x_scales * m.scales.to_kind(Kind::Float).unsqueeze(0)).to_kind(Kind::BFloat16);
+                let differ = y.ne_tensor(&expected).sum(Kind::Int64).int64_value(&[]);
+                assert_eq!(differ, 0, "{n_out} x {n_in}, {rows} rows: {differ} outputs differ");
             }
         }
     }
