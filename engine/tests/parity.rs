@@ -679,13 +679,14 @@ fn converted_checkpoints_serve_the_pooled_reference_here_and_in_transformers() {
 /// KL(f32 || int8) of the next-token distributions over the reference sequence (prompt and
 /// continuation); and the weights held take a quarter of f32's bytes plus the scales.
 /// - One forward of the whole sequence at TP 1 to 3, in f32: more than `int8::WEIGHT_ONLY_ROWS`
-///   rows, so on a CPU with VNNI the activations are quantized too (the less exact of the int8
-///   paths; elsewhere LibTorch's weight-only kernel runs them). Worst measured (Zen 4, VNNI):
-///   top-1 0.862 (mistral_window, whose random logits have near-ties), KL 0.056 (gemma_gqa).
-/// - Token by token at TP 1, in bf16: one row a step, the weight-only products (onehead's own
-///   kernel on AVX-512 or AVX2), against bf16 without int8 as the scale of bf16's own error.
-///   Worst measured (Zen 4): top-1 0.828 and KL 0.042 for int8 (llama3_gqa, gemma_gqa), 0.897
-///   and 0.015 for bf16 alone (llama3_gqa, mqa_hd12_untied).
+///   rows, so on a CPU with VNNI the activations are quantized too (in `_int_mm`; elsewhere
+///   LibTorch's weight-only kernel runs them). Worst measured (Zen 4, VNNI): top-1 0.862
+///   (mistral_window, whose random logits have near-ties), KL 0.056 (gemma_gqa).
+/// - Token by token at TP 1, in bf16: one row a step, against bf16 without int8 as the scale of
+///   bf16's own error. On AVX-512 VNNI or AMX the activations are quantized (onehead's int8
+///   kernels), elsewhere not (its weight-only kernel on AVX2). Worst measured, Zen 4: top-1 0.800
+///   and KL 0.068 (mqa_hd12_untied) with the VNNI kernel, 0.828 and 0.042 weight-only (llama3_gqa,
+///   gemma_gqa); 0.897 and 0.015 for bf16 alone (llama3_gqa, mqa_hd12_untied).
 ///
 /// The bounds are the worst with margin (BENCHMARKS.md, "int8 weights"); the widened random
 /// weights make sharper distributions than a trained model's.

@@ -10,20 +10,25 @@
 //! step takes 0.51-0.54x of bf16's, prefill runs 1.7-2.2x as fast and concurrency 32 through a
 //! router 1.2x (BENCHMARKS.md, "int8 on AMX").
 //!
+//! On a CPU with AVX-512 VNNI and no AMX, bf16 products of any number of rows do the same on
+//! onehead's own kernel (`onehead_int8_vnni_linear`, `csrc/int8.cpp`): each activation row to
+//! int8, `VPDPBUSD` over the int8 rows, exact int32 sums. On 2 Zen 4 cores, a SantaCoder-shaped
+//! batch-1 step takes 0.32-0.51x of bf16's (the weights read at 30-40 GB/s, where widening them to
+//! f32 in registers read 21-23), concurrency 32 through a router 1.27x; a 8192 x 2048 matrix
+//! takes 1.8-2.0 ms at 32 rows against `_int_mm`'s 2.7-2.9 (BENCHMARKS.md, "int8 on Zen 4").
+//!
 //! Elsewhere products read the int8 weights once with the activations exact and the weights
 //! widened in registers: in bf16 on an AVX-512 or AVX2 CPU through onehead's own kernel
-//! (`csrc/int8.cpp`: faster than LibTorch's at one row on Zen 4 and on many rows on Zen 2, and a
-//! row's result does not depend on its batch), otherwise through LibTorch's
-//! `_weight_int8pack_mm`. On a CPU with VNNI instructions, products of more than
-//! `WEIGHT_ONLY_ROWS` rows instead quantize each activation row to int8 too and multiply in
-//! integers, exactly: through onehead's own AVX-512 VNNI kernel (`onehead_int8_vnni_linear`) in
-//! bf16, else LibTorch's `_int_mm` (oneDNN). On 2 Zen 4 cores, a 8192 x 2048 matrix takes 1.8-2.0
-//! ms at 32 rows in the own kernel, 2.7-3.9 in `_int_mm`, against bf16's 3.6 and
-//! `_weight_int8pack_mm`'s 8.3. There, a sequence decoded beside more than `WEIGHT_ONLY_ROWS - 1`
-//! others sees slightly different logits than alone. Without VNNI, LibTorch's `_int_mm` is a
-//! plain loop: on 2 Zen 2 cores (AVX2), 229-233 ms at 32 rows, where onehead's kernel takes 9-10
-//! ms and bf16's `linear` 71-73 (BENCHMARKS.md, "int8 on a CPU without AVX-512"). On CUDA every product goes
-//! through `_weight_int8pack_mm` (`Int8Matrix::libtorch_product`: not yet run on a GPU).
+//! (`csrc/int8.cpp`: faster than LibTorch's on many rows on Zen 2, and a row's result does not
+//! depend on its batch), otherwise through LibTorch's `_weight_int8pack_mm`. On a CPU with VNNI
+//! where the own VNNI kernel does not run (f32 activations, or AVX-VNNI without AVX-512),
+//! products of more than `WEIGHT_ONLY_ROWS` rows quantize each activation row to int8 too and
+//! multiply in LibTorch's `_int_mm` (oneDNN); there, a sequence decoded beside more than
+//! `WEIGHT_ONLY_ROWS - 1` others sees slightly different logits than alone. Without VNNI,
+//! LibTorch's `_int_mm` is a plain loop: on 2 Zen 2 cores (AVX2), 229-233 ms at 32 rows, where
+//! onehead's kernel takes 9-10 ms and bf16's `linear` 71-73 (BENCHMARKS.md, "int8 on a CPU without
+//! AVX-512"). On CUDA every product goes through `_weight_int8pack_mm`
+//! (`Int8Matrix::libtorch_product`: not yet run on a GPU).
 
 use std::sync::OnceLock;
 
@@ -98,8 +103,8 @@ fn vnni_kernel() -> bool {
     *FOUND.get_or_init(|| unsafe { onehead_int8_vnni_kernel() != 0 })
 }
 
-/// On a CPU with VNNI, the most rows a product runs with exact activations; more are multiplied
-/// as int8 by int8.
+/// On a CPU with VNNI where onehead's VNNI kernel does not run, the most rows a product runs with
+/// exact activations; more are multiplied as int8 by int8 in `_int_mm`.
 pub const WEIGHT_ONLY_ROWS: i64 = 4;
 
 /// A matrix `(out, in)` as int8 rows and their scales.
@@ -187,15 +192,13 @@ impl Int8Matrix {
         let cpu = x.device() == Device::Cpu;
         let y = if let Some(amx) = &self.amx {
             self.amx_product(&x2, amx, None, None)?
+        } else if cpu && self.on_vnni(x.kind()) {
+            self.vnni_product(&x2.f_contiguous()?)?
         } else if cpu && rows > WEIGHT_ONLY_ROWS && vnni() {
             // Each row to int8 by its own scale; y = (x_q @ q^T) * x_scale * w_scale.
-            if vnni_kernel() && x.kind() == Kind::BFloat16 && self.weight.size()[1] < 1 << 16 {
-                self.vnni_product(&x2.f_contiguous()?)?
-            } else {
-                let (xq, x_scales) = quantize_rows(&x2, Kind::Float)?;
-                let y = xq.f_internal_int_mm(&self.weight.f_transpose(0, 1)?)?.f_to_kind(Kind::Float)?;
-                (y * x_scales * self.scales.f_to_kind(Kind::Float)?.f_unsqueeze(0)?).f_to_kind(x2.kind())?
-            }
+            let (xq, x_scales) = quantize_rows(&x2, Kind::Float)?;
+            let y = xq.f_internal_int_mm(&self.weight.f_transpose(0, 1)?)?.f_to_kind(Kind::Float)?;
+            (y * x_scales * self.scales.f_to_kind(Kind::Float)?.f_unsqueeze(0)?).f_to_kind(x2.kind())?
         } else if let (true, Kind::BFloat16, Some(form)) = (cpu, x.kind(), best()) {
             self.own_product(&x2.f_contiguous()?, form)?
         } else {
@@ -224,6 +227,12 @@ impl Int8Matrix {
     /// Whether the matrix is laid out as AMX tiles (`amx_applies` held at `quantize`).
     pub fn on_amx(&self) -> bool {
         self.amx.is_some()
+    }
+
+    /// Whether CPU products of `kind` activations take onehead's AVX-512 VNNI kernel, on any
+    /// number of rows: bf16, fewer than 2^16 input columns, int8 rows (no AMX tiles).
+    fn on_vnni(&self, kind: Kind) -> bool {
+        vnni_kernel() && self.amx.is_none() && kind == Kind::BFloat16 && self.weight.size()[1] < 1 << 16
     }
 
     /// `act(x @ W^T + bias)` on AMX tiles (`on_amx`), the bias (f32, `(out,)`) and activation
@@ -297,7 +306,8 @@ impl Int8Matrix {
     /// bf16, bit for bit what `quantize_rows` and `_int_mm`, widened and scaled in f32, give. On 2
     /// Zen 4 cores at 32 rows, a 8192 x 2048 matrix takes 1.8-2.0 ms against `_int_mm`'s 2.7-2.9
     /// (over the transposed rows), a 2048 x 8192 one 1.6 against 4.0-4.6; at 128 and 256 rows
-    /// the two are about even.
+    /// the two are about even. At 1-4 rows it is 1.0-4.8x as fast as the weight-only kernel,
+    /// which widens each weight to f32 (one matrix, BENCHMARKS.md, "int8 on Zen 4").
     fn vnni_product(&self, x: &Tensor) -> Result<Tensor, TchError> {
         let (rows, n_in) = (x.size()[0], x.size()[1]);
         let n_out = self.weight.size()[0];
@@ -416,7 +426,7 @@ mod tests {
                 let diff = (y.to_kind(Kind::Float) - &expected).abs().max().double_value(&[]);
                 let scale = expected.abs().max().double_value(&[]);
                 // bf16 rounds the output to 8 bits; int8 activations add about 1% of the largest.
-                let quantized_x = m.amx.is_some() || rows > WEIGHT_ONLY_ROWS && vnni();
+                let quantized_x = m.amx.is_some() || m.on_vnni(kind) || rows > WEIGHT_ONLY_ROWS && vnni();
                 let tol = match (kind, quantized_x) {
                     (_, true) => 3e-2 * scale,
                     (Kind::Float, false) => 1e-4 * scale,
