@@ -13,7 +13,7 @@
 //! On a CPU with AVX-512 VNNI and no AMX, bf16 products of any number of rows do the same on
 //! onehead's own kernel (`onehead_int8_vnni_linear`, `csrc/int8.cpp`): each activation row to
 //! int8, `VPDPBUSD` over the int8 rows, exact int32 sums. On 2 Zen 4 cores, a SantaCoder-shaped
-//! batch-1 step takes 0.32-0.51x of bf16's (the weights read at 30-40 GB/s, where widening them to
+//! batch-1 step takes 0.31-0.51x of bf16's (the weights read at 30-40 GB/s, where widening them to
 //! f32 in registers read 21-23), concurrency 32 through a router 1.27x; a 8192 x 2048 matrix
 //! takes 1.8-2.0 ms at 32 rows against `_int_mm`'s 2.7-2.9 (BENCHMARKS.md, "int8 on Zen 4").
 //!
