@@ -10,7 +10,7 @@
 // Every row of y is summed in the same order whatever rows it is computed beside, so a row's
 // result does not depend on its batch. Figures: BENCHMARKS.md, "int8 weights". On a CPU with
 // AVX-512 VNNI, bf16 products take the int8-by-int8 kernel at the end of this file instead
-// (`onehead_int8_vnni_linear`), which reads the weights at up to twice the rate at one row.
+// (`onehead_int8_linear`'s VNNI form), which reads the weights at up to twice the rate at one row.
 // GCC 12 flags its own AVX-512 intrinsics' `_mm512_undefined_*` as (maybe) uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -350,14 +350,32 @@ void vnni_share(void *data) {
   }
 }
 
+// y (m, n) = bf16(f32(x_q @ q^T) * x_scales * scales), x_q (m, k) and x_scales (m,) the rows of
+// x (m, k) quantized to int8 by their own scales: `onehead_int8_linear`'s VNNI form.
+void vnni_linear(const uint16_t *x, int64_t m, int64_t k, const int8_t *q, const uint16_t *scales, int64_t n,
+                 uint16_t *y) {
+  thread_local std::vector<int8_t> x_q;
+  thread_local std::vector<float> x_scales;
+  if (x_q.size() < static_cast<size_t>(m * k)) x_q.resize(m * k);
+  if (x_scales.size() < static_cast<size_t>(m)) x_scales.resize(m);
+  QuantizeJob rows{x, m, k, x_q.data(), x_scales.data()};
+  onehead::on_team(quantize_share, &rows);
+  VnniJob job{x_q.data(), x_scales.data(), q, scales, m, k, n, y};
+  onehead::on_team(vnni_share, &job);
+}
+
 }  // namespace
 
 extern "C" {
 
-// The forms of `onehead_int8_linear` this CPU runs, as bits: 1 AVX2 (with FMA), 2 AVX-512 F.
+// The forms of `onehead_int8_linear` this CPU runs, as bits: 1 AVX2 (with FMA), 2 AVX-512 F,
+// 4 AVX-512 VNNI (with BW).
 int onehead_int8_forms() {
   return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0) |
-         (__builtin_cpu_supports("avx512f") ? 2 : 0);
+         (__builtin_cpu_supports("avx512f") ? 2 : 0) |
+         (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni")
+              ? 4
+              : 0);
 }
 
 // Whether oneDNN multiplies int8 by int8 here with VNNI instructions (AVX-512 VNNI, AVX-VNNI;
@@ -367,9 +385,11 @@ int onehead_int8_vnni() {
 }
 
 // y (m, n) = (x (m, k) @ q^T) * scales, bf16 but q (n, k) int8, all contiguous, in `form` (one
-// bit of `onehead_int8_forms`). The caller has checked the form and the sizes.
+// bit of `onehead_int8_forms`; in form 4, VNNI, each row of x quantized to int8 first, and k
+// below 65536 so that no int32 sum overflows). The caller has checked the form and the sizes.
 void onehead_int8_linear(const uint16_t *x, int64_t m, int64_t k, const int8_t *q, const uint16_t *scales,
                          int64_t n, uint16_t *y, int form) {
+  if (form == 4) return vnni_linear(x, m, k, q, scales, n, y);
   const bool avx512 = form == 2;
   const int64_t stride = avx512 ? k : (k + kChunk - 1) / kChunk * kChunk;
   thread_local std::vector<float> widened;
@@ -385,30 +405,6 @@ void onehead_int8_linear(const uint16_t *x, int64_t m, int64_t k, const int8_t *
     Int8Job job{widened.data(), q, scales, rows, k, n, stride, y + s0 * n, avx512};
     onehead::on_team(int8_share, &job);
   }
-}
-
-// Whether this CPU runs `onehead_int8_vnni_linear` (AVX-512 F, BW and VNNI).
-int onehead_int8_vnni_kernel() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                 __builtin_cpu_supports("avx512vnni")
-             ? 1
-             : 0;
-}
-
-// y (m, n) = bf16(f32(x_q @ q^T) * x_scales * scales), x_q (m, k) and x_scales (m,) the rows of
-// x (m, k) quantized to int8 by their own scales; x, scales (n,) and y bf16, q (n, k) int8, all
-// contiguous; k below 65536, so that no int32 sum overflows. The caller has checked the CPU
-// (`onehead_int8_vnni_kernel`) and the sizes.
-void onehead_int8_vnni_linear(const uint16_t *x, int64_t m, int64_t k, const int8_t *q, const uint16_t *scales,
-                              int64_t n, uint16_t *y) {
-  thread_local std::vector<int8_t> x_q;
-  thread_local std::vector<float> x_scales;
-  if (x_q.size() < static_cast<size_t>(m * k)) x_q.resize(m * k);
-  if (x_scales.size() < static_cast<size_t>(m)) x_scales.resize(m);
-  QuantizeJob rows{x, m, k, x_q.data(), x_scales.data()};
-  onehead::on_team(quantize_share, &rows);
-  VnniJob job{x_q.data(), x_scales.data(), q, scales, m, k, n, y};
-  onehead::on_team(vnni_share, &job);
 }
 
 }  // extern "C"

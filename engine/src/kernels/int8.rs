@@ -11,7 +11,7 @@
 //! router 1.2x (BENCHMARKS.md, "int8 on AMX").
 //!
 //! On a CPU with AVX-512 VNNI and no AMX, bf16 products of any number of rows do the same on
-//! onehead's own kernel (`onehead_int8_vnni_linear`, `csrc/int8.cpp`): each activation row to
+//! onehead's own kernel (`Form::Vnni`, `csrc/int8.cpp`): each activation row to
 //! int8, `VPDPBUSD` over the int8 rows, exact int32 sums. On 2 Zen 4 cores, a SantaCoder-shaped
 //! batch-1 step takes 0.31-0.51x of bf16's (the weights read at 30-40 GB/s, where widening them to
 //! f32 in registers read 21-23), concurrency 32 through a router 1.27x; a 8192 x 2048 matrix
@@ -52,8 +52,6 @@ unsafe extern "C" {
     );
     fn onehead_int8_forms() -> i32;
     fn onehead_int8_vnni() -> i32;
-    fn onehead_int8_vnni_kernel() -> i32;
-    fn onehead_int8_vnni_linear(x: *const u16, m: i64, k: i64, q: *const i8, scales: *const u16, n: i64, y: *mut u16);
     fn onehead_int8_linear(
         x: *const u16,
         m: i64,
@@ -66,22 +64,27 @@ unsafe extern "C" {
     );
 }
 
-/// A form of onehead's own weight-only kernel (`csrc/int8.cpp`); the values are its bits in
-/// `onehead_int8_forms`.
+/// A form of onehead's own kernel (`csrc/int8.cpp`); the values are its bits in
+/// `onehead_int8_forms`. `Avx2` and `Avx512` are weight-only; `Vnni` quantizes each row of the
+/// activations to int8 and multiplies int8 by int8.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Form {
     Avx2 = 1,
     Avx512 = 2,
+    Vnni = 4,
 }
 
-/// The forms of onehead's own kernel this CPU runs, narrowest first (an AVX-512 CPU runs both,
-/// so its tests check the AVX2 form too).
+/// The bits of the forms this CPU runs.
+fn form_bits() -> i32 {
+    static FOUND: OnceLock<i32> = OnceLock::new();
+    *FOUND.get_or_init(|| unsafe { onehead_int8_forms() })
+}
+
+/// The weight-only forms of onehead's own kernel this CPU runs, narrowest first (an AVX-512 CPU
+/// runs both, so its tests check the AVX2 form too).
 pub fn forms() -> &'static [Form] {
     static FOUND: OnceLock<Vec<Form>> = OnceLock::new();
-    FOUND.get_or_init(|| {
-        let bits = unsafe { onehead_int8_forms() };
-        [Form::Avx2, Form::Avx512].into_iter().filter(|f| bits & *f as i32 != 0).collect()
-    })
+    FOUND.get_or_init(|| [Form::Avx2, Form::Avx512].into_iter().filter(|f| form_bits() & *f as i32 != 0).collect())
 }
 
 /// The form products take here: the widest this CPU runs.
@@ -96,11 +99,9 @@ pub fn vnni() -> bool {
     *FOUND.get_or_init(|| unsafe { onehead_int8_vnni() != 0 })
 }
 
-/// Whether onehead's own int8-by-int8 kernel runs here (`onehead_int8_vnni_linear`: AVX-512
-/// VNNI, which every AVX-512 CPU with VNNI has).
+/// Whether onehead's own int8-by-int8 kernel (`Form::Vnni`: AVX-512 VNNI) runs here.
 fn vnni_kernel() -> bool {
-    static FOUND: OnceLock<bool> = OnceLock::new();
-    *FOUND.get_or_init(|| unsafe { onehead_int8_vnni_kernel() != 0 })
+    form_bits() & Form::Vnni as i32 != 0
 }
 
 /// On a CPU with VNNI where onehead's VNNI kernel does not run, the most rows a product runs with
@@ -193,7 +194,7 @@ impl Int8Matrix {
         let y = if let Some(amx) = &self.amx {
             self.amx_product(&x2, amx, None, None)?
         } else if cpu && self.on_vnni(x.kind()) {
-            self.vnni_product(&x2.f_contiguous()?)?
+            self.own_product(&x2.f_contiguous()?, Form::Vnni)?
         } else if cpu && rows > WEIGHT_ONLY_ROWS && vnni() {
             // Each row to int8 by its own scale; y = (x_q @ q^T) * x_scale * w_scale.
             let (xq, x_scales) = quantize_rows(&x2, Kind::Float)?;
@@ -277,7 +278,14 @@ impl Int8Matrix {
     }
 
     /// `x (rows, in) @ W^T` through onehead's own kernel in `form`; `x` contiguous bf16 on the
-    /// CPU, and `form` one of `forms()`.
+    /// CPU, and `form` one of `forms()`, or `Vnni` where `on_vnni` holds.
+    ///
+    /// `Vnni` quantizes each row of `x` and gives, bit for bit, what `quantize_rows` and `_int_mm`,
+    /// widened and scaled in f32, give. On 2 Zen 4 cores at 32 rows, a 8192 x 2048 matrix takes
+    /// 1.8-2.0 ms there against `_int_mm`'s 2.7-2.9 (over the transposed rows), a 2048 x 8192 one
+    /// 1.6 against 4.0-4.6; at 128 and 256 rows the two are about even. At 1-4 rows it is 1.0-4.8x
+    /// as fast as the weight-only `Avx512`, which widens each weight to f32 (one matrix,
+    /// BENCHMARKS.md, "int8 on Zen 4").
     fn own_product(&self, x: &Tensor, form: Form) -> Result<Tensor, TchError> {
         let (rows, n_in) = (x.size()[0], x.size()[1]);
         let n_out = self.weight.size()[0];
@@ -285,7 +293,8 @@ impl Int8Matrix {
         let y = Tensor::f_empty([rows, n_out], (Kind::BFloat16, Device::Cpu))?;
         // SAFETY: x (rows, n_in), the weight (n_out, n_in), the scales (n_out,) and y (rows,
         // n_out) are contiguous bf16, int8, bf16 and bf16 tensors of those sizes (checked by the
-        // caller and at `quantize`), alive across the call; the CPU runs `form` (caller).
+        // caller and at `quantize`), alive across the call; the CPU runs `form`, and for `Vnni`
+        // n_in < 2^16 (caller: `on_vnni`).
         unsafe {
             onehead_int8_linear(
                 x.data_ptr() as *const u16,
@@ -296,35 +305,6 @@ impl Int8Matrix {
                 n_out,
                 y.data_ptr() as *mut u16,
                 form as i32,
-            )
-        };
-        Ok(y)
-    }
-
-    /// `x (rows, in) @ W^T`, each row of `x` (contiguous bf16) quantized to int8 by its own
-    /// scale, on onehead's own int8-by-int8 kernel (`vnni_kernel`), which quantizes the rows too:
-    /// bf16, bit for bit what `quantize_rows` and `_int_mm`, widened and scaled in f32, give. On 2
-    /// Zen 4 cores at 32 rows, a 8192 x 2048 matrix takes 1.8-2.0 ms against `_int_mm`'s 2.7-2.9
-    /// (over the transposed rows), a 2048 x 8192 one 1.6 against 4.0-4.6; at 128 and 256 rows
-    /// the two are about even. At 1-4 rows it is 1.0-4.8x as fast as the weight-only kernel,
-    /// which widens each weight to f32 (one matrix, BENCHMARKS.md, "int8 on Zen 4").
-    fn vnni_product(&self, x: &Tensor) -> Result<Tensor, TchError> {
-        let (rows, n_in) = (x.size()[0], x.size()[1]);
-        let n_out = self.weight.size()[0];
-        assert!(self.amx.is_none() && self.scales.kind() == Kind::BFloat16, "int8 rows and bf16 scales");
-        let y = Tensor::f_empty([rows, n_out], (Kind::BFloat16, Device::Cpu))?;
-        // SAFETY: x (rows, n_in) bf16 and contiguous (caller), the weight (n_out, n_in) int8, the
-        // scales (n_out,) and y (rows, n_out) bf16, all contiguous and alive across the call;
-        // n_in < 2^16 and the CPU runs the kernel (caller).
-        unsafe {
-            onehead_int8_vnni_linear(
-                x.data_ptr() as *const u16,
-                rows,
-                n_in,
-                self.weight.data_ptr() as *const i8,
-                self.scales.data_ptr() as *const u16,
-                n_out,
-                y.data_ptr() as *mut u16,
             )
         };
         Ok(y)
@@ -540,7 +520,7 @@ mod tests {
                 let x = Tensor::randn([rows, n_in], (Kind::BFloat16, Device::Cpu)) * 8.0;
                 let _ = x.get(rows / 2).zero_(); // a row of zeros takes scale 1
                 let (xq, x_scales) = quantize_rows(&x, Kind::Float).unwrap();
-                let y = m.vnni_product(&x).unwrap();
+                let y = m.own_product(&x, Form::Vnni).unwrap();
                 let sums = xq.to_kind(Kind::Int64).matmul(&m.weight.to_kind(Kind::Int64).tr()).to_kind(Kind::Float);
                 let expected = (sums * &x_scales * m.scales.to_kind(Kind::Float).unsqueeze(0)).to_kind(Kind::BFloat16);
                 let differ = y.ne_tensor(&expected).sum(Kind::Int64).int64_value(&[]);
